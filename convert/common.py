@@ -1,0 +1,112 @@
+"""Reading PyTorch checkpoints and mapping their keys onto zsad_jax state paths (CPU, torch only here).
+
+A conversion is an explicit name table: ``{flax_key: (torch_key_or_keys, transform)}``. Every flax key
+must be produced, every source key must be used or explicitly ignored, and every shape is checked when
+the arrays are loaded into the Flax model; anything else raises an error that lists the keys.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import numpy as np
+
+Transform = Callable[..., np.ndarray]
+NameTable = dict[str, tuple[str | tuple[str, ...], Transform | None]]
+
+
+def load_torch_state(src: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Loads a state dict as float32/int NumPy arrays from any common PyTorch checkpoint form.
+
+    ``src`` may be a transformers directory (``model.safetensors`` or ``pytorch_model.bin``), a
+    ``.safetensors`` file, a ``.pt``/``.pth``/``.bin`` state dict (optionally nested under
+    ``state_dict``/``model``), or an OpenAI TorchScript archive (``ViT-L-14-336px.pt``).
+    """
+    path = Path(src)
+    if path.is_dir():
+        for name in ("model.safetensors", "pytorch_model.bin"):
+            if (path / name).is_file():
+                path = path / name
+                break
+        else:
+            raise FileNotFoundError(
+                f"{src}: no model.safetensors or pytorch_model.bin in this directory; pass the "
+                "transformers model directory or the checkpoint file itself"
+            )
+    if not path.is_file():
+        raise FileNotFoundError(f"{src}: no such checkpoint file")
+    if path.suffix == ".safetensors":
+        from safetensors.numpy import load_file
+
+        return {k: np.asarray(v) for k, v in load_file(path).items()}
+
+    import torch
+
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as first:  # OpenAI's releases are TorchScript archives.
+        try:
+            obj = torch.jit.load(path, map_location="cpu").state_dict()
+        except Exception:
+            raise ValueError(
+                f"{path}: not a readable PyTorch state dict or TorchScript archive ({first})"
+            ) from first
+    for key in ("state_dict", "model", "module"):
+        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
+            obj = obj[key]
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a state dict, found {type(obj).__name__}")
+    out = {}
+    for k, v in obj.items():
+        if isinstance(v, torch.Tensor):
+            v = v.detach()
+            out[k] = (v.float() if v.is_floating_point() else v).numpy()
+    return out
+
+
+def strip_prefix(state: dict[str, np.ndarray], prefixes: Iterable[str]) -> dict[str, np.ndarray]:
+    """Removes the first matching wrapper prefix (``module.``, ``model.``) from every key."""
+    for prefix in prefixes:
+        if state and all(k.startswith(prefix) for k in state):
+            return {k[len(prefix) :]: v for k, v in state.items()}
+    return state
+
+
+def apply_name_table(
+    state: dict[str, np.ndarray],
+    table: NameTable,
+    *,
+    source: str,
+    ignore: Iterable[str] = (),
+) -> dict[str, np.ndarray]:
+    """Builds ``{flax_key: array}`` from ``state`` through ``table``.
+
+    ``ignore`` holds regular expressions of source keys that are deliberately unused (buffers such as
+    ``position_ids``, ``logit_scale``). Raises ``ValueError`` listing absent and unused source keys.
+    """
+    ignore_res = [re.compile(p) for p in ignore]
+    out, absent, used = {}, [], set()
+    for flax_key, (torch_keys, fn) in table.items():
+        keys = (torch_keys,) if isinstance(torch_keys, str) else tuple(torch_keys)
+        missing = [k for k in keys if k not in state]
+        if missing:
+            absent.extend(missing)
+            continue
+        used.update(keys)
+        arrays = [state[k] for k in keys]
+        out[flax_key] = fn(*arrays) if fn is not None else arrays[0]
+    unused = sorted(
+        k for k in state if k not in used and not any(r.fullmatch(k) for r in ignore_res)
+    )
+    if absent or unused:
+        lines = [f"{source}: checkpoint keys do not match the expected architecture"]
+        if absent:
+            lines.append(f"  expected but absent ({len(absent)}): " + ", ".join(absent[:20]))
+        if unused:
+            lines.append(f"  present but unused ({len(unused)}): " + ", ".join(unused[:20]))
+        lines.append("  Is this the right model family/size for this converter?")
+        raise ValueError("\n".join(lines))
+    return out

@@ -1,0 +1,147 @@
+"""Converted encoder checkpoints, readable without torch.
+
+A converted checkpoint is a directory::
+
+    config.json           {"format": "zsad_jax.encoder/1", "type": "clip" | "dinov3", "config": {...},
+                           "source": "<what it was converted from>"}
+    weights.safetensors   one array per variable, keyed by its NNX state path joined with "."
+                          (e.g. ``vision.blocks.0.attn.in_proj.kernel``)
+    vocab.json, merges.txt  (CLIP only) the BPE tokenizer files
+
+Encoder types register a builder with :func:`register`: ``build(config_dict, rngs, **overrides) ->
+module``, where ``overrides`` are architecture fields that change no weight shape (activation,
+position-embedding resize mode, compute dtype) and that a method may set differently from the source.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from safetensors.numpy import load_file, save_file
+
+FORMAT = "zsad_jax.encoder/1"
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "weights.safetensors"
+
+_BUILDERS: dict[str, Callable[..., nnx.Module]] = {}
+
+
+def register(kind: str, build: Callable[..., nnx.Module]) -> None:
+    _BUILDERS[kind] = build
+
+
+def _builder(kind: str):
+    if kind not in _BUILDERS:
+        # Importing the encoder modules registers their builders.
+        from zsad_jax.encoders import clip, dinov3  # noqa: F401
+    if kind not in _BUILDERS:
+        raise ValueError(f"unknown encoder type {kind!r}; known: {sorted(_BUILDERS)}")
+    return _BUILDERS[kind]
+
+
+def flat_state(module: nnx.Module) -> dict[str, jax.Array]:
+    """Every variable of ``module`` keyed by its dotted state path."""
+    return {
+        ".".join(str(p) for p in path): var[...]
+        for path, var in nnx.to_flat_state(nnx.state(module, nnx.Variable))
+    }
+
+
+def load_flat_state(module: nnx.Module, arrays: dict[str, np.ndarray], *, source: str) -> nnx.Module:
+    """Returns ``module`` (possibly abstract) with every variable replaced by ``arrays[path]``.
+
+    Every variable must be present with its exact shape, and every array must be used; otherwise a
+    ``ValueError`` lists the missing, unexpected and mis-shaped keys and names ``source``.
+    """
+    graphdef, state = nnx.split(module)
+    flat = nnx.to_flat_state(state)
+    missing, wrong = [], []
+    leaves = []
+    used = set()
+    for path, var in flat:
+        key = ".".join(str(p) for p in path)
+        if key not in arrays:
+            missing.append(key)
+            leaves.append((path, var))
+            continue
+        used.add(key)
+        value = np.asarray(arrays[key])
+        if tuple(value.shape) != tuple(var.shape):
+            wrong.append(f"{key}: file {tuple(value.shape)} vs model {tuple(var.shape)}")
+        leaves.append((path, var.replace(jax.numpy.asarray(value, dtype=var.dtype))))
+    unexpected = sorted(set(arrays) - used)
+    if missing or unexpected or wrong:
+        lines = [f"{source}: weights do not match the model"]
+        for title, items in (("missing", missing), ("unexpected", unexpected), ("shape", wrong)):
+            if items:
+                lines.append(f"  {title} ({len(items)}): " + ", ".join(items[:20]))
+                if len(items) > 20:
+                    lines.append(f"    ... and {len(items) - 20} more")
+        raise ValueError("\n".join(lines))
+    return nnx.merge(graphdef, nnx.from_flat_state(leaves))
+
+
+def save(
+    out_dir: str | os.PathLike,
+    kind: str,
+    config: dict[str, Any],
+    arrays: dict[str, np.ndarray],
+    *,
+    source: str,
+    extra_files: Iterable[str | os.PathLike] = (),
+) -> Path:
+    """Writes a converted checkpoint atomically (a temporary directory renamed into place)."""
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        meta = {"format": FORMAT, "type": kind, "config": config, "source": str(source)}
+        (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, tmp / WEIGHTS_FILE)
+        for f in extra_files:
+            shutil.copy2(f, tmp / Path(f).name)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def read_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """The ``config.json`` of a converted checkpoint, with a clear error if it is not one."""
+    path = Path(path)
+    cfg = path / CONFIG_FILE
+    if not cfg.is_file() or not (path / WEIGHTS_FILE).is_file():
+        raise FileNotFoundError(
+            f"{path} is not a converted zsad_jax encoder (expected {CONFIG_FILE} and {WEIGHTS_FILE}); "
+            "convert a PyTorch checkpoint first: python -m convert.clip --src SRC --out "
+            f"{path}  (or python -m convert.dinov3 ...)"
+        )
+    meta = json.loads(cfg.read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{cfg}: format {meta.get('format')!r}, expected {FORMAT!r}; re-convert it")
+    return meta
+
+
+def load(path: str | os.PathLike, **overrides: Any) -> nnx.Module:
+    """Builds the encoder described by ``path/config.json`` and fills in its converted weights.
+
+    ``overrides`` go to the type's builder (for example ``act="gelu"`` or the position-embedding
+    resize mode a method needs).
+    """
+    path = Path(path)
+    meta = read_meta(path)
+    build = _builder(meta["type"])
+    abstract = nnx.eval_shape(lambda: build(meta["config"], nnx.Rngs(0), **overrides))
+    return load_flat_state(abstract, load_file(path / WEIGHTS_FILE), source=str(path / WEIGHTS_FILE))

@@ -1,0 +1,43 @@
+"""The one interface every method implements; training, evaluation and prediction use only this.
+
+Batches are dicts of arrays with anomalib's field names::
+
+    image     (B, H, W, 3) float32, already resized and normalised for the method
+    gt_label  (B,) int32     0 normal / 1 anomalous
+    gt_mask   (B, H, W) float32 in {0, 1}
+    has_mask  (B,) bool      False for images with image-level labels only (pixel losses skip them)
+    class_id  (B,) int32     index into the class names given to ``set_classes``
+
+A method returns::
+
+    anomaly_map  (B, H, W) float32 in [0, 1] at the input resolution
+    pred_score   (B,) float32 in [0, 1]
+    ...          auxiliary outputs its loss needs (logits, per-layer maps, routing weights)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+from flax import nnx
+
+
+class AnomalyModel(nnx.Module):
+    """A frozen encoder plus trainable heads (``zsad_jax.nn.Trainable`` variables only)."""
+
+    def set_classes(self, names: Sequence[str]) -> None:
+        """Prepares per-class text (tokenised prompts, cached embeddings) for ``class_id`` lookups.
+
+        Called outside ``jit`` before training or evaluation with the categories of that split.
+        Methods without class-dependent text may ignore it.
+        """
+
+    def __call__(self, batch: dict[str, jax.Array], *, train: bool = False) -> dict[str, jax.Array]:
+        raise NotImplementedError
+
+    def loss(
+        self, outputs: dict[str, jax.Array], batch: dict[str, jax.Array]
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Returns the scalar training loss (float32) and its named parts for logging."""
+        raise NotImplementedError
