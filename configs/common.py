@@ -49,7 +49,9 @@ def base_config(method: str, arg: str | None = None) -> ml_collections.ConfigDic
     test_set = str(variant.get("test_set", ZERO_SHOT_PAIRS.get(train_set, train_set)))
     c = ml_collections.ConfigDict()
     c.method = method
-    c.model = ml_collections.ConfigDict()
+    # Method fields; ``model.remat`` asks the method to rematerialise its backbone blocks in the
+    # backward pass (trades compute for activation memory; the method decides where it applies).
+    c.model = ml_collections.ConfigDict({"remat": False})
     c.data = ml_collections.ConfigDict(
         {
             "train_set": train_set,
@@ -74,6 +76,7 @@ def base_config(method: str, arg: str | None = None) -> ml_collections.ConfigDic
             "lr": 1e-4,
             "b1": 0.9,
             "b2": 0.999,
+            "eps": 1e-8,
             "weight_decay": 0.0,
             "schedule": "constant",
             "warmup_fraction": 0.0,
@@ -92,5 +95,8 @@ def base_config(method: str, arg: str | None = None) -> ml_collections.ConfigDic
     c.eval = ml_collections.ConfigDict({"every_steps": 0, "batch_size": 8, "num_vis": 8})
     c.seed = 0
     c.compute_dtype = "float32"
+    # Steps in a row with a non-finite loss or gradient (each one skipped) before training stops.
     c.max_bad_steps = 10
+    # metrics.jsonl / TensorBoard rows are means over this many steps.
+    c.log_every_steps = 10
     return c

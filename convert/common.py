@@ -1,8 +1,9 @@
-"""Reading PyTorch checkpoints and mapping their keys onto zsad_jax state paths (CPU, torch only here).
+"""Reading PyTorch checkpoints and mapping their keys onto zsad_jax state paths (CPU, torch only).
 
-A conversion is an explicit name table: ``{flax_key: (torch_key_or_keys, transform)}``. Every flax key
-must be produced, every source key must be used or explicitly ignored, and every shape is checked when
-the arrays are loaded into the Flax model; anything else raises an error that lists the keys.
+A conversion is an explicit name table: ``{flax_key: (torch_key_or_keys, transform)}``. Every flax
+key must be produced, every source key must be used or explicitly ignored, and every shape is
+checked when the arrays are loaded into the Flax model; anything else raises an error that lists the
+keys.
 """
 
 from __future__ import annotations
@@ -84,8 +85,9 @@ def apply_name_table(
 ) -> dict[str, np.ndarray]:
     """Builds ``{flax_key: array}`` from ``state`` through ``table``.
 
-    ``ignore`` holds regular expressions of source keys that are deliberately unused (buffers such as
-    ``position_ids``, ``logit_scale``). Raises ``ValueError`` listing absent and unused source keys.
+    ``ignore`` holds regular expressions of source keys that are deliberately unused (buffers such
+    as ``position_ids``, ``logit_scale``). Raises ``ValueError`` listing absent and unused source
+    keys.
     """
     ignore_res = [re.compile(p) for p in ignore]
     out, absent, used = {}, [], set()

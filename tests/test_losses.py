@@ -103,7 +103,12 @@ def test_pixel_losses_skip_images_without_masks():
     p, t = _probs((3, 4, 4)), _mask((3, 4, 4))
     valid = np.array([True, False, True])
     keep = valid.nonzero()[0]
-    for fn in (losses.binary_focal_loss, losses.focal_loss_two_class, losses.dice_loss, losses.l1_loss):
+    for fn in (
+        losses.binary_focal_loss,
+        losses.focal_loss_two_class,
+        losses.dice_loss,
+        losses.l1_loss,
+    ):
         x = np.stack([1 - p, p], -1) if fn is losses.focal_loss_two_class else p
         np.testing.assert_allclose(fn(x, t, valid=valid), fn(x[keep], t[keep]), rtol=1e-6)
         assert float(fn(x, t, valid=np.zeros(3, bool))) == 0.0

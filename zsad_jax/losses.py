@@ -1,8 +1,9 @@
 """Training losses of the four methods, shared where the methods share them.
 
-Every loss returns a float32 scalar. Pixel losses take an optional ``valid`` (B,) boolean: images with
-image-level labels only (``has_mask`` False) are left out of the pixel terms, and a batch without any
-valid image contributes 0 (never NaN). With every image valid each loss equals the official one.
+Every loss returns a float32 scalar. Pixel losses take an optional ``valid`` (B,) boolean: images
+with image-level labels only (``has_mask`` False) are left out of the pixel terms, and a batch
+without any valid image contributes 0 (never NaN). With every image valid each loss equals the
+official one.
 
 Targets may be given as 0/1 floats, 0/255 integers or booleans: integer and boolean targets are
 binarised with ``> 0``, float targets with ``>= 0.5`` (so 0/255 floats work too).
@@ -47,8 +48,8 @@ def binary_focal_loss(
       normal_target: the target the *gradient* uses for normal elements. 0 is the clean loss. -1
         reproduces the official AF-CLIP backward: its patch alignment loss rewrites the saved pixel
         targets in place (0 -> -1) after the forward pass, so torch's BCE backward
-        ``(p - t) / (p (1 - p))`` and the ``p * t`` term of ``p_t`` see -1 while the loss value is the
-        one computed with 0 (see configs/af_clip.py for the evidence). The value never changes.
+        ``(p - t) / (p (1 - p))`` and the ``p * t`` term of ``p_t`` see -1 while the loss value is
+        the one computed with 0 (see configs/af_clip.py for the evidence). The value never changes.
       valid: optional (B,) mask of images that take part.
 
     Returns:
@@ -110,7 +111,9 @@ def dice_loss(
     b = pred.shape[0]
     p = pred.astype(jnp.float32).reshape(b, -1)
     t = targets.astype(jnp.float32).reshape(b, -1)
-    dice = (2.0 * jnp.sum(p * t, axis=1) + smooth) / (jnp.sum(p, axis=1) + jnp.sum(t, axis=1) + smooth)
+    dice = (2.0 * jnp.sum(p * t, axis=1) + smooth) / (
+        jnp.sum(p, axis=1) + jnp.sum(t, axis=1) + smooth
+    )
     # mean_b(1 - dice_b) == 1 - mean_b(dice_b), and is 0 when no image is valid.
     return _weighted_mean(1.0 - dice, _image_weights(valid, b))
 
@@ -142,8 +145,8 @@ def patch_alignment_loss(
 ) -> jax.Array:
     """AF-CLIP's patch alignment loss, averaged over token sets.
 
-    Per token set: tokens L2-normalised, ``S = T T^T`` over the patches of each image, pairs labelled
-    +1 (same state) or -1 (normal with anomalous) by ``outer(g, g)`` with g = +-1;
+    Per token set: tokens L2-normalised, ``S = T T^T`` over the patches of each image, pairs
+    labelled +1 (same state) or -1 (normal with anomalous) by ``outer(g, g)`` with g = +-1;
     ``max(0, mean(S[-1 pairs]) - mean(S[+1 pairs]))`` with both means over the whole batch.
 
     The pair sums are computed without forming S: over same-state pairs ``sum S = |sum_a|^2 +
@@ -175,9 +178,7 @@ def patch_alignment_loss(
     return jnp.mean(per_set)
 
 
-def routing_loss(
-    w_normal: jax.Array, w_anomalous: jax.Array, labels: jax.Array
-) -> jax.Array:
+def routing_loss(w_normal: jax.Array, w_anomalous: jax.Array, labels: jax.Array) -> jax.Array:
     """AVA-DINO's routing loss: ``MSE(w_n, 1 - y) + MSE(w_a, y)`` on layer-averaged weights (B,)."""
     y = binary_target(labels)
     return jnp.mean((w_normal - (1.0 - y)) ** 2) + jnp.mean((w_anomalous - y) ** 2)

@@ -1,8 +1,9 @@
 """Variable types and small helpers shared by every module.
 
-Backbone weights are plain ``nnx.Param``; every weight a method trains is a ``Trainable`` (a subclass of
-``nnx.Param``), so ``nnx.split(model, Trainable, ...)`` separates the few megabytes that the optimiser
-and the checkpoint see from the frozen backbone, which is held once and never differentiated.
+Backbone weights are plain ``nnx.Param``; every weight a method trains is a ``Trainable`` (a
+subclass of ``nnx.Param``), so ``nnx.split(model, Trainable, ...)`` separates the few megabytes that
+the optimiser and the checkpoint see from the frozen backbone, which is held once and never
+differentiated.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ class Trainable(nnx.Param):
 
 
 class Buffer(nnx.Variable):
-    """A non-trained array that is part of the model state (cached text embeddings, memory banks)."""
+    """A non-trained array in the model state (cached text embeddings, memory banks)."""
 
 
 def trainable(module: M) -> M:

@@ -35,7 +35,11 @@ def count_parameters(model: nnx.Module) -> dict[str, int]:
     rows = parameter_table(model, depth=0)
     trainable = sum(r[1] for r in rows)
     frozen = sum(r[2] for r in rows)
-    return {"total_params": trainable + frozen, "frozen_params": frozen, "trainable_params": trainable}
+    return {
+        "total_params": trainable + frozen,
+        "frozen_params": frozen,
+        "trainable_params": trainable,
+    }
 
 
 def abstract_model(config) -> nnx.Module:

@@ -2,15 +2,16 @@
 
 A converted checkpoint is a directory::
 
-    config.json           {"format": "zsad_jax.encoder/1", "type": "clip" | "dinov3", "config": {...},
-                           "source": "<what it was converted from>"}
+    config.json           {"format": "zsad_jax.encoder/1", "type": "clip" | "dinov3",
+                           "config": {...}, "source": "<what it was converted from>"}
     weights.safetensors   one array per variable, keyed by its NNX state path joined with "."
                           (e.g. ``vision.blocks.0.attn.in_proj.kernel``)
     vocab.json, merges.txt  (CLIP only) the BPE tokenizer files
 
 Encoder types register a builder with :func:`register`: ``build(config_dict, rngs, **overrides) ->
 module``, where ``overrides`` are architecture fields that change no weight shape (activation,
-position-embedding resize mode, compute dtype) and that a method may set differently from the source.
+position-embedding resize mode, compute dtype) and that a method may set differently from the
+source.
 """
 
 from __future__ import annotations
@@ -56,7 +57,9 @@ def flat_state(module: nnx.Module) -> dict[str, jax.Array]:
     }
 
 
-def load_flat_state(module: nnx.Module, arrays: dict[str, np.ndarray], *, source: str) -> nnx.Module:
+def load_flat_state(
+    module: nnx.Module, arrays: dict[str, np.ndarray], *, source: str
+) -> nnx.Module:
     """Returns ``module`` (possibly abstract) with every variable replaced by ``arrays[path]``.
 
     Every variable must be present with its exact shape, and every array must be used; otherwise a
@@ -106,7 +109,8 @@ def save(
     try:
         meta = {"format": FORMAT, "type": kind, "config": config, "source": str(source)}
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, tmp / WEIGHTS_FILE)
+        # np.array, not np.ascontiguousarray: the latter turns 0-d arrays (logit_scale) into (1,).
+        save_file({k: np.array(v, order="C") for k, v in arrays.items()}, tmp / WEIGHTS_FILE)
         for f in extra_files:
             shutil.copy2(f, tmp / Path(f).name)
         if out.exists():
@@ -124,13 +128,16 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     cfg = path / CONFIG_FILE
     if not cfg.is_file() or not (path / WEIGHTS_FILE).is_file():
         raise FileNotFoundError(
-            f"{path} is not a converted zsad_jax encoder (expected {CONFIG_FILE} and {WEIGHTS_FILE}); "
+            f"{path} is not a converted zsad_jax encoder "
+            f"(expected {CONFIG_FILE} and {WEIGHTS_FILE}); "
             "convert a PyTorch checkpoint first: python -m convert.clip --src SRC --out "
             f"{path}  (or python -m convert.dinov3 ...)"
         )
     meta = json.loads(cfg.read_text())
     if meta.get("format") != FORMAT:
-        raise ValueError(f"{cfg}: format {meta.get('format')!r}, expected {FORMAT!r}; re-convert it")
+        raise ValueError(
+            f"{cfg}: format {meta.get('format')!r}, expected {FORMAT!r}; re-convert it"
+        )
     return meta
 
 
@@ -144,4 +151,6 @@ def load(path: str | os.PathLike, **overrides: Any) -> nnx.Module:
     meta = read_meta(path)
     build = _builder(meta["type"])
     abstract = nnx.eval_shape(lambda: build(meta["config"], nnx.Rngs(0), **overrides))
-    return load_flat_state(abstract, load_file(path / WEIGHTS_FILE), source=str(path / WEIGHTS_FILE))
+    return load_flat_state(
+        abstract, load_file(path / WEIGHTS_FILE), source=str(path / WEIGHTS_FILE)
+    )

@@ -1,0 +1,299 @@
+"""Training checkpoints (orbax) and loading a trained model for inference.
+
+A training run writes ``WORKDIR/checkpoints/<step>/`` with four items::
+
+    params     the Trainable weights, a flat {dotted path: array} dict (megabytes; the frozen
+               backbone is never stored: it comes from the converted encoder of the config)
+    opt_state  the optax state (moments, counts)
+    mutable    RNG streams of the model (keys stored as raw uint32 key data)
+    meta       JSON: step, data-iterator state, bad-step counters, the config
+               (``config.to_json()``), ``threshold`` (image-score threshold, F1-optimal on
+               evaluation data, or null) and, in the final checkpoint, ``final: true`` with the
+               final metrics
+
+Steps are written atomically by orbax (a temporary directory renamed when complete), the last
+``config.ckpt.keep`` are kept, and saving is asynchronous when ``config.ckpt.async`` is set (the
+device -> host copy happens before ``save`` returns, so the next step may donate the buffers).
+
+This is the training format; ``zsad_jax.encoders.checkpoint`` is the separate converted-encoder
+format.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from zsad_jax.nn import Trainable
+
+FORMAT = "zsad_jax.train/1"
+CHECKPOINT_SUBDIR = "checkpoints"
+ITEMS = ("params", "opt_state", "mutable", "meta")
+
+
+# ----------------------------------------------------------------------------------------------
+# Building the model a checkpoint belongs to.
+
+
+def import_object(spec: str, field: str) -> Any:
+    """``package.module:name`` -> the object; errors name the config ``field``."""
+    module, _, attr = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"{field}={spec!r}: cannot import {attr} from {module}: {e}") from e
+
+
+def method_class(name: str) -> type:
+    """``config.method``: a registry name (``af_clip``...) or ``package.module:ClassName`` for a
+    user-defined ``AnomalyModel`` subclass with the same constructor."""
+    if ":" in name:
+        return import_object(name, "config.method")
+    from zsad_jax import methods
+
+    return methods.method_class(name)
+
+
+def build_model(config: Any, *, load_weights: bool = True) -> nnx.Module:
+    """The method of ``config`` with its initial weights drawn from ``config.seed``.
+
+    Training and ``load_for_inference`` both build through here, so any random-weight part (the
+    tests' and demo's ``random_init`` backbones) is the same in both. Missing converted weights
+    raise the backbone loader's error (naming the expected path and the convert command) before
+    any work.
+    """
+    cls = method_class(config.method)
+    return cls(config, rngs=nnx.Rngs(int(config.seed)), load_weights=load_weights)
+
+
+# ----------------------------------------------------------------------------------------------
+# Flat state dicts.
+
+
+def path_str(path: tuple) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def flat_arrays(state: nnx.State) -> dict[str, Any]:
+    """``{dotted path: array}`` of an ``nnx.State``."""
+    return {path_str(p): v.get_value() for p, v in nnx.to_flat_state(state)}
+
+
+def _is_key(x: Any) -> bool:
+    return jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key)
+
+
+def keys_to_data(tree: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+    """Typed PRNG keys -> uint32 key data (orbax stores plain arrays) and their impl names."""
+    impls = {k: str(jax.random.key_impl(v)) for k, v in tree.items() if _is_key(v)}
+    return {k: jax.random.key_data(v) if k in impls else v for k, v in tree.items()}, impls
+
+
+def data_to_keys(tree: Mapping[str, Any], impls: Mapping[str, str]) -> dict[str, Any]:
+    return {
+        k: jax.random.wrap_key_data(v, impl=impls[k]) if k in impls else v for k, v in tree.items()
+    }
+
+
+def _abstract(tree: Any) -> Any:
+    def one(x):
+        if _is_key(x):
+            x = jax.random.key_data(x)
+        return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=getattr(x, "sharding", None))
+
+    return jax.tree.map(one, tree)
+
+
+# ----------------------------------------------------------------------------------------------
+# The checkpoint manager of a training run.
+
+
+class TrainCheckpointer:
+    """Saves and restores the training state of one run in ``directory`` (WORKDIR/checkpoints)."""
+
+    def __init__(self, directory: str | os.PathLike, *, keep: int = 3, async_save: bool = True):
+        self.directory = Path(directory).absolute()
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep if keep and keep > 0 else None,
+            enable_async_checkpointing=bool(async_save),
+            create=True,
+        )
+        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self._manager.all_steps())
+
+    def save(
+        self,
+        step: int,
+        *,
+        params: Mapping[str, jax.Array],
+        opt_state: Any,
+        mutable: Mapping[str, jax.Array],
+        meta: Mapping[str, Any],
+    ) -> None:
+        """Writes ``step``; returns once the arrays are copied off the devices (async) or saved."""
+        mutable, impls = keys_to_data(mutable)
+        meta = {"format": FORMAT, **meta, "key_impls": impls}
+        self._manager.save(
+            int(step),
+            args=ocp.args.Composite(
+                params=ocp.args.StandardSave(dict(params)),
+                opt_state=ocp.args.StandardSave(opt_state),
+                mutable=ocp.args.StandardSave(mutable),
+                meta=ocp.args.JsonSave(meta),
+            ),
+            force=True,
+        )
+
+    def restore(
+        self,
+        step: int,
+        *,
+        params: Mapping[str, Any],
+        opt_state: Any,
+        mutable: Mapping[str, Any],
+    ) -> tuple[dict[str, jax.Array], Any, dict[str, jax.Array], dict[str, Any]]:
+        """The state saved at ``step``, placed like the given templates (arrays or abstract arrays
+        with shardings): ``(params, opt_state, mutable, meta)``."""
+        restored = self._manager.restore(
+            int(step),
+            args=ocp.args.Composite(
+                params=ocp.args.StandardRestore(_abstract(dict(params))),
+                opt_state=ocp.args.StandardRestore(_abstract(opt_state)),
+                mutable=ocp.args.StandardRestore(_abstract(dict(mutable))),
+                meta=ocp.args.JsonRestore(),
+            ),
+        )
+        meta = dict(restored["meta"])
+        mutable_out = data_to_keys(dict(restored["mutable"]), meta.get("key_impls", {}))
+        return dict(restored["params"]), restored["opt_state"], mutable_out, meta
+
+    def read_meta(self, step: int | None = None) -> dict[str, Any]:
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"{self.directory}: no checkpoint")
+        return dict(
+            self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
+                "meta"
+            ]
+        )
+
+    def wait(self) -> None:
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# Inference.
+
+
+def resolve_step_dir(checkpoint_dir: str | os.PathLike, step: int | None = None) -> Path:
+    """A step directory from a run's workdir, its ``checkpoints`` folder or a step folder itself
+    (the latest complete step unless ``step`` is given)."""
+    path = Path(checkpoint_dir)
+    if (path / "meta").is_dir() and (path / "params").is_dir():
+        return path
+    if (path / CHECKPOINT_SUBDIR).is_dir():
+        path = path / CHECKPOINT_SUBDIR
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"{checkpoint_dir}: no such checkpoint directory; pass a training workdir "
+            f"(with {CHECKPOINT_SUBDIR}/), its {CHECKPOINT_SUBDIR}/ folder or one step folder"
+        )
+    # Complete orbax steps are plain integer folder names (temporaries carry a suffix).
+    steps = sorted(
+        int(p.name) for p in path.iterdir() if p.name.isdigit() and (p / "meta").is_dir()
+    )
+    if not steps:
+        raise FileNotFoundError(
+            f"{checkpoint_dir}: no complete training checkpoint found (expected step folders with "
+            "params/ and meta/, written by python -m zsad_jax.train)"
+        )
+    if step is None:
+        return path / str(steps[-1])
+    if step not in steps:
+        raise FileNotFoundError(f"{checkpoint_dir}: no step {step}; saved steps: {steps}")
+    return path / str(step)
+
+
+def read_meta(checkpoint_dir: str | os.PathLike, step: int | None = None) -> dict[str, Any]:
+    """The JSON ``meta`` item of a checkpoint (see the module docstring)."""
+    step_dir = resolve_step_dir(checkpoint_dir, step)
+    with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as ckptr:
+        meta = ckptr.restore(step_dir / "meta", args=ocp.args.JsonRestore())
+    if meta.get("format") != FORMAT:
+        raise ValueError(
+            f"{step_dir}: not a zsad_jax training checkpoint (format {meta.get('format')!r})"
+        )
+    return meta
+
+
+def config_from_meta(meta: Mapping[str, Any]) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(json.loads(meta["config"]))
+
+
+def save_threshold(
+    checkpoint_dir: str | os.PathLike, threshold: float | None, *, step: int | None = None
+) -> Path:
+    """Stores the image-score ``threshold`` in a saved checkpoint (evaluation fills this slot)."""
+    step_dir = resolve_step_dir(checkpoint_dir, step)
+    meta = read_meta(step_dir)
+    meta["threshold"] = None if threshold is None else float(threshold)
+    with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as ckptr:
+        ckptr.save(step_dir / "meta", args=ocp.args.JsonSave(meta), force=True)
+    return step_dir
+
+
+def load_params(step_dir: Path, like: Mapping[str, Any]) -> dict[str, jax.Array]:
+    """The saved Trainable weights, on this process's first device, shaped like ``like``."""
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = {
+        k: jax.ShapeDtypeStruct(np.shape(v), v.dtype, sharding=device) for k, v in like.items()
+    }
+    with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as ckptr:
+        saved_keys = set(ckptr.metadata(step_dir / "params").item_metadata.tree)
+        missing, unexpected = sorted(set(abstract) - saved_keys), sorted(saved_keys - set(abstract))
+        if missing or unexpected:
+            raise ValueError(
+                f"{step_dir}/params does not fit the model built from its config: missing "
+                f"{missing[:10]}, unexpected {unexpected[:10]}"
+            )
+        return dict(ckptr.restore(step_dir / "params", args=ocp.args.StandardRestore(abstract)))
+
+
+def load_for_inference(
+    checkpoint_dir: str | os.PathLike, *, step: int | None = None, config: Any = None
+) -> tuple[nnx.Module, ml_collections.ConfigDict, float | None]:
+    """``(model, config, threshold)`` of a trained run.
+
+    ``checkpoint_dir`` is a training workdir, its ``checkpoints`` folder or one step folder (latest
+    step unless ``step``). The model is rebuilt from the stored config (frozen backbone read from
+    its converted weights), its Trainable weights replaced by the saved ones. ``config`` overrides
+    the stored one (e.g. a different test set); ``threshold`` is None if evaluation never stored
+    one. Call ``model.set_classes(...)`` for the categories to score before use.
+    """
+    step_dir = resolve_step_dir(checkpoint_dir, step)
+    meta = read_meta(step_dir)
+    config = config_from_meta(meta) if config is None else config
+    model = build_model(config, load_weights=True)
+    trainable_state = nnx.state(model, Trainable)
+    params = load_params(step_dir, flat_arrays(trainable_state))
+    flat = [(p, v.replace(params[path_str(p)])) for p, v in nnx.to_flat_state(trainable_state)]
+    nnx.update(model, nnx.from_flat_state(flat))
+    return model, config, meta.get("threshold")

@@ -1,0 +1,181 @@
+"""Decoding image and mask files into the arrays every transform starts from.
+
+Format policy (users' medical and industrial sets mix all of these; USERS.md item 7):
+
+- RGB: as stored. 16-bit RGB PNGs are reduced to 8 bits by Pillow itself (it keeps the high byte).
+- Grayscale (``L``, ``1``): replicated to three channels.
+- Alpha (``RGBA``, ``LA``, ``PA``): the alpha channel is **dropped**, not composited. That is what
+  ``Image.open(p).convert("RGB")`` does in every official code base we reproduce, so numbers stay
+  comparable; compositing on black would darken transparent pixels that the reference code sees.
+- Palette (``P``): mapped through its palette (transparency ignored, as above).
+- 16-bit grayscale (``I;16*``) and 32-bit integer (``I``): values are treated as 16-bit and scaled
+  with ``round(v * 255 / 65535)``. Pillow's own ``convert`` clips them at 255 instead, which turns
+  most 16-bit images white.
+- Float (``F``): there is no fixed range, so each image is min-max scaled to 0..255.
+- ``CMYK``, ``YCbCr``, ``LAB``, ``HSV``: Pillow's conversion to RGB.
+- Multi-frame files (GIF, TIFF stacks): the first frame. EXIF orientation is NOT applied (the
+  official code does not, and the masks are drawn on the stored pixel grid).
+
+Masks: a pixel is anomalous when any colour channel is non-zero (alpha ignored; palette masks
+through their palette, 16-bit masks on the raw values). This binarisation happens at full
+resolution, before any resizing: VisA masks hold region ids 1..k and MVTec LOCO uses 236..255, so
+``== 255`` would lose regions and resizing before binarising creates grey values. A mask path may
+also be a directory of mask files (MVTec LOCO stores one file per defect region); their union is the
+mask.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from zsad_jax.data.records import Record
+
+# Files Pillow can usually open; used when a mask path is a directory of region masks.
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif")
+
+
+class DataError(ValueError):
+    """A dataset file cannot be used: unreadable, corrupt, or inconsistent with its pair.
+
+    Attributes:
+      path: the offending file (the pipeline reports these when it skips corrupt examples).
+    """
+
+    def __init__(self, message: str, path: str | None = None):
+        super().__init__(message)
+        self.path = path
+
+
+def _open(path: str, what: str) -> Image.Image:
+    """Opens and fully decodes ``path`` (lazy decoding would hide truncation until later)."""
+    try:
+        img = Image.open(path)
+        img.seek(0)
+        img.load()
+    except FileNotFoundError as e:
+        raise DataError(f"{what} file not found: {path}", path) from e
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
+        # Pillow raises OSError for truncated data, UnidentifiedImageError for garbage, and a few
+        # plugins raise SyntaxError/ValueError for malformed headers.
+        raise DataError(
+            f"cannot decode {what} file {path} ({type(e).__name__}: {e}); the file is corrupt or "
+            "not an image: replace it, delete it, or run with skip_corrupt=True to skip it",
+            path,
+        ) from e
+    return img
+
+
+def _to_rgb_uint8(img: Image.Image) -> np.ndarray:
+    """Any Pillow mode -> (H, W, 3) uint8 following the module's format policy."""
+    mode = img.mode
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        values = np.asarray(img).astype(np.float64)
+        gray = np.round(np.clip(values, 0, 65535) * (255.0 / 65535.0)).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=-1)
+    if mode == "F":
+        values = np.asarray(img, dtype=np.float64)
+        finite = values[np.isfinite(values)]
+        lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+        scaled = (values - lo) / (hi - lo) if hi > lo else np.zeros_like(values)
+        gray = np.round(np.nan_to_num(scaled, nan=0.0) * 255.0).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=-1)
+    if mode != "RGB":
+        img = img.convert("RGB")
+    return np.asarray(img, dtype=np.uint8).copy()
+
+
+def load_image(path: str) -> np.ndarray:
+    """Reads any supported image file as (H, W, 3) uint8 RGB; ``DataError`` names a bad file."""
+    img = _open(path, "image")
+    try:
+        return _to_rgb_uint8(img)
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot convert image {path} (mode {img.mode}) to RGB: {e}", path) from e
+
+
+def _mask_foreground(img: Image.Image) -> np.ndarray:
+    """Any Pillow mode -> (H, W) bool, True where the mask is non-zero."""
+    if img.mode in ("RGBA", "LA", "PA"):
+        img = img.convert("RGB" if img.mode != "LA" else "L")
+    elif img.mode == "P":
+        img = img.convert("RGB")
+    elif img.mode in ("CMYK", "YCbCr", "LAB", "HSV"):
+        img = img.convert("RGB")
+    values = np.asarray(img)
+    if values.ndim == 3:
+        return np.any(values != 0, axis=-1)
+    return values != 0
+
+
+def load_mask(path: str) -> np.ndarray:
+    """Reads a mask file (or a directory of region masks) as (H, W) bool, ``True`` = anomalous."""
+    if os.path.isdir(path):
+        files = sorted(f for f in os.listdir(path) if f.lower().endswith(IMAGE_EXTENSIONS))
+        if not files:
+            raise DataError(f"mask directory {path} holds no image files", path)
+        masks = [load_mask(os.path.join(path, f)) for f in files]
+        shapes = {m.shape for m in masks}
+        if len(shapes) != 1:
+            raise DataError(f"mask directory {path} mixes sizes {sorted(shapes)}", path)
+        return np.logical_or.reduce(masks)
+    return _mask_foreground(_open(path, "mask"))
+
+
+def _resize_mask_nearest(mask: np.ndarray, height: int, width: int) -> np.ndarray:
+    small = Image.fromarray(mask.astype(np.uint8) * 255)
+    return np.asarray(small.resize((width, height), Image.Resampling.NEAREST)) > 0
+
+
+def load_record(record: Record, *, resize_mismatched_mask: bool = False) -> dict[str, Any]:
+    """Loads one record's image and pixel ground truth.
+
+    Args:
+      record: from a reader in ``zsad_jax.data.readers``.
+      resize_mismatched_mask: if a mask's size differs from its image's, resize it (nearest, after
+        binarising) instead of raising. Off by default: a size mismatch usually means a mis-paired
+        file.
+
+    Returns:
+      ``image`` (H, W, 3) uint8 RGB; ``gt_mask`` (H, W) bool, all False for normal images and for
+      images without pixel ground truth; ``has_mask`` bool; ``gt_label`` int; ``category`` str;
+      ``path`` str.
+
+    Raises:
+      DataError: unreadable/corrupt image or mask (the message names the file), or a size mismatch.
+    """
+    image = load_image(record.path)
+    height, width = image.shape[:2]
+    gt_mask = np.zeros((height, width), dtype=bool)
+    # Normal images have an implicit empty mask; a mask file listed for them is ignored on purpose
+    # (some dataset indices point normal images at placeholder files).
+    if record.gt_label and record.has_mask:
+        if not record.mask_path:
+            raise DataError(
+                f"record for {record.path} says has_mask=True but has no mask_path; fix the reader "
+                "or dataset index (use has_mask=False for image-level labels)",
+                record.path,
+            )
+        mask = load_mask(record.mask_path)
+        if mask.shape != (height, width):
+            if not resize_mismatched_mask:
+                raise DataError(
+                    f"mask {record.mask_path} is {mask.shape[1]}x{mask.shape[0]} (WxH) but its "
+                    f"image {record.path} is {width}x{height}; a mask must have its image's size. "
+                    "Check the image/mask pairing, or pass resize_mismatched_mask=True to resize "
+                    "masks (nearest-neighbour)",
+                    record.mask_path,
+                )
+            mask = _resize_mask_nearest(mask, height, width)
+        gt_mask = mask
+    return {
+        "image": image,
+        "gt_mask": gt_mask,
+        "has_mask": bool(record.has_mask),
+        "gt_label": int(record.gt_label),
+        "category": record.category,
+        "path": record.path,
+    }

@@ -1,0 +1,161 @@
+"""The frozen encoders a method runs on, from a converted checkpoint or a named preset.
+
+A config's ``model.backbone`` (see ``configs.common.backbone``) says which::
+
+    kind         "clip" | "dinov3"
+    checkpoint   a directory written by ``python -m convert.clip`` / ``python -m convert.dinov3``
+    preset       the architecture used when no weights are read (see ``PRESETS``)
+    random_init  True: random weights from ``preset`` (tests and the synthetic demo only)
+
+``build_backbone(cfg, rngs=..., load_weights=False)`` builds the architecture without reading any
+weights (under ``nnx.eval_shape``: ``python -m zsad_jax.summary``, shape checks of full-size
+configs); the architecture comes from the checkpoint's ``config.json`` when it exists, else from
+the preset.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from flax import nnx
+
+from zsad_jax.encoders import checkpoint, clip, dinov3
+from zsad_jax.encoders.tokenizer import ClipTokenizer, openai_vocab
+
+# Random-init CLIP text towers use the byte-level vocabulary without merges (``byte_tokenizer``):
+# 512 byte symbols + SOS + EOT.
+BYTE_VOCAB_SIZE = 514
+
+
+def _clip_tiny() -> clip.ClipConfig:
+    """``ClipConfig.tiny`` with a text tower that takes byte-tokenised 77-token prompts."""
+    c = clip.ClipConfig.tiny()
+    text = dataclasses.replace(c.text, vocab_size=BYTE_VOCAB_SIZE, context_length=77)
+    return dataclasses.replace(c, text=text)
+
+
+def _clip_small() -> clip.ClipConfig:
+    """A small CLIP for the CPU demo: patch 8 on 128-pixel images (16x16 patches), 6 blocks."""
+    vision = clip.ClipVisionConfig(
+        width=96, layers=6, heads=4, patch_size=8, image_size=128, output_dim=64, mlp_dim=192
+    )
+    text = clip.ClipTextConfig(
+        width=64,
+        layers=2,
+        heads=4,
+        context_length=77,
+        vocab_size=BYTE_VOCAB_SIZE,
+        output_dim=64,
+        mlp_dim=128,
+    )
+    return clip.ClipConfig(vision=vision, text=text)
+
+
+PRESETS = {
+    "clip": {
+        "vit_l14_336": clip.ClipConfig.vit_l14_336,
+        "tiny": _clip_tiny,
+        "small": _clip_small,
+    },
+    "dinov3": dict(dinov3.PRESETS),
+}
+
+
+def _check_kind(cfg: Any, where: str) -> str:
+    kind = str(cfg.kind)
+    if kind not in PRESETS:
+        raise ValueError(f"{where}.kind={kind!r} is not an encoder kind; use one of {list(PRESETS)}")
+    return kind
+
+
+def preset_config(cfg: Any, where: str = "config.model.backbone") -> dict[str, Any]:
+    """The architecture dict of ``cfg.preset`` (what a converted ``config.json`` holds)."""
+    kind = _check_kind(cfg, where)
+    presets = PRESETS[kind]
+    if cfg.preset not in presets:
+        raise ValueError(
+            f"{where}.preset={cfg.preset!r} is not a {kind} preset; use one of {sorted(presets)}"
+        )
+    return presets[cfg.preset]().to_dict()
+
+
+def missing_weights_message(cfg: Any, where: str) -> str:
+    script = "convert.clip" if cfg.kind == "clip" else "convert.dinov3"
+    source = (
+        "a Hugging Face CLIP directory or OpenAI ViT-L-14-336px.pt"
+        if cfg.kind == "clip"
+        else "a Hugging Face DINOv3 directory or dinov3_vitl16_pretrain_*.pth"
+    )
+    return (
+        f"{where}.checkpoint={cfg.checkpoint!r}: no converted {cfg.kind} weights there. This "
+        f"config needs pretrained weights; convert them once with\n"
+        f"    python -m {script} --src SRC --out {cfg.checkpoint}\n"
+        f"where SRC is {source} (see README, 'Pretrained weights'), or point "
+        f"--config.{where.removeprefix('config.')}.checkpoint at your converted directory."
+    )
+
+
+def build_backbone(
+    cfg: Any,
+    *,
+    rngs: nnx.Rngs,
+    load_weights: bool = True,
+    where: str = "config.model.backbone",
+    **overrides: Any,
+) -> nnx.Module:
+    """The frozen encoder of ``cfg`` (a ``clip.Clip`` or a ``dinov3.DinoV3``).
+
+    Args:
+      cfg: the ``model.backbone`` config block.
+      rngs: used for random weights (``random_init`` or ``load_weights=False``).
+      load_weights: False builds the architecture only (call it under ``nnx.eval_shape``).
+      where: the config path named in errors.
+      **overrides: architecture fields that change no weight shape (CLIP ``act``, ``pos_resize``,
+        ``dtype``; DINOv3 ``dtype``).
+
+    Raises:
+      FileNotFoundError: weights are wanted but ``cfg.checkpoint`` holds no converted encoder;
+        the message says how to convert them.
+    """
+    kind = _check_kind(cfg, where)
+    path = Path(cfg.checkpoint) if cfg.checkpoint else None
+    has_checkpoint = path is not None and (path / checkpoint.CONFIG_FILE).is_file()
+    if load_weights and not cfg.random_init:
+        if not has_checkpoint:
+            raise FileNotFoundError(missing_weights_message(cfg, where))
+        encoder = checkpoint.load(path, **overrides)
+        if checkpoint.read_meta(path)["type"] != kind:
+            raise ValueError(
+                f"{where}.checkpoint={str(path)!r} holds a {checkpoint.read_meta(path)['type']} "
+                f"encoder, but {where}.kind is {kind!r}"
+            )
+        return encoder
+    if has_checkpoint and not cfg.random_init:
+        meta = checkpoint.read_meta(path)
+        arch = meta["config"]
+    else:
+        arch = preset_config(cfg, where)
+    build = clip.build if kind == "clip" else dinov3.build
+    return build(arch, rngs, **overrides)
+
+
+def byte_tokenizer() -> ClipTokenizer:
+    """CLIP's tokenizer with no merges: every UTF-8 byte is a token (vocabulary 514).
+
+    Only for random-weight text towers (tests, the synthetic demo), whose vocabulary has no
+    pretrained meaning anyway; prompts tokenise to about one id per character.
+    """
+    return ClipTokenizer(openai_vocab([]), [], source="<byte-level, no merges>")
+
+
+def build_tokenizer(cfg: Any, where: str = "config.model.backbone") -> ClipTokenizer:
+    """The tokenizer matching the CLIP text tower of ``cfg``: the converted checkpoint's BPE files,
+    or the byte-level tokenizer for random weights."""
+    if cfg.random_init or not cfg.checkpoint:
+        return byte_tokenizer()
+    path = Path(cfg.checkpoint)
+    if not (path / checkpoint.CONFIG_FILE).is_file():
+        raise FileNotFoundError(missing_weights_message(cfg, where))
+    return ClipTokenizer.from_dir(path)

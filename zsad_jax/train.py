@@ -1,0 +1,857 @@
+r"""Trains a method's heads on a frozen backbone: ``python -m zsad_jax.train``.
+
+    python -m zsad_jax.train --config=configs/af_clip.py --workdir=runs/af_clip
+    python -m zsad_jax.train --config=configs/af_clip.py:train_set=visa --workdir=runs/af_visa \
+        --config.optim.lr=3e-4 --config.data.batch_size=16
+
+Re-running the same command resumes from the latest checkpoint in ``WORKDIR/checkpoints`` and
+continues exactly (same parameters as an uninterrupted run, bitwise on CPU): the trainable weights,
+optimiser state, model RNG streams, step and data-iterator position are all restored. SIGTERM
+(preemption) saves a checkpoint at the end of the current step and exits with status 143. Progress
+goes to a tqdm bar (loss, images/s, ETA); metrics to ``WORKDIR/metrics.jsonl`` and TensorBoard event
+files in ``WORKDIR``. The last line printed is JSON: the final metrics (held-out evaluation with
+anomalib names when ``zsad_jax.evaluate`` is available), ``steps`` and ``seconds``.
+
+What runs where: one ``jax.jit`` step over the model split into three flat dicts (``Trainable``
+weights, the model's RNG streams, and the frozen rest). The frozen backbone is an argument of the
+step held once on the devices, never differentiated, never in the optimiser or the checkpoint.
+Batches are split over the mesh (``config.mesh``: ``data`` x ``fsdp``), state replicated or split by
+``zsad_jax.sharding``. A step whose loss or gradients are not finite leaves the state unchanged
+(inside the jitted step) and is counted; ``config.max_bad_steps`` of them in a row stop the run with
+an error.
+
+Multi-host (GPU nodes, TPU pods): every process runs the same command; it calls
+``jax.distributed.initialize`` when ``--distributed`` (auto-detected cluster: TPU, SLURM, Open MPI)
+or ``--coordinator_address/--num_processes/--process_id`` are given, and feeds only its own rows of
+each global batch. ``--workdir`` must be a directory every host sees (NFS, or a GCS bucket mounted
+with gcsfuse); every host needs the repository, its environment and the data. On a TPU pod::
+
+    gcloud compute tpus tpu-vm ssh NAME --zone=ZONE --worker=all --command="cd zsad_jax && \
+        .venv/bin/python -m zsad_jax.train --config=configs/af_clip.py \
+        --workdir=/mnt/shared/runs/af_clip --distributed"
+
+and on CPU hosts (or to try it on one machine, here 2 processes x 4 devices)::
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=4 python -m zsad_jax.train ... \
+        --coordinator_address=127.0.0.1:12355 --num_processes=2 --process_id=0   # and =1
+
+(CPU cross-process collectives use gloo, ``jax_cpu_collectives_implementation``). In a multi-process
+run, preemption is detected through JAX's preemption sync service, so all hosts save the same step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from zsad_jax import checkpoint as ckpt_lib
+from zsad_jax import optim as optim_lib
+from zsad_jax import run_log
+from zsad_jax import sharding as shard_lib
+from zsad_jax.nn import Trainable
+
+# Variables a training step updates besides the trained weights: dropout/noise RNG streams and
+# running statistics. Everything else (backbone weights, Buffers such as cached text embeddings) is
+# constant during training.
+MUTABLE = (nnx.RngState, nnx.BatchStat)
+PREEMPTED_EXIT_CODE = 128 + signal.SIGTERM
+
+
+class TrainingDiverged(RuntimeError):
+    """Raised after ``config.max_bad_steps`` steps in a row with non-finite loss or gradients."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Data.
+
+
+class TrainData(Protocol):
+    """What the loop needs from a training input pipeline.
+
+    ``next()`` returns this process's rows of the next global batch (a dict of NumPy arrays, see
+    ``zsad_jax.methods.base``); ``get_state()`` is JSON-serialisable (or bytes) and ``set_state``
+    makes the next ``next()`` return the batch that followed when the state was taken.
+    """
+
+    steps_per_epoch: int
+    class_names: Sequence[str]
+
+    def __next__(self) -> dict[str, np.ndarray]: ...
+
+    def get_state(self) -> Any: ...
+
+    def set_state(self, state: Any) -> None: ...
+
+
+class InMemoryTrainData:
+    """Shuffled batches of in-memory arrays (small experiments, tests); resumable.
+
+    Args:
+      arrays: fields of the whole training set, each with the same leading length N.
+      global_batch: examples per step over all processes; the last ``N % global_batch`` examples of
+        each epoch's permutation are dropped.
+      seed: the shuffle of epoch e is ``np.random.default_rng([seed, e]).permutation(N)``.
+      class_names: categories that ``class_id`` indexes (passed to ``model.set_classes``).
+      process_index, process_count: this process takes rows ``[i*B/P, (i+1)*B/P)`` of each global
+        batch (defaults: from jax).
+    """
+
+    def __init__(
+        self,
+        arrays: Mapping[str, np.ndarray],
+        *,
+        global_batch: int,
+        seed: int = 0,
+        class_names: Sequence[str] = (),
+        process_index: int | None = None,
+        process_count: int | None = None,
+    ):
+        self.arrays = {k: np.asarray(v) for k, v in arrays.items()}
+        lengths = {len(v) for v in self.arrays.values()}
+        if len(lengths) != 1:
+            raise ValueError(f"InMemoryTrainData: fields have different lengths {lengths}")
+        self.n = lengths.pop()
+        self.global_batch = int(global_batch)
+        self.seed = int(seed)
+        self.class_names = list(class_names)
+        self.process_index = jax.process_index() if process_index is None else process_index
+        self.process_count = jax.process_count() if process_count is None else process_count
+        if self.global_batch % self.process_count:
+            raise ValueError(
+                f"global batch {global_batch} does not split over {self.process_count} processes"
+            )
+        self.steps_per_epoch = self.n // self.global_batch
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"InMemoryTrainData: {self.n} examples < one batch of {global_batch}")
+        self._epoch = 0
+        self._step = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self._step == self.steps_per_epoch:
+            self._epoch, self._step = self._epoch + 1, 0
+        order = np.random.default_rng([self.seed, self._epoch]).permutation(self.n)
+        rows = order[self._step * self.global_batch : (self._step + 1) * self.global_batch]
+        per = self.global_batch // self.process_count
+        rows = rows[self.process_index * per : (self.process_index + 1) * per]
+        self._step += 1
+        return {k: v[rows] for k, v in self.arrays.items()}
+
+    def get_state(self) -> dict[str, int]:
+        return {"epoch": self._epoch, "step": self._step}
+
+    def set_state(self, state: Mapping[str, int]) -> None:
+        self._epoch, self._step = int(state["epoch"]), int(state["step"])
+
+
+class PipelineTrainData:
+    """Adapts ``zsad_jax.data.pipeline.train_iterator`` to ``TrainData``."""
+
+    def __init__(self, iterator: Any, *, steps_per_epoch: int, class_names: Sequence[str]):
+        self._it = iterator
+        self.steps_per_epoch = steps_per_epoch
+        self.class_names = list(class_names)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        return next(self._it)
+
+    def get_state(self) -> Any:
+        return self._it.get_state()
+
+    def set_state(self, state: Any) -> None:
+        self._it.set_state(state)
+
+    @property
+    def skipped(self) -> Any:
+        return getattr(self._it, "skipped", None)
+
+
+def make_train_data(config: Any) -> TrainData:
+    """The training split of ``config.data`` through the grain pipeline.
+
+    ``config.data.train_set`` may also name a Python callable ``package.module:function`` taking the
+    config and returning a ``TrainData`` (in-memory arrays, a custom pipeline).
+    """
+    d = config.data
+    if ":" in str(d.train_set):
+        return ckpt_lib.import_object(d.train_set, "config.data.train_set")(config)
+
+    from zsad_jax.data import pipeline, protocol, transforms
+
+    records = protocol.read_dataset(
+        d.train_set, d.train_root, d.train_split, list(d.categories) or None
+    )
+    source = pipeline.RecordSource(records)
+    iterator = pipeline.train_iterator(
+        source,
+        global_batch=int(d.batch_size),
+        seed=int(config.seed),
+        transform=transforms.make_transform(d.train_transform, int(d.image_size), train=True),
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        skip_corrupt=bool(d.get("skip_corrupt", False)),
+        num_workers=int(d.get("num_workers", 0)),
+    )
+    return PipelineTrainData(
+        iterator,
+        steps_per_epoch=pipeline.steps_per_epoch(len(source), int(d.batch_size)),
+        class_names=source.class_names,
+    )
+
+
+def _encode_state(state: Any) -> Any:
+    if isinstance(state, bytes):
+        return {"__bytes__": state.decode("latin-1")}
+    return state
+
+
+def _decode_state(state: Any) -> Any:
+    if isinstance(state, dict) and set(state) == {"__bytes__"}:
+        return state["__bytes__"].encode("latin-1")
+    return state
+
+
+# ----------------------------------------------------------------------------------------------
+# The model as flat dicts of arrays.
+
+
+class SplitModel:
+    """A model as three flat ``{dotted path: array}`` dicts: ``params`` (``Trainable``),
+    ``mutable`` (RNG streams, batch statistics) and ``frozen`` (the rest), plus the structure to
+    merge them back.
+
+    Only abstract shapes are kept here, so the arrays live once: in the dicts the loop passes.
+    """
+
+    def __init__(self, model: nnx.Module):
+        self.graphdef, *states = nnx.split(model, Trainable, MUTABLE, ...)
+        self._templates = [
+            [
+                (p, v.replace(jax.ShapeDtypeStruct(np.shape(v.get_value()), v.get_value().dtype)))
+                for p, v in nnx.to_flat_state(s)
+            ]
+            for s in states
+        ]
+        self._initial = [ckpt_lib.flat_arrays(s) for s in states]
+
+    def take_arrays(self) -> tuple[dict, dict, dict]:
+        """``(params, mutable, frozen)`` of the model it was built from (handed over once)."""
+        arrays, self._initial = self._initial, None
+        if arrays is None:
+            raise RuntimeError("SplitModel.take_arrays() was already called")
+        return tuple(arrays)
+
+    @staticmethod
+    def _state(template, arrays):
+        return nnx.from_flat_state(
+            [(p, v.replace(arrays[ckpt_lib.path_str(p)])) for p, v in template]
+        )
+
+    def merge(self, params: Mapping, mutable: Mapping, frozen: Mapping) -> nnx.Module:
+        return nnx.merge(
+            self.graphdef,
+            *(
+                self._state(t, a)
+                for t, a in zip(self._templates, (params, mutable, frozen), strict=True)
+            ),
+        )
+
+    @staticmethod
+    def mutable_of(model: nnx.Module) -> dict[str, Any]:
+        return ckpt_lib.flat_arrays(nnx.state(model, MUTABLE))
+
+
+# ----------------------------------------------------------------------------------------------
+# The jitted step.
+
+
+def _split_microbatches(x: jax.Array, k: int, n_shards: int, mesh) -> jax.Array:
+    """(B, ...) -> (k, B/k, ...) where every micro-batch takes B/(k*n_shards) rows of each device's
+    shard, so splitting moves no data between devices."""
+    b = x.shape[0]
+    per = b // (k * n_shards)
+    x = x.reshape(n_shards, k, per, *x.shape[1:]).swapaxes(0, 1).reshape(k, b // k, *x.shape[1:])
+    spec = P(None, shard_lib.BATCH_AXES, *([None] * (x.ndim - 2)))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def make_train_step(
+    split: SplitModel, tx: optax.GradientTransformation, *, grad_accum: int = 1, mesh=None
+) -> Callable:
+    """``step(params, opt_state, mutable, frozen, batch) -> (params, opt_state, mutable, metrics)``.
+
+    The loss is computed in float32 whatever the method's compute dtype. With ``grad_accum`` = k the
+    batch is split into k micro-batches (a ``lax.scan``) whose gradients are averaged before one
+    update: the same update as one big batch for losses that are means over examples, at 1/k of the
+    activation memory. A non-finite loss or gradient skips the update (``lax.cond``): the returned
+    state is the input state and ``metrics["finite"]`` is False.
+    """
+
+    def loss_fn(params, mutable, frozen, batch):
+        model = split.merge(params, mutable, frozen)
+        outputs = model(batch, train=True)
+        loss, parts = model.loss(outputs, batch)
+        parts = {k: jnp.asarray(v, jnp.float32) for k, v in parts.items()}
+        return jnp.asarray(loss, jnp.float32), (parts, split.mutable_of(model))
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def step(params, opt_state, mutable, frozen, batch):
+        if grad_accum == 1:
+            (loss, (parts, new_mutable)), grads = grad_fn(params, mutable, frozen, batch)
+        else:
+            n_shards = mesh.devices.size
+            micro = {
+                k: _split_microbatches(v, grad_accum, n_shards, mesh) for k, v in batch.items()
+            }
+
+            def body(carry, mb):
+                grad_sum, mut = carry
+                (loss, (parts, mut)), grads = grad_fn(params, mut, frozen, mb)
+                return (jax.tree.map(jnp.add, grad_sum, grads), mut), (loss, parts)
+
+            zeros = jax.tree.map(jnp.zeros_like, params)
+            (grad_sum, new_mutable), (losses, parts) = jax.lax.scan(body, (zeros, mutable), micro)
+            grads = jax.tree.map(lambda g: g / grad_accum, grad_sum)
+            loss = jnp.mean(losses)
+            parts = jax.tree.map(jnp.mean, parts)
+        grad_norm = optim_lib.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.all(
+            jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])
+        )
+
+        def apply(_):
+            updates, new_opt_state = tx.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), new_opt_state, new_mutable
+
+        def skip(_):
+            return params, opt_state, mutable
+
+        params, opt_state, mutable = jax.lax.cond(finite, apply, skip, None)
+        metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite}
+        metrics.update({f"loss/{k}": v for k, v in parts.items()})
+        return params, opt_state, mutable, metrics
+
+    return step
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation hook.
+
+
+def default_evaluator(config: Any) -> Callable[[nnx.Module, int], dict] | None:
+    """Held-out evaluation through ``zsad_jax.evaluate.evaluate`` if that module exists."""
+    try:
+        from zsad_jax import evaluate as evaluate_lib
+    except ImportError:
+        return None
+    if not hasattr(evaluate_lib, "evaluate"):
+        return None
+
+    def run(model: nnx.Module, step: int) -> dict:
+        del step
+        return dict(evaluate_lib.evaluate(model, config))
+
+    return run
+
+
+def _threshold_from(metrics: Mapping[str, Any]) -> float | None:
+    for key in ("threshold", "image_threshold"):
+        value = metrics.get(key)
+        if value is not None and math.isfinite(float(value)):
+            return float(value)
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Preemption.
+
+
+class _Preemption:
+    """SIGTERM -> save at the end of the current step. One process: a Python signal handler.
+    Several processes: JAX's preemption sync service picks a step every host reaches (orbax)."""
+
+    def __init__(self, checkpointer: ckpt_lib.TrainCheckpointer):
+        self.requested = False
+        self._checkpointer = checkpointer
+        self._old = None
+        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        del signum, frame
+        self.requested = True
+
+    def reached(self, step: int) -> bool:
+        if jax.process_count() > 1:
+            return self._checkpointer._manager.reached_preemption(step)
+        return self.requested
+
+    def close(self):
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+            self._old = None
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop.
+
+
+@dataclasses.dataclass
+class _Counters:
+    bad_in_a_row: int = 0
+    bad_total: int = 0
+    # Updates applied so far (= optimiser count, which drives the schedules).
+    updates: int = 0
+
+
+def _config_json(config: Any) -> str:
+    if hasattr(config, "to_json_best_effort"):
+        return config.to_json_best_effort(sort_keys=True)
+    return json.dumps(dict(config), sort_keys=True, default=str)
+
+
+def _scalar(x: Any) -> float:
+    return float(np.asarray(x))
+
+
+class _StepMonitor:
+    """Host side of each finished step: bad-step counting, log rows, progress bar, history."""
+
+    def __init__(
+        self,
+        *,
+        counters: _Counters,
+        writer: run_log.MetricWriter,
+        optimizer: optim_lib.Optimizer,
+        bar: Any,
+        global_batch: int,
+        total_steps: int,
+        log_every: int,
+        max_bad: int,
+        history: list | None,
+        step_callback: Callable[[int, dict], None] | None,
+    ):
+        self.counters, self.writer, self.optimizer, self.bar = counters, writer, optimizer, bar
+        self.global_batch, self.total_steps = global_batch, total_steps
+        self.log_every, self.max_bad = log_every, max_bad
+        self.history, self.step_callback = history, step_callback
+        self.last_loss = float("nan")
+        self._last_time = time.time()
+        self._step_seconds: float | None = None
+        self._window: dict[str, list[float]] = {}
+
+    def __call__(self, step: int, device_metrics: dict) -> None:
+        metrics = {k: _scalar(v) for k, v in jax.device_get(device_metrics).items()}
+        now = time.time()
+        # Smoothed: with the one-step lag, single intervals alternate between waits and no waits.
+        dt, self._last_time = now - self._last_time, now
+        previous = dt if self._step_seconds is None else self._step_seconds
+        self._step_seconds = 0.8 * previous + 0.2 * dt
+        images_per_s = self.global_batch / max(self._step_seconds, 1e-9)
+        c = self.counters
+        if metrics["finite"]:
+            c.bad_in_a_row, c.updates, self.last_loss = 0, c.updates + 1, metrics["loss"]
+            for k, v in metrics.items():
+                if k != "finite":
+                    self._window.setdefault(k, []).append(v)
+        else:
+            c.bad_in_a_row, c.bad_total = c.bad_in_a_row + 1, c.bad_total + 1
+        self._window.setdefault("images_per_s", []).append(images_per_s)
+        if self.history is not None:
+            self.history.append({"step": step, **metrics})
+        if self.step_callback is not None:
+            self.step_callback(step, metrics)
+        if c.bad_in_a_row >= self.max_bad:
+            raise TrainingDiverged(
+                f"training stopped at step {step}: {c.bad_in_a_row} steps in a row had a "
+                f"non-finite loss or gradient (config.max_bad_steps={self.max_bad}); the "
+                "parameters are those of the last finite step. Lower config.optim.lr, set "
+                "config.optim.grad_clip, use compute_dtype='float32', or check the data."
+            )
+        if step % self.log_every == 0 or step == self.total_steps:
+            self._write_row(step)
+        self.bar.update(1)
+        self.bar.set_postfix(
+            {"loss": f"{self.last_loss:.4f}", "img/s": f"{images_per_s:.1f}", "bad": c.bad_total}
+        )
+
+    def _write_row(self, step: int) -> None:
+        scalars = {k: float(np.mean(v)) for k, v in self._window.items() if v}
+        for name, schedule in self.optimizer.learning_rates.items():
+            key = "lr" if name == optim_lib.DEFAULT_GROUP else f"lr/{name}"
+            scalars[key] = _scalar(schedule(self.counters.updates))
+        scalars["bad_steps"] = self.counters.bad_total
+        self.writer.write(step, scalars)
+        self._window.clear()
+
+
+def train(
+    config: Any,
+    workdir: str | Path,
+    *,
+    model: nnx.Module | None = None,
+    train_data: TrainData | None = None,
+    evaluator: Callable[[nnx.Module, int], dict] | None | str = "default",
+    stop_at_step: int | None = None,
+    progress: bool = True,
+    history: list | None = None,
+    step_callback: Callable[[int, dict], None] | None = None,
+) -> dict[str, Any]:
+    """Trains (or resumes training of) ``config``'s method; returns the final metrics.
+
+    Args:
+      config: the ml_collections config (sections in ``configs/common.py``).
+      workdir: checkpoints, ``metrics.jsonl`` and event files go here.
+      model: an ``AnomalyModel`` to train instead of building ``config.method`` (tests).
+      train_data: a ``TrainData`` instead of the ``config.data`` pipeline (tests, in-memory data).
+      evaluator: ``(model, step) -> metrics`` run every ``config.eval.every_steps`` and at the end;
+        "default" uses ``zsad_jax.evaluate`` when present, None disables evaluation.
+      stop_at_step: save and return after this step as a preemption would (tests).
+      progress: show the tqdm bar (process 0 only).
+      history: if a list, every step's ``{"step", "loss", "finite", ...}`` is appended to it.
+      step_callback: called with ``(step, metrics)`` after each step's metrics are on the host.
+
+    Returns:
+      ``{"steps", "seconds", "loss", "bad_steps", ..., evaluation metrics}``; ``"preempted": True``
+      when stopped by SIGTERM or ``stop_at_step`` (a checkpoint of that step was saved).
+    """
+    start_time = time.time()
+    workdir = Path(workdir)
+    primary = jax.process_index() == 0
+
+    # The model first: a full-size config without converted weights fails here, before any data
+    # is read or anything is compiled.
+    if model is None:
+        model = ckpt_lib.build_model(config, load_weights=True)
+    mesh = shard_lib.make_mesh(config.mesh)
+    global_batch = int(config.data.batch_size)
+    shard_lib.batch_size_per_process(global_batch, mesh)
+    grad_accum = int(config.optim.get("grad_accum", 1) or 1)
+    if global_batch % (mesh.devices.size * grad_accum):
+        raise ValueError(
+            f"config.data.batch_size={global_batch} must be a multiple of devices "
+            f"({mesh.devices.size}) x config.optim.grad_accum ({grad_accum})"
+        )
+    if train_data is None:
+        train_data = make_train_data(config)
+    if train_data.class_names:
+        model.set_classes(list(train_data.class_names))
+    if evaluator == "default":
+        evaluator = default_evaluator(config)
+
+    split = SplitModel(model)
+    del model  # the arrays now live in the dicts below only
+    params, mutable, frozen = split.take_arrays()
+    steps_per_epoch = int(train_data.steps_per_epoch)
+    total_steps = optim_lib.total_train_steps(config.optim, steps_per_epoch)
+    optimizer = optim_lib.build_optimizer(
+        config.optim, sorted(params), steps_per_epoch=steps_per_epoch, total_steps=total_steps
+    )
+    opt_state = optimizer.tx.init(params)
+
+    param_sh = shard_lib.state_shardings(mesh, params)
+    opt_sh = shard_lib.state_shardings(mesh, opt_state)
+    mutable_sh = shard_lib.state_shardings(mesh, mutable)
+    frozen_sh = shard_lib.state_shardings(mesh, frozen)
+    params = shard_lib.put_state(params, param_sh)
+    opt_state = shard_lib.put_state(opt_state, opt_sh)
+    mutable = shard_lib.put_state(mutable, mutable_sh)
+    frozen = shard_lib.put_state(frozen, frozen_sh)
+
+    ckpt_cfg = config.ckpt
+    checkpointer = ckpt_lib.TrainCheckpointer(
+        workdir / ckpt_lib.CHECKPOINT_SUBDIR,
+        keep=int(ckpt_cfg.get("keep", 3)),
+        async_save=bool(ckpt_cfg.get("async", True)),
+    )
+    counters = _Counters()
+    step = 0
+    config_json = _config_json(config)
+    latest = checkpointer.latest_step()
+    if latest is not None:
+        params, opt_state, mutable, meta = checkpointer.restore(
+            latest, params=params, opt_state=opt_state, mutable=mutable
+        )
+        if meta.get("final") and int(meta["step"]) >= total_steps:
+            # Finished already (a larger config.optim.steps/epochs would continue from here).
+            checkpointer.close()
+            result = dict(meta.get("result", {}))
+            result["resumed_finished_run"] = True
+            return result
+        train_data.set_state(_decode_state(meta["data_state"]))
+        counters = _Counters(**meta.get("counters", {}))
+        step = int(meta["step"])
+        if meta.get("config") != config_json and primary:
+            print(
+                f"note: resuming {workdir} from step {step} with a config that differs from the "
+                "one it was started with",
+                file=sys.stderr,
+            )
+
+    step_fn = jax.jit(
+        make_train_step(split, optimizer.tx, grad_accum=grad_accum, mesh=mesh),
+        out_shardings=(param_sh, opt_sh, mutable_sh, shard_lib.replicated(mesh)),
+        donate_argnums=(0, 1, 2),
+    )
+
+    def meta_now(**extra) -> dict:
+        return {
+            "step": step,
+            "data_state": _encode_state(train_data.get_state()),
+            "counters": dataclasses.asdict(counters),
+            "config": config_json,
+            "threshold": None,
+            "seconds": time.time() - start_time,
+            **extra,
+        }
+
+    def save(**extra) -> None:
+        checkpointer.save(
+            step, params=params, opt_state=opt_state, mutable=mutable, meta=meta_now(**extra)
+        )
+
+    def current_model() -> nnx.Module:
+        return split.merge(params, mutable, frozen)
+
+    writer = run_log.MetricWriter(workdir, active=primary)
+    eval_every = int(config.eval.get("every_steps", 0) or 0)
+    save_every = int(ckpt_cfg.get("every_steps", 0) or 0)
+    preemption = _Preemption(checkpointer)
+    bar = _progress_bar(total_steps, step, enabled=progress and primary)
+    handle = _StepMonitor(
+        counters=counters,
+        writer=writer,
+        optimizer=optimizer,
+        bar=bar,
+        global_batch=global_batch,
+        total_steps=total_steps,
+        log_every=max(1, int(config.get("log_every_steps", 10) or 10)),
+        max_bad=int(config.get("max_bad_steps", 10) or 10),
+        history=history,
+        step_callback=step_callback,
+    )
+    eval_metrics: dict[str, Any] = {}
+    preempted = False
+
+    pending: tuple[int, dict] | None = None
+    try:
+        with jax.set_mesh(mesh):
+            while step < total_steps:
+                batch = shard_lib.global_batch_from_local(next(train_data), mesh)
+                params, opt_state, mutable, metrics = step_fn(
+                    params, opt_state, mutable, frozen, batch
+                )
+                step += 1
+                # The previous step's metrics are read while this one runs (one-step lag keeps the
+                # devices busy); anything that needs this step's state reads them first.
+                if pending is not None:
+                    handle(*pending)
+                pending = (step, metrics)
+                stop = stop_at_step is not None and step >= stop_at_step
+                preempt = preemption.reached(step)
+                evaluate_now = evaluator is not None and eval_every and step % eval_every == 0
+                save_now = save_every and step % save_every == 0
+                if step < total_steps and (stop or preempt or evaluate_now or save_now):
+                    handle(*pending)
+                    pending = None
+                    if evaluate_now:
+                        metrics_now = dict(evaluator(current_model(), step))
+                        writer.write(step, _numeric(metrics_now, prefix="eval/"))
+                    if save_now or stop or preempt:
+                        save()
+                    if stop or preempt:
+                        preempted = True
+                        break
+            if pending is not None:
+                handle(*pending)
+                pending = None
+            writer.flush()
+            if not preempted:
+                if evaluator is not None:
+                    eval_metrics = dict(evaluator(current_model(), step))
+                    writer.write(step, _numeric(eval_metrics, prefix="eval/"))
+                result = _with_skipped(
+                    _result(step, start_time, handle.last_loss, counters, eval_metrics), train_data
+                )
+                save(final=True, result=result, threshold=_threshold_from(eval_metrics))
+    finally:
+        bar.close()
+        preemption.close()
+        checkpointer.wait()
+        checkpointer.close()
+        writer.close()
+    if preempted:
+        result = _result(step, start_time, handle.last_loss, counters, {})
+        result["preempted"] = True
+    return _with_skipped(result, train_data)
+
+
+def _progress_bar(total: int, initial: int, *, enabled: bool):
+    if not enabled:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+
+
+class _NoBar:
+    def update(self, n):
+        pass
+
+    def set_postfix(self, *args, **kw):
+        pass
+
+    def close(self):
+        pass
+
+
+def _numeric(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+    out = {}
+    for k, v in metrics.items():
+        if isinstance(v, (int, float, np.number)) or (np.ndim(v) == 0 and hasattr(v, "dtype")):
+            out[prefix + k] = float(v)
+    return out
+
+
+def _jsonable(value: Any) -> Any:
+    """Metrics as JSON values: non-finite floats become null, arrays of one element floats."""
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if np.ndim(value) == 0:
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            return str(value)
+        return value if math.isfinite(value) else None
+    return np.asarray(value).tolist()
+
+
+def _with_skipped(result: dict, train_data: Any) -> dict:
+    skipped = list(getattr(train_data, "skipped", None) or ())
+    if skipped:
+        # Corrupt files dropped under config.data.skip_corrupt, for the run summary.
+        result["skipped_files"] = skipped
+    return result
+
+
+def _result(step, start_time, last_loss, counters, eval_metrics) -> dict[str, Any]:
+    result = dict(eval_metrics)
+    result.update(
+        steps=int(step),
+        seconds=round(time.time() - start_time, 3),
+        loss=last_loss,
+        bad_steps=counters.bad_total,
+    )
+    return _jsonable(result)
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line.
+
+
+def initialize_distributed(
+    *,
+    auto: bool = False,
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+) -> None:
+    """``jax.distributed.initialize`` when asked to (before any other JAX call).
+
+    ``auto`` lets JAX detect the cluster (TPU pod, SLURM, Open MPI); otherwise the three arguments
+    name the coordinator (process 0's ``host:port``), the process count and this process's index.
+    """
+    if not (auto or coordinator_address or num_processes):
+        return
+    # Cross-process collectives on CPU hosts (tests, CPU clusters); ignored by GPU/TPU backends.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+        coordinator_address=coordinator_address,
+        num_processes=num_processes,
+        process_id=process_id,
+    )
+
+
+def _define_flags():
+    from absl import flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "method config file", lock_config=True)
+    flags.DEFINE_string("workdir", None, "checkpoints, metrics and event files go here")
+    flags.DEFINE_bool("progress", True, "show a progress bar")
+    flags.DEFINE_bool(
+        "distributed", False, "call jax.distributed.initialize() with cluster auto-detection"
+    )
+    flags.DEFINE_string("coordinator_address", None, "multi-process: host:port of process 0")
+    flags.DEFINE_integer("num_processes", None, "multi-process: number of processes")
+    flags.DEFINE_integer("process_id", None, "multi-process: index of this process")
+    flags.mark_flags_as_required(["config", "workdir"])
+    return flags.FLAGS
+
+
+def main(argv: Sequence[str]) -> None:
+    from absl import flags
+    from absl import logging as absl_logging
+
+    del argv
+    f = flags.FLAGS
+    if not f["verbosity"].present:
+        # orbax logs every save step at INFO; keep the terminal for the progress bar and errors.
+        absl_logging.set_verbosity(absl_logging.WARNING)
+    initialize_distributed(
+        auto=f.distributed,
+        coordinator_address=f.coordinator_address,
+        num_processes=f.num_processes,
+        process_id=f.process_id,
+    )
+    try:
+        result = train(f.config, f.workdir, progress=f.progress)
+    except (FileNotFoundError, TrainingDiverged, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    if jax.process_index() == 0:
+        if result.get("preempted"):
+            print(
+                f"preempted at step {result['steps']}: checkpoint saved in "
+                f"{Path(f.workdir) / ckpt_lib.CHECKPOINT_SUBDIR}; "
+                "re-run the same command to resume",
+                file=sys.stderr,
+            )
+        print(json.dumps(result), flush=True)
+    if result.get("preempted"):
+        sys.exit(PREEMPTED_EXIT_CODE)
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    _define_flags()
+    app.run(main)
