@@ -27,6 +27,7 @@ from typing import Any
 import jax
 import numpy as np
 from flax import nnx
+from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 FORMAT = "zsad_jax.encoder/1"
@@ -141,16 +142,26 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
-def load(path: str | os.PathLike, **overrides: Any) -> nnx.Module:
+def load(path: str | os.PathLike, *, submodule: str | None = None, **overrides: Any) -> nnx.Module:
     """Builds the encoder described by ``path/config.json`` and fills in its converted weights.
 
-    ``overrides`` go to the type's builder (for example ``act="gelu"`` or the position-embedding
-    resize mode a method needs).
+    ``submodule`` (e.g. ``"text"`` of a CLIP checkpoint) returns only that attribute of the
+    encoder, reading only its tensors from the file (AVA-DINO needs CLIP's text tower, not its
+    300M-parameter vision tower). ``overrides`` go to the type's builder (for example
+    ``act="gelu"`` or the position-embedding resize mode a method needs).
     """
     path = Path(path)
     meta = read_meta(path)
     build = _builder(meta["type"])
     abstract = nnx.eval_shape(lambda: build(meta["config"], nnx.Rngs(0), **overrides))
+    weights = path / WEIGHTS_FILE
+    if submodule is None:
+        return load_flat_state(abstract, load_file(weights), source=str(weights))
+    if not isinstance(getattr(abstract, submodule, None), nnx.Module):
+        raise ValueError(f"{path}: a {meta['type']} encoder has no submodule {submodule!r}")
+    prefix = submodule + "."
+    with safe_open(weights, framework="numpy") as f:
+        arrays = {k[len(prefix) :]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
     return load_flat_state(
-        abstract, load_file(path / WEIGHTS_FILE), source=str(path / WEIGHTS_FILE)
+        getattr(abstract, submodule), arrays, source=f"{weights} ({submodule} tensors)"
     )

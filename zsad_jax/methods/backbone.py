@@ -66,7 +66,7 @@ PRESETS = {
 def _check_kind(cfg: Any, where: str) -> str:
     kind = str(cfg.kind)
     if kind not in PRESETS:
-        raise ValueError(f"{where}.kind={kind!r} is not an encoder kind; use one of {list(PRESETS)}")
+        raise ValueError(f"{where}.kind={kind!r} is not an encoder; use one of {list(PRESETS)}")
     return kind
 
 
@@ -102,6 +102,7 @@ def build_backbone(
     *,
     rngs: nnx.Rngs,
     load_weights: bool = True,
+    part: str | None = None,
     where: str = "config.model.backbone",
     **overrides: Any,
 ) -> nnx.Module:
@@ -111,6 +112,8 @@ def build_backbone(
       cfg: the ``model.backbone`` config block.
       rngs: used for random weights (``random_init`` or ``load_weights=False``).
       load_weights: False builds the architecture only (call it under ``nnx.eval_shape``).
+      part: one submodule only, e.g. ``"text"`` for CLIP's text tower (the rest is never built
+        nor read from the checkpoint).
       where: the config path named in errors.
       **overrides: architecture fields that change no weight shape (CLIP ``act``, ``pos_resize``,
         ``dtype``; DINOv3 ``dtype``).
@@ -125,20 +128,29 @@ def build_backbone(
     if load_weights and not cfg.random_init:
         if not has_checkpoint:
             raise FileNotFoundError(missing_weights_message(cfg, where))
-        encoder = checkpoint.load(path, **overrides)
-        if checkpoint.read_meta(path)["type"] != kind:
+        found = checkpoint.read_meta(path)["type"]
+        if found != kind:
             raise ValueError(
-                f"{where}.checkpoint={str(path)!r} holds a {checkpoint.read_meta(path)['type']} "
-                f"encoder, but {where}.kind is {kind!r}"
+                f"{where}.checkpoint={str(path)!r} holds a {found} encoder, but {where}.kind is "
+                f"{kind!r}"
             )
-        return encoder
+        return checkpoint.load(path, submodule=part, **overrides)
     if has_checkpoint and not cfg.random_init:
-        meta = checkpoint.read_meta(path)
-        arch = meta["config"]
+        arch = checkpoint.read_meta(path)["config"]
     else:
         arch = preset_config(cfg, where)
-    build = clip.build if kind == "clip" else dinov3.build
-    return build(arch, rngs, **overrides)
+    if kind == "clip":
+        config = clip.ClipConfig.from_dict(arch).with_overrides(**overrides)
+        if part == "text":  # Built alone: the vision tower is never allocated.
+            return clip.ClipText(config.text, rngs=rngs)
+        if part == "vision":
+            return clip.ClipVision(config.vision, rngs=rngs)
+        encoder = clip.Clip(config, rngs=rngs)
+    else:
+        encoder = dinov3.build(arch, rngs, **overrides)
+    if part is not None and not isinstance(getattr(encoder, part, None), nnx.Module):
+        raise ValueError(f"{where}: a {kind} encoder has no part {part!r}")
+    return encoder if part is None else getattr(encoder, part)
 
 
 def byte_tokenizer() -> ClipTokenizer:

@@ -1,0 +1,87 @@
+"""Backbone building: converted checkpoints, presets, the missing-weights message, one part only."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+
+from zsad_jax.encoders import checkpoint, clip
+from zsad_jax.methods import backbone
+
+
+def _cfg(kind="clip", checkpoint_dir=None, preset="tiny", random_init=False):
+    return ml_collections.ConfigDict(
+        {"kind": kind, "checkpoint": checkpoint_dir, "preset": preset, "random_init": random_init}
+    )
+
+
+@pytest.fixture(scope="module")
+def saved_clip(tmp_path_factory):
+    """A random tiny CLIP written in the converted format (what convert.clip writes)."""
+    model = backbone.build_backbone(_cfg(random_init=True), rngs=nnx.Rngs(3))
+    out = tmp_path_factory.mktemp("ckpt") / "clip-tiny"
+    arrays = {k: np.asarray(v) for k, v in checkpoint.flat_state(model).items()}
+    checkpoint.save(out, "clip", model.config.to_dict(), arrays, source="test")
+    return model, out
+
+
+def test_missing_weights_names_the_path_and_the_convert_command(tmp_path):
+    cfg = _cfg(checkpoint_dir=str(tmp_path / "nowhere"), preset="vit_l14_336")
+    with pytest.raises(FileNotFoundError) as err:
+        backbone.build_backbone(cfg, rngs=nnx.Rngs(0))
+    message = str(err.value)
+    assert str(tmp_path / "nowhere") in message
+    assert "python -m convert.clip --src SRC --out" in message
+    assert "config.model.backbone.checkpoint" in message
+
+
+def test_full_size_builds_abstractly_without_weights(tmp_path):
+    cfg = _cfg(checkpoint_dir=str(tmp_path / "nowhere"), preset="vit_l14_336")
+    model = nnx.eval_shape(
+        lambda: backbone.build_backbone(cfg, rngs=nnx.Rngs(0), load_weights=False)
+    )
+    assert model.vision.conv1.kernel.shape == (14, 14, 3, 1024)
+    dino = _cfg("dinov3", str(tmp_path / "nowhere"), "vitl16")
+    model = nnx.eval_shape(
+        lambda: backbone.build_backbone(dino, rngs=nnx.Rngs(0), load_weights=False)
+    )
+    assert len(model.blocks) == 24
+
+
+def test_loads_converted_weights_and_one_part(saved_clip):
+    model, path = saved_clip
+    cfg = _cfg(checkpoint_dir=str(path))
+    loaded = backbone.build_backbone(cfg, rngs=nnx.Rngs(99))
+    for key, value in checkpoint.flat_state(model).items():
+        np.testing.assert_array_equal(checkpoint.flat_state(loaded)[key], value, err_msg=key)
+    text = backbone.build_backbone(cfg, rngs=nnx.Rngs(99), part="text")
+    assert isinstance(text, clip.ClipText)
+    ids = jnp.asarray(backbone.byte_tokenizer()(["a b", "c"]))
+    np.testing.assert_array_equal(text(ids)[0], model.text(ids)[0])
+    abstract = nnx.eval_shape(
+        lambda: backbone.build_backbone(cfg, rngs=nnx.Rngs(0), load_weights=False, part="text")
+    )
+    assert jax.tree.map(lambda a: a.shape, nnx.state(abstract)) == jax.tree.map(
+        lambda a: a.shape, nnx.state(text)
+    )
+
+
+def test_kind_mismatch_and_unknown_preset_are_named(saved_clip):
+    _, path = saved_clip
+    with pytest.raises(ValueError, match="holds a clip encoder"):
+        backbone.build_backbone(_cfg("dinov3", str(path)), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="preset='huge'"):
+        backbone.build_backbone(_cfg(preset="huge", random_init=True), rngs=nnx.Rngs(0))
+
+
+def test_byte_tokenizer_fits_random_text_towers():
+    tok = backbone.byte_tokenizer()
+    ids = tok(["a photo of a damaged bottle."])
+    assert tok.vocab_size == backbone.BYTE_VOCAB_SIZE
+    text = "a photo of a damaged bottle."
+    assert ids[0, 0] == tok.sos_id and ids[0, len(text.replace(" ", "")) + 1] == tok.eot_id
+    assert tok.decode(ids[0]).strip() == "a photo of a damaged bottle ."  # "." is its own word
+    tiny = backbone.build_backbone(_cfg(random_init=True), rngs=nnx.Rngs(0))
+    assert tiny.text.config.vocab_size == tok.vocab_size
