@@ -68,6 +68,9 @@ def base_config(method: str, arg: str | None = None) -> ml_collections.ConfigDic
             "batch_size": 8,
             "num_workers": 0,
             "skip_corrupt": False,
+            # A TFDS data directory (python -m zsad_jax.data.tfds_builder) to read both sides from
+            # instead of files; None = files under train_root / test_root.
+            "tfds_dir": ml_collections.FieldReference(None, field_type=str),
         }
     )
     c.optim = ml_collections.ConfigDict(

@@ -7,12 +7,13 @@ import os
 import pickle
 import sys
 
+import ml_collections
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from zsad_jax.data import pipeline, protocol, tfds_builder
+from zsad_jax.data import pipeline, protocol, sources, tfds_builder
 from zsad_jax.data.decode import load_record
 from zsad_jax.data.transforms import make_transform
 
@@ -160,3 +161,24 @@ def test_command_line_builds_and_prints_the_name(built, capsys):
     assert name == "zsad_anomaly/mvtec_ad_8_nearest"
     record = tfds.data_source(name, data_dir=data_dir, split="train")[0]
     assert record["image"].shape == (8, 8, 3)
+
+
+def test_config_reads_the_same_split_from_tfds_as_from_files(built):
+    manual_dir, data_dir, png_name, _ = built
+    assert png_name == "zsad_anomaly/mvtec_ad"  # the name split_source derives from the dataset
+    data = ml_collections.ConfigDict(
+        {"test_set": "mvtec_ad", "test_root": manual_dir, "test_split": "test",
+         "test_categories": (), "tfds_dir": None}
+    )  # fmt: skip
+    files = sources.split_source(data, "test")
+    data.tfds_dir = data_dir
+    stored = sources.split_source(data, "test")
+    assert isinstance(stored, tfds_builder.TfdsSource)
+    assert len(stored) == len(files) and stored.class_names == files.class_names
+    for i in range(len(files)):
+        a, b = files.load(i), stored.load(i)
+        np.testing.assert_array_equal(a["image"], b["image"])
+        np.testing.assert_array_equal(a["gt_mask"], b["gt_mask"])
+    data.test_categories = ("bottle",)
+    with pytest.raises(ValueError, match="config.data.test_categories"):
+        sources.split_source(data, "test")

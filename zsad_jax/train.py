@@ -197,12 +197,9 @@ def make_train_data(config: Any) -> TrainData:
     if ":" in str(d.train_set):
         return ckpt_lib.import_object(d.train_set, "config.data.train_set")(config)
 
-    from zsad_jax.data import pipeline, protocol, transforms
+    from zsad_jax.data import pipeline, sources, transforms
 
-    records = protocol.read_dataset(
-        d.train_set, d.train_root, d.train_split, list(d.categories) or None
-    )
-    source = pipeline.RecordSource(records)
+    source = sources.split_source(d, "train")
     iterator = pipeline.train_iterator(
         source,
         global_batch=int(d.batch_size),
