@@ -95,7 +95,10 @@ def base_config(method: str, arg: str | None = None) -> ml_collections.ConfigDic
     )
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
     c.ckpt = ml_collections.ConfigDict({"keep": 3, "every_steps": 500, "async": True})
-    c.eval = ml_collections.ConfigDict({"every_steps": 0, "batch_size": 8, "num_vis": 8})
+    # Held-out evaluation of config.data.test_set at the end of training (and every_steps > 0).
+    c.eval = ml_collections.ConfigDict(
+        {"enabled": True, "every_steps": 0, "batch_size": 8, "num_vis": 8}
+    )
     c.seed = 0
     c.compute_dtype = "float32"
     # Steps in a row with a non-finite loss or gradient (each one skipped) before training stops.

@@ -94,6 +94,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
     c.ckpt.every_steps = 0
     c.ckpt.keep = 3
     c.log_every_steps = 1
+    c.eval.enabled = False  # the toy has no held-out dataset
     return c
 
 

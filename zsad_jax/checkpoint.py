@@ -39,6 +39,8 @@ from zsad_jax.nn import Trainable
 FORMAT = "zsad_jax.train/1"
 CHECKPOINT_SUBDIR = "checkpoints"
 ITEMS = ("params", "opt_state", "mutable", "meta")
+# Stored as the ``mutable`` item of a model that has no RNG streams (orbax rejects empty items).
+_NO_MUTABLE = {"_no_mutable_state": np.zeros((), np.uint8)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -147,6 +149,8 @@ class TrainCheckpointer:
     ) -> None:
         """Writes ``step``; returns once the arrays are copied off the devices (async) or saved."""
         mutable, impls = keys_to_data(mutable)
+        # orbax refuses an empty item: a model without RNG streams stores a placeholder instead.
+        mutable = mutable or dict(_NO_MUTABLE)
         meta = {"format": FORMAT, **meta, "key_impls": impls}
         self._manager.save(
             int(step),
@@ -174,12 +178,13 @@ class TrainCheckpointer:
             args=ocp.args.Composite(
                 params=ocp.args.StandardRestore(_abstract(dict(params))),
                 opt_state=ocp.args.StandardRestore(_abstract(opt_state)),
-                mutable=ocp.args.StandardRestore(_abstract(dict(mutable))),
+                mutable=ocp.args.StandardRestore(_abstract(dict(mutable or _NO_MUTABLE))),
                 meta=ocp.args.JsonRestore(),
             ),
         )
         meta = dict(restored["meta"])
         mutable_out = data_to_keys(dict(restored["mutable"]), meta.get("key_impls", {}))
+        mutable_out = {k: v for k, v in mutable_out.items() if k not in _NO_MUTABLE}
         return dict(restored["params"]), restored["opt_state"], mutable_out, meta
 
     def read_meta(self, step: int | None = None) -> dict[str, Any]:

@@ -10,7 +10,7 @@ optimiser state, model RNG streams, step and data-iterator position are all rest
 (preemption) saves a checkpoint at the end of the current step and exits with status 143. Progress
 goes to a tqdm bar (loss, images/s, ETA); metrics to ``WORKDIR/metrics.jsonl`` and TensorBoard event
 files in ``WORKDIR``. The last line printed is JSON: the final metrics (held-out evaluation with
-anomalib names when ``zsad_jax.evaluate`` is available), ``steps`` and ``seconds``.
+anomalib names, unless ``config.eval.enabled`` is False), ``steps`` and ``seconds``.
 
 What runs where: one ``jax.jit`` step over the model split into three flat dicts (``Trainable``
 weights, the model's RNG streams, and the frozen rest). The frozen backbone is an argument of the
@@ -358,13 +358,10 @@ def make_train_step(
 
 
 def default_evaluator(config: Any) -> Callable[[nnx.Module, int], dict] | None:
-    """Held-out evaluation through ``zsad_jax.evaluate.evaluate`` if that module exists."""
-    try:
-        from zsad_jax import evaluate as evaluate_lib
-    except ImportError:
+    """Held-out evaluation through ``zsad_jax.evaluate.evaluate`` (``config.eval.enabled``)."""
+    if not config.eval.get("enabled", True):
         return None
-    if not hasattr(evaluate_lib, "evaluate"):
-        return None
+    from zsad_jax import evaluate as evaluate_lib
 
     def run(model: nnx.Module, step: int) -> dict:
         del step
@@ -524,7 +521,8 @@ def train(
       model: an ``AnomalyModel`` to train instead of building ``config.method`` (tests).
       train_data: a ``TrainData`` instead of the ``config.data`` pipeline (tests, in-memory data).
       evaluator: ``(model, step) -> metrics`` run every ``config.eval.every_steps`` and at the end;
-        "default" uses ``zsad_jax.evaluate`` when present, None disables evaluation.
+        "default" uses ``zsad_jax.evaluate`` unless ``config.eval.enabled`` is False; None
+        disables evaluation.
       stop_at_step: save and return after this step as a preemption would (tests).
       progress: show the tqdm bar (process 0 only).
       history: if a list, every step's ``{"step", "loss", "finite", ...}`` is appended to it.

@@ -1,0 +1,159 @@
+r"""AF-CLIP / AF-CLIP+ (ACM MM 2025, arXiv 2507.19949; Faustinaqq/AF-CLIP @bb7edec), methods.md §1.
+
+Train (zero-shot protocol: heads trained on the *test* split of the auxiliary dataset, all
+categories mixed; evaluated on the other dataset)::
+
+    python -m zsad_jax.train --config=configs/af_clip.py --workdir=runs/af_clip
+    python -m zsad_jax.train --config=configs/af_clip.py:train_set=visa --workdir=runs/af_clip_visa
+
+Variants after the colon (comma-separated): ``train_set=mvtec_ad|visa`` (default mvtec_ad, tested
+on the other), ``tiny`` (random 3-block CLIP, 32 px, for tests/smoke runs), ``small`` (random
+6-block patch-8 CLIP on 128 px: the CPU demo on the synthetic benchmark), ``clean`` (the "paper"
+loss: ``model.loss.normal_target=0``).
+
+Needs the converted OpenAI CLIP ViT-L/14@336px in ``weights/clip-vit-l14-336``
+(``python -m convert.clip --src ViT-L-14-336px.pt --out weights/clip-vit-l14-336``).
+
+Official recipe (``main.py`` defaults, ``train.sh``): 518 px (CLIP transform with bicubic
+resize), taps after blocks 6/12/18/24, aggregation windows 1/3/5 with sigma 4 (zero padding), one
+shared adaptor (8 heads x 64, no residual), 12 learnt context vectors before SOS, tau = 0.07, focal
+gamma 4, lambda1 = lambda2 = 1, Adam lr 1e-4 betas (0.5, 0.999), no weight decay, constant lr,
+batch 8, 2 epochs, seed 122, no augmentation. Test: map bilinear-upsampled to 518 then
+``scipy.ndimage.gaussian_filter(sigma=4)``; image score = CLS abnormal probability (not fused with
+the map). Few-shot AF-CLIP+: k in {1, 2, 4} normal train images per category, memory layers
+6/12/18/24, ``alpha = 0.1``; reported as the mean of 5 random seeds (``test.sh``).
+
+Trainable parameters: 2,109,440 (adaptor 2,100,224 + context 12 x 768 = 9,216).
+
+Reported numbers (%; official logs ``weight/train_on_*_test_res.txt`` = paper Table 1/2):
+
+    zero-shot   test set (trained on)   I-AUROC  I-AP  I-F1max  P-AUROC  P-AP  P-F1max  AUPRO
+                MVTec (VisA)             92.9    96.8   92.9     92.3    46.5   47.8    85.7
+                VisA (MVTec)             88.5    89.9   85.2     96.2    26.9   33.6    88.7
+    AF-CLIP+    MVTec 1/2/4-shot I-AUROC 95.5/96.5/97.2, P-AUROC 96.8/97.1/97.6
+                VisA  1/2/4-shot I-AUROC 90.5/91.2/92.2, P-AUROC 98.2/98.4/98.5
+
+Quirks of the official code, each a named switch (methods.md §9):
+
+* ``model.loss.normal_target = -1.0`` (default; 0.0 = the clean loss of the paper). Evidence: in
+  ``main.py:patch_alignment_loss`` the official step does ``new_gts = copy.copy(gts)`` and then
+  ``new_gts[new_gts == 0] = -1``. A torch Tensor has no ``__copy__``; ``copy.copy`` goes through
+  ``__reduce_ex__``, which rebuilds a tensor on the *same storage* with a fresh version counter, so
+  the rewrite changes the pixel targets that ``F.binary_cross_entropy`` and ``inputs * targets``
+  of the pixel focal loss saved for backward, without autograd's in-place error. The backward pass
+  therefore uses target -1 for normal patches (stronger push-down), while the logged loss value is
+  the one computed with 0. ``tests/test_losses.py::
+  test_binary_focal_normal_target_reproduces_official_in_place_rewrite`` runs exactly that torch
+  sequence (and asserts that the storage really is shared) and shows that
+  ``zsad_jax.losses.binary_focal_loss(normal_target=-1)`` gives torch's gradient; the L1 term's
+  backward ``sign(p - t)`` is the same for t = 0 and t = -1 because p > 0.
+* ``model.few_shot.rescale = True``: AF-CLIP+'s combined scores lie in [0, 1 + alpha]; they are
+  divided by ``1 + alpha`` so that ``anomaly_map``/``pred_score`` stay in [0, 1] as the method
+  interface promises. A positive scale changes no metric (AUROC, AP, F1-max, AUPRO with min-max
+  thresholds); set False for the official raw values.
+* ``model.pos_resize = "bilinear"``: the official CLIP code resizes the 24 x 24 positional grid to
+  37 x 37 with ``F.interpolate(mode="bilinear")`` (align_corners False, no antialias).
+* ``model.act = "quick_gelu"``: the OpenAI weights' activation, as the official code runs.
+* ``compute_dtype = "float32"``: the official ``clip/model.py:build_model`` has ``convert_weights``
+  (fp16) commented out, so it runs CLIP in float32; ``bfloat16`` is available for speed.
+
+Known differences from the official run:
+
+* Patch targets: the official loss downsamples the *soft* bicubic-resized mask (values in [0, 1])
+  518 -> 37 and sets ``< 0.5`` to 0, ``> 0.5`` to 1, leaving values of exactly 0.5 at 0.5. Our data
+  pipeline hands over binary masks; exact ties (0.5) become 1 here.
+* The official loader keeps the last partial batch of an epoch (``drop_last=False``); our
+  pipeline drops it.
+* The official ``VisionTransformer.forward`` overwrites ``positional_embedding.data`` with the
+  resized grid on the first call; at a fixed input size this is the same as resizing every call.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from configs.common import CLIP_L14_336, backbone, base_config, parse_arg
+from zsad_jax.data.synthetic import SYNTHETIC_HELDOUT_CATEGORIES, SYNTHETIC_TRAIN_CATEGORIES
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    variant = parse_arg(arg)
+    c = base_config("af_clip", arg)
+    m = c.model
+    m.backbone = backbone("clip", CLIP_L14_336, "vit_l14_336")
+    # The backbone gets no gradient (the heads sit on its outputs), so model.remat changes nothing.
+    m.act = "quick_gelu"
+    m.pos_resize = "bilinear"
+    # Residual stream after these blocks (1-indexed; official --feature_layers 6 12 18 24).
+    m.feature_layers = (6, 12, 18, 24)
+    # Blocks whose raw tokens fill the few-shot memory banks (official --memory_layers).
+    m.memory_layers = (6, 12, 18, 24)
+    # Neighbour aggregation windows r (1 = identity) and the Gaussian sigma of every window.
+    m.aggregation_sizes = (1, 3, 5)
+    m.aggregation_sigma = 4.0
+    m.adaptor = ml_collections.ConfigDict({"heads": 8, "head_dim": 64})
+    m.prompt_length = 12  # learnt context vectors before SOS (--prompt_len)
+    m.temperature = 0.07
+    # Test-time Gaussian smoothing of the upsampled map (scipy semantics); 0 turns it off.
+    m.smoothing_sigma = 4.0
+    # AF-CLIP+: ``alpha`` weighs the zero-shot part; ``shots`` = k normal reference images per
+    # category that evaluation/prediction with a reference folder put in the memory banks.
+    m.few_shot = ml_collections.ConfigDict({"alpha": 0.1, "rescale": True, "shots": 4})
+    m.loss = ml_collections.ConfigDict(
+        {"gamma": 4.0, "lambda1": 1.0, "lambda2": 1.0, "normal_target": -1.0}
+    )
+
+    c.data.image_size = 518
+    c.data.transform = "clip"
+    c.data.train_transform = "clip"
+    c.data.batch_size = 8
+    c.optim.update(
+        {"name": "adam", "lr": 1e-4, "b1": 0.5, "b2": 0.999, "weight_decay": 0.0, "epochs": 2}
+    )
+    c.optim.schedule = "constant"
+    c.eval.batch_size = 8
+    c.seed = 122
+
+    if variant.get("clean"):
+        m.loss.normal_target = 0.0
+    if variant.get("tiny"):
+        # Random tiny CLIP (3 blocks, width 48, patch 4): 32 px -> an 8 x 8 grid.
+        m.backbone.preset = "tiny"
+        m.backbone.random_init = True
+        m.backbone.checkpoint = None
+        m.feature_layers = (1, 2, 3)
+        m.memory_layers = (1, 2, 3)
+        m.adaptor.heads, m.adaptor.head_dim = 2, 8
+        m.prompt_length = 4
+        m.smoothing_sigma = 1.0
+        c.data.image_size = 32
+        c.data.batch_size = 8
+        c.eval.batch_size = 8
+        _synthetic(c)
+        c.optim.epochs = 1
+    elif variant.get("small"):
+        # The CPU demo: random 6-block patch-8 CLIP (width 96) on 128 px -> 16 x 16 patches.
+        m.backbone.preset = "small"
+        m.backbone.random_init = True
+        m.backbone.checkpoint = None
+        m.feature_layers = (2, 4, 6)
+        m.memory_layers = (2, 4, 6)
+        m.adaptor.heads, m.adaptor.head_dim = 4, 16
+        m.smoothing_sigma = 2.0
+        c.data.image_size = 128
+        _synthetic(c)
+    return c
+
+
+def _synthetic(c: ml_collections.ConfigDict) -> None:
+    """Train on the synthetic benchmark's training categories, test on its held-out ones."""
+    c.data.update(
+        {
+            "train_set": "synthetic",
+            "train_root": "data/synthetic",
+            "categories": SYNTHETIC_TRAIN_CATEGORIES,
+            "test_set": "synthetic",
+            "test_root": "data/synthetic",
+            "test_categories": SYNTHETIC_HELDOUT_CATEGORIES,
+        }
+    )
