@@ -1,0 +1,454 @@
+"""DLVP-CLIP (CVPR 2026): dynamic local visual prompts + wavelet high/low frequency decomposition.
+
+No official code exists; this follows the paper (methods.md §4, papers/DLVP-CLIP.txt) and, for
+everything the paper leaves open, AnomalyCLIP (zqhang/AnomalyCLIP), which the paper says it follows.
+Every open choice is a field of ``config.model`` documented in ``configs/dlvp_clip.py``.
+
+Forward for images (B, H, W, 3) on a frozen CLIP ViT with an (h, w) patch grid, N = h*w:
+
+1. **SLFS** (no parameters): a plain CLIP pass gives block ``slfs_attn_layer``'s attention; its CLS
+   row over the patches (heads averaged) picks the top-K patches T; ``P = V[T]`` (B, K, D) with V
+   the patch tokens after block ``slfs_feature_layer`` (through the frozen ``ln_post`` when
+   ``slfs_ln_post``). Without SLFS the prompt source is the global CLS token, repeated K times
+   (the paper's "Global token" comparison).
+2. **MLoP**: ``P' = visual_prompt_proj(P)`` (B, K, D) is appended to the token sequence of a second
+   CLIP pass. Blocks 1 .. J+1 get P' afresh at their input (the outputs of blocks 1..J at those
+   positions are discarded); from block J+2 on the prompt tokens evolve with the sequence. On the
+   text side the deep prompts of blocks 2 .. depth are ``F_theta(P') + E_j`` (per image), with
+   AnomalyCLIP's object-agnostic prompts ("X x n_ctx object." / "X x n_ctx damaged object.").
+   The second pass may run AnomalyCLIP's DPAM (V-V attention, dual path) on its last blocks.
+3. **HFD** on each tapped layer's patch grid: ``F~ = F_v(F)``; Haar DWT; ``low`` on LL, ``high`` on
+   each of LH, HL, HH; inverse DWT; ``F + F^D``. ``hfd_kind="sobel"``: ``F^D = low(F~) +
+   high(|Sobel(F~)|)``.
+4. Maps: per layer l, ``softmax(<f_l, t_s> / T)`` over s in (normal, abnormal), bilinearly
+   upsampled; ``M = mean_l (M^a_l + 1 - M^n_l) / 2`` (Gaussian-smoothed at test time). Image
+   score: ``X = X_p + X_c`` (``X_p`` = linear compression of the per-layer GAP of the patch
+   features, ``X_c`` the global feature), ``S_p = softmax(<X~, t~> / T)``.
+
+Loss (paper §Loss): ``cls_weight * BCE(S_p, y) + seg_weight * sum_l [Dice(M^a_l, S) +
+Dice(M^n_l, 1 - S) + Focal(M_l, S)]`` (AnomalyCLIP's two-class focal loss and Dice).
+"""
+
+from __future__ import annotations
+
+import math
+import types
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from zsad_jax import losses
+from zsad_jax.encoders.attention import dot_product_attention
+from zsad_jax.layers.frequency import sobel_magnitude
+from zsad_jax.layers.haar import haar_dwt2, haar_idwt2
+from zsad_jax.layers.resize import resize_bilinear
+from zsad_jax.layers.smoothing import gaussian_filter
+from zsad_jax.methods.backbone import build_backbone, build_tokenizer
+from zsad_jax.methods.base import AnomalyModel
+from zsad_jax.nn import Buffer, Trainable, trainable
+from zsad_jax.prompts import OBJECT_AGNOSTIC_PLACEHOLDER, object_agnostic_prompts
+
+_HERE = "zsad_jax/methods/dlvp_clip.py"
+HFD_KINDS = ("haar", "sobel")
+HFD_SPACES = ("projected", "residual")
+
+
+# ----------------------------------------------------------------------------------------------
+# Heads
+
+
+def torch_linear(d_in: int, d_out: int, *, rngs: nnx.Rngs) -> nnx.Linear:
+    """A trainable ``nnx.Linear`` initialised like ``torch.nn.Linear`` (weight and bias uniform in
+    +-1/sqrt(d_in)): the authors' heads would be plain ``nn.Linear`` layers."""
+    bound = 1.0 / math.sqrt(d_in)
+
+    def bias_init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    kernel_init = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+    return trainable(
+        nnx.Linear(d_in, d_out, kernel_init=kernel_init, bias_init=bias_init, rngs=rngs)
+    )
+
+
+class HighLowFrequencyDecomposition(nnx.Module):
+    """HFD: ``F + IDWT(low(LL), high(LH), high(HL), high(HH))`` of ``F~ = spatial(F)``.
+
+    ``kind="sobel"`` is the paper's comparison: ``F + low(F~) + high(sqrt(gx^2 + gy^2))``.
+    """
+
+    def __init__(self, width: int, *, kind: str = "haar", rngs: nnx.Rngs):
+        if kind not in HFD_KINDS:
+            raise ValueError(f"config.model.hfd_kind={kind!r}: use one of {list(HFD_KINDS)}")
+        self.kind = kind
+        self.spatial = torch_linear(width, width, rngs=rngs)  # F_v
+        self.low = torch_linear(width, width, rngs=rngs)
+        self.high = torch_linear(width, width, rngs=rngs)  # shared by the three detail bands
+
+    def __call__(self, grid: jax.Array) -> jax.Array:
+        """grid (B, h, w, C) float32 -> (B, h, w, C); odd h, w are handled by ``haar_dwt2``'s
+        edge repeat and cropped back by ``haar_idwt2(size=...)``."""
+        f = self.spatial(grid)
+        if self.kind == "haar":
+            ll, (lh, hl, hh) = haar_dwt2(f)
+            detail = haar_idwt2(
+                self.low(ll), (self.high(lh), self.high(hl), self.high(hh)), size=grid.shape[1:3]
+            )
+        else:
+            detail = self.low(f) + self.high(sobel_magnitude(f))
+        return grid + detail
+
+
+# ----------------------------------------------------------------------------------------------
+# Backbone passes
+
+
+def _dual_attention(block, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """AnomalyCLIP's DPAM attention of a frozen CLIP block on ``x = ln_1(tokens)`` (B, T, D):
+    (V-V attention output, original q-k attention output), both through ``out_proj``."""
+    attn = block.attn
+    b, t, d = x.shape
+    qkv = attn.in_proj(x).reshape(b, t, 3, attn.heads, d // attn.heads)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    original = dot_product_attention(q, k, v).reshape(b, t, d)
+    value_value = dot_product_attention(v, v, v).reshape(b, t, d)
+    return attn.out_proj(value_value), attn.out_proj(original)
+
+
+def _plain_block(block, x: jax.Array) -> jax.Array:
+    return block(x)
+
+
+def _dpam_block(block, x: jax.Array, original: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """One DPAM block (AnomalyCLIP, ``ffn=False``): the original path is a normal CLIP block
+    whose attention input also feeds the V-V path; the V-V path adds only the attention output
+    (no MLP). Returns (V-V path, original path), each (B, T, D)."""
+    value_value, qk = _dual_attention(block, block.ln_1(original))
+    original = original + qk
+    original = original + block.mlp(block.ln_2(original))
+    return x + value_value, original
+
+
+def _check_layer(field: str, value: int, depth: int) -> int:
+    value = int(value)
+    if not 1 <= value <= depth:
+        raise ValueError(
+            f"config.model.{field}={value} is not a block of this {depth}-block CLIP (1..{depth}); "
+            "the tiny preset has 3 blocks"
+        )
+    return value
+
+
+# ----------------------------------------------------------------------------------------------
+# The method
+
+
+class DlvpClip(AnomalyModel):
+    """DLVP-CLIP on a frozen CLIP (see the module docstring and ``configs/dlvp_clip.py``)."""
+
+    def __init__(self, config, *, rngs: nnx.Rngs, load_weights: bool = True):
+        m = config.model
+        self.clip = build_backbone(
+            m.backbone,
+            rngs=rngs,
+            load_weights=load_weights,
+            act=m.act,
+            pos_resize=m.pos_resize,
+            dtype=config.compute_dtype,
+        )
+        vcfg, tcfg = self.clip.vision.config, self.clip.text.config
+        depth = vcfg.layers
+        self.layers = tuple(_check_layer("layers", i, depth) for i in m.layers)
+        self.remat = bool(m.get("remat", False))
+        self.use_slfs = bool(m.use_slfs)
+        self.use_mlop = bool(m.use_mlop)
+        self.use_hfd = bool(m.use_hfd)
+        self.top_k = int(m.top_k)
+        self.slfs_attn_layer = _check_layer("slfs_attn_layer", m.slfs_attn_layer, depth)
+        self.slfs_feature_layer = _check_layer("slfs_feature_layer", m.slfs_feature_layer, depth)
+        self.slfs_ln_post = bool(m.slfs_ln_post)
+        self.visual_fixed_depth = int(m.visual_fixed_depth)
+        if not 0 <= self.visual_fixed_depth <= depth:
+            raise ValueError(
+                f"config.model.visual_fixed_depth={self.visual_fixed_depth} must be in 0..{depth}"
+            )
+        self.dpam_layers = int(m.dpam_layers)
+        if not 1 <= self.dpam_layers <= depth + 1:
+            raise ValueError(
+                f"config.model.dpam_layers={self.dpam_layers} must be in 1..{depth + 1} "
+                "(AnomalyCLIP's DPAM_layer: 1 = no DPAM, 20 = blocks 6..24 of 24)"
+            )
+        self.dpam_start = depth - self.dpam_layers + 2  # first DPAM block, 1-indexed
+        self.n_ctx = int(m.n_ctx)
+        self.text_prompt_len = int(m.text_prompt_len)
+        self.prompt_depth = int(m.prompt_depth)
+        if not 1 <= self.prompt_depth <= tcfg.layers:
+            raise ValueError(
+                f"config.model.prompt_depth={self.prompt_depth} must be in 1..{tcfg.layers}"
+            )
+        if not 0 < self.text_prompt_len <= self.n_ctx:
+            raise ValueError(
+                f"config.model.text_prompt_len={self.text_prompt_len} must be in 1..n_ctx "
+                f"({self.n_ctx}): deep prompts replace the first context tokens"
+            )
+        if self.use_mlop and self.text_prompt_len != self.top_k:
+            raise ValueError(
+                f"config.model.text_prompt_len={self.text_prompt_len} must equal top_k="
+                f"{self.top_k} with use_mlop: the text prompts are F_theta(P') + E_j"
+            )
+        self.temperature = float(m.temperature)
+        self.sigma = float(m.sigma)
+        self.global_ln_post = bool(m.global_ln_post)
+        self.local_image_branch = bool(m.local_image_branch)
+        self.hfd_space = str(m.hfd_space)
+        if self.hfd_space not in HFD_SPACES:
+            raise ValueError(
+                f"config.model.hfd_space={self.hfd_space!r}: use one of {list(HFD_SPACES)}"
+            )
+        loss_cfg = config.loss
+        self.cls_weight = float(loss_cfg.cls_weight)
+        self.seg_weight = float(loss_cfg.seg_weight)
+
+        width, text_width, embed = vcfg.width, tcfg.width, vcfg.output_dim
+        # AnomalyCLIP_PromptLearner: ctx vectors and compound prompts ~ N(0, 0.02).
+        normal = nnx.initializers.normal(0.02)
+        self.ctx_normal = Trainable(normal(rngs.params(), (self.n_ctx, text_width)))
+        self.ctx_abnormal = Trainable(normal(rngs.params(), (self.n_ctx, text_width)))
+        self.text_deep_prompts = Trainable(  # E_j, j = 2..prompt_depth
+            normal(rngs.params(), (self.prompt_depth - 1, self.text_prompt_len, text_width))
+        )
+        self.visual_prompt_proj = (
+            torch_linear(width, width, rngs=rngs) if self.visual_prompts_on else None
+        )
+        self.text_prompt_proj = (  # F_theta
+            torch_linear(width, text_width, rngs=rngs) if self.use_mlop else None
+        )
+        hfd_width = embed if self.hfd_space == "projected" else width
+        self.hfd = (
+            nnx.List(
+                [
+                    HighLowFrequencyDecomposition(hfd_width, kind=m.hfd_kind, rngs=rngs)
+                    for _ in self.layers
+                ]
+            )
+            if self.use_hfd
+            else None
+        )
+        self.local_compress = (
+            torch_linear(len(self.layers) * embed, embed, rngs=rngs)
+            if self.local_image_branch
+            else None
+        )
+        # Plain (hashable, graph-static) values from which set_classes rebuilds the tokenizer.
+        self._tokenizer_source = (bool(m.backbone.random_init), m.backbone.checkpoint)
+        self.prompt_ids = Buffer(jnp.zeros((2, tcfg.context_length), jnp.int32))
+        if load_weights:
+            self.set_classes(())
+
+    @property
+    def visual_prompts_on(self) -> bool:
+        """Local prompts reach the vision tower in every variant that has SLFS or MLoP."""
+        return self.use_slfs or self.use_mlop
+
+    # -- text ----------------------------------------------------------------------------------
+
+    def set_classes(self, names: Sequence[str]) -> None:
+        """Tokenises the two object-agnostic prompts; class names are not used (AnomalyCLIP's
+        prompts say "object" for every category)."""
+        del names
+        random_init, checkpoint = self._tokenizer_source
+        tokenizer = build_tokenizer(
+            types.SimpleNamespace(random_init=random_init, checkpoint=checkpoint)
+        )
+        texts = object_agnostic_prompts(self.n_ctx)
+        ids = tokenizer(list(texts), self.clip.text.config.context_length)
+        placeholder = tokenizer.encode(OBJECT_AGNOSTIC_PLACEHOLDER)
+        if len(placeholder) != 1 or not np.all(ids[:, 1 : 1 + self.n_ctx] == placeholder[0]):
+            raise ValueError(
+                f"{_HERE}: the tokenizer does not map each {OBJECT_AGNOSTIC_PLACEHOLDER!r} of "
+                f"{texts[0]!r} to one token, so the learnt context would not replace positions "
+                f"1..{self.n_ctx}; use the CLIP BPE tokenizer of the checkpoint"
+            )
+        self.prompt_ids[...] = jnp.asarray(ids, jnp.int32)
+
+    def encode_text(self, prompts: jax.Array | None) -> jax.Array:
+        """Visual prompts P' (B, K, D_vision) or None -> L2-normalised text features (B or 1, 2,
+        E) in (normal, abnormal) order."""
+        text = self.clip.text
+        ids = self.prompt_ids[...]
+        emb, eot = text.token_embeddings(ids)  # (2, T, Dt)
+        ctx = jnp.stack([self.ctx_normal[...], self.ctx_abnormal[...]])
+        # AnomalyCLIP: SOS, then the learnt context in place of the n_ctx "X" tokens.
+        emb = jnp.concatenate([emb[:, :1], ctx.astype(emb.dtype), emb[:, 1 + self.n_ctx :]], 1)
+        static = self.text_deep_prompts[...]  # (depth - 1, t, Dt)
+        if prompts is None or not self.use_mlop:
+            feats, _ = text.encode(emb, eot, deep_prompts=list(static))
+            feats = feats[None]  # (1, 2, E)
+        else:
+            b = prompts.shape[0]
+            shared = self.text_prompt_proj(prompts)  # F_theta(P') (B, K, Dt)
+            # Sequence b * 2 + s is image b's state s.
+            deep = [jnp.repeat(shared + e, 2, axis=0) for e in static]
+            emb = jnp.tile(emb, (b, 1, 1))
+            eot = jnp.tile(eot, b)
+            feats, _ = text.encode(emb, eot, deep_prompts=deep)
+            feats = feats.reshape(b, 2, -1)
+        feats = feats.astype(jnp.float32)
+        return feats / jnp.linalg.norm(feats, axis=-1, keepdims=True)
+
+    # -- vision --------------------------------------------------------------------------------
+
+    def select_local_features(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """SLFS on a plain CLIP pass: images (B, H, W, 3) -> (P (B, K, D), indices (B, K) of the
+        top-K patches by heads-averaged CLS attention, descending; -1 for the global source)."""
+        vision = self.clip.vision
+        x = vision.embed(images)
+        attn = features = None
+        for i, block in enumerate(vision.blocks, start=1):
+            if i == self.slfs_attn_layer:
+                x, attn = block(x, return_attn=True)
+            else:
+                x = block(x)
+            if i == self.slfs_feature_layer:
+                features = x
+            if i >= max(self.slfs_attn_layer, self.slfs_feature_layer):
+                break
+        if self.use_slfs:
+            scores = attn.astype(jnp.float32).mean(axis=1)[:, 0, 1:]  # (B, N)
+            _, indices = jax.lax.top_k(scores, self.top_k)
+            local = jnp.take_along_axis(features[:, 1:], indices[..., None], axis=1)
+        else:
+            indices = jnp.full((images.shape[0], self.top_k), -1, jnp.int32)
+            local = jnp.repeat(features[:, :1], self.top_k, axis=1)
+        local = local.astype(jnp.float32)
+        if self.slfs_ln_post:
+            local = vision.ln_post(local)
+        return jax.lax.stop_gradient(local), indices
+
+    def encode_image(
+        self, images: jax.Array, prompts: jax.Array | None
+    ) -> tuple[dict[int, jax.Array], jax.Array]:
+        """The prompted pass: -> ({layer: tokens (B, 1+N, D) without the prompt tokens}, global
+        token (B, D) of the original path)."""
+        vision = self.clip.vision
+        x = vision.embed(images)
+        n_tokens = x.shape[1]
+        if prompts is not None:
+            x = jnp.concatenate([x, prompts.astype(x.dtype)], axis=1)
+        original = None  # DPAM's original path, once it has split off
+        taps = {}
+        for i, block in enumerate(vision.blocks, start=1):
+            if prompts is not None and i <= self.visual_fixed_depth + 1:
+                x = jnp.concatenate([x[:, :n_tokens], prompts.astype(x.dtype)], axis=1)
+                if original is not None:
+                    original = jnp.concatenate(
+                        [original[:, :n_tokens], prompts.astype(x.dtype)], axis=1
+                    )
+            if i < self.dpam_start:
+                x = self._maybe_remat(_plain_block)(block, x)
+            else:
+                if original is None:
+                    original = x
+                x, original = self._maybe_remat(_dpam_block)(block, x, original)
+            if i in self.layers:
+                taps[i] = x[:, :n_tokens]
+        final = x if original is None else original
+        return taps, final[:, 0]
+
+    def patch_features(self, taps: dict[int, jax.Array], grid_hw: tuple[int, int]) -> jax.Array:
+        """Tapped tokens -> HFD-enhanced projected patch features (L, B, N, E) float32."""
+        vision = self.clip.vision
+        h, w = grid_hw
+        out = []
+        for n, layer in enumerate(self.layers):
+            tokens = taps[layer][:, 1:].astype(jnp.float32)
+            b = tokens.shape[0]
+            if self.hfd_space == "residual" and self.hfd is not None:
+                tokens = self.hfd[n](tokens.reshape(b, h, w, -1)).reshape(b, h * w, -1)
+            feats = vision.head(tokens)
+            if self.hfd_space == "projected" and self.hfd is not None:
+                feats = self.hfd[n](feats.reshape(b, h, w, -1)).reshape(b, h * w, -1)
+            out.append(feats)
+        return jnp.stack(out)
+
+    def _maybe_remat(self, fn):
+        """``fn`` rematerialised in the backward pass when ``config.model.remat`` (the prompted
+        pass is differentiated through every block: the visual prompts are trained)."""
+        return nnx.remat(fn) if self.remat else fn
+
+    # -- the interface -------------------------------------------------------------------------
+
+    def __call__(self, batch: dict[str, jax.Array], *, train: bool = False) -> dict[str, Any]:
+        """batch["image"] (B, H, W, 3) -> anomaly_map (B, H, W), pred_score (B,), image_logits
+        (B, 2), layer_probs (L, B, H, W, 2) softmax (normal, abnormal), local_indices (B, K)."""
+        images = batch["image"]
+        b, height, width, _ = images.shape
+        vision = self.clip.vision
+        p = vision.config.patch_size
+        grid_hw = (height // p, width // p)
+        n_patches = grid_hw[0] * grid_hw[1]
+        if self.top_k > n_patches:
+            raise ValueError(
+                f"config.model.top_k={self.top_k} exceeds the {n_patches} patches of "
+                f"{height}x{width} images"
+            )
+        prompts = indices = None
+        if self.visual_prompts_on:
+            local, indices = self.select_local_features(images)
+            prompts = self.visual_prompt_proj(local)  # P' (B, K, D)
+        taps, global_token = self.encode_image(images, prompts)
+        text = self.encode_text(prompts)  # (B or 1, 2, E)
+
+        feats = self.patch_features(taps, grid_hw)  # (L, B, N, E)
+        unit = feats / jnp.linalg.norm(feats, axis=-1, keepdims=True)
+        text = jnp.broadcast_to(text, (b, *text.shape[1:]))  # (B, 2, E)
+        logits = jnp.einsum("lbne,bse->lbns", unit, text)
+        probs = jax.nn.softmax(logits / self.temperature, axis=-1)
+        n_layers = probs.shape[0]
+        probs = probs.reshape(n_layers * b, *grid_hw, 2)
+        probs = resize_bilinear(probs, (height, width)).reshape(n_layers, b, height, width, 2)
+        anomaly_map = jnp.mean((probs[..., 1] + 1.0 - probs[..., 0]) / 2.0, axis=0)
+        if not train and self.sigma > 0:
+            anomaly_map = gaussian_filter(anomaly_map, self.sigma)
+
+        global_token = global_token.astype(jnp.float32)
+        if self.global_ln_post:
+            image_feat = vision.head(global_token)
+        else:  # AnomalyCLIP: x_ori[0] @ proj, without ln_post
+            image_feat = global_token @ vision.proj[...]
+        if self.local_compress is not None:
+            pooled = jnp.concatenate(list(feats.mean(axis=2)), axis=-1)  # (B, L * E)
+            image_feat = image_feat + self.local_compress(pooled)
+        image_feat = image_feat / jnp.linalg.norm(image_feat, axis=-1, keepdims=True)
+        image_logits = jnp.einsum("be,bse->bs", image_feat, text)
+        image_logits = image_logits / self.temperature
+        out = {
+            "anomaly_map": anomaly_map,
+            "pred_score": jax.nn.softmax(image_logits, axis=-1)[:, 1],
+            "image_logits": image_logits,
+            "layer_probs": probs,
+        }
+        if indices is not None and self.use_slfs:
+            out["local_indices"] = indices
+        return out
+
+    def loss(
+        self, outputs: dict[str, jax.Array], batch: dict[str, jax.Array]
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """``cls_weight * BCE + seg_weight * sum_l (focal + dice_a + dice_n)`` (float32)."""
+        gt = losses.binary_target(batch["gt_mask"])
+        valid = batch.get("has_mask")
+        focal = dice_a = dice_n = jnp.zeros((), jnp.float32)
+        for layer_probs in outputs["layer_probs"]:
+            focal = focal + losses.focal_loss_two_class(layer_probs, gt, valid=valid)
+            dice_a = dice_a + losses.dice_loss(layer_probs[..., 1], gt, valid=valid)
+            dice_n = dice_n + losses.dice_loss(layer_probs[..., 0], 1.0 - gt, valid=valid)
+        # Two-class softmax cross-entropy on the logits == BCE on S_p[:, 1].
+        cls = losses.cross_entropy(outputs["image_logits"], batch["gt_label"])
+        seg = focal + dice_a + dice_n
+        total = self.cls_weight * cls + self.seg_weight * seg
+        return total, {"cls": cls, "focal": focal, "dice_abnormal": dice_a, "dice_normal": dice_n}
