@@ -1,0 +1,353 @@
+"""zsad_jax.evaluate on a tiny placeholder method and the synthetic benchmark at 48 px.
+
+Proofs: the maps evaluate() scores equal a direct NumPy forward of the placeholder on the same
+files; every metric equals scikit-learn (AUROC, AP, F1-max) computed here on those maps per
+category, and the means are plain means; a category without masks gets NaN pixel metrics that are
+listed and left out of the means; the threshold is the argmax of F1 over scikit-learn's PR curve;
+few-shot evaluation gives each category the memory of its own reference images; 8 devices give the
+maps of 1 device; the command writes every result file and ends with JSON.
+The placeholder ``ToyDetector`` is also used by ``tests/test_predict.py``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
+
+from configs.common import base_config
+from zsad_jax import evaluate as eval_lib
+from zsad_jax import metrics as metrics_lib
+from zsad_jax.data import decode, protocol, synthetic, transforms
+from zsad_jax.data.records import Record
+from zsad_jax.methods.base import AnomalyModel
+from zsad_jax.nn import Trainable
+
+REPO = Path(__file__).resolve().parents[1]
+IMAGE_SIZE = 16
+CATEGORIES = ("wood", "pill")
+
+# ----------------------------------------------------------------------------------------------
+# The placeholder method.
+
+
+class ToyDetector(AnomalyModel):
+    """Per-pixel ``sigmoid(x . weight + bias)`` on the normalised image; score = map mean + max.
+
+    ``weight`` and ``bias`` are Trainable (what a checkpoint restores); ``offset`` is frozen.
+    """
+
+    def __init__(self, config, *, rngs: nnx.Rngs, load_weights: bool = True):
+        del load_weights
+        self.weight = Trainable(jnp.asarray(config.model.weight, jnp.float32))
+        self.bias = Trainable(jnp.zeros((), jnp.float32))
+        self.offset = nnx.Param(jnp.asarray(config.model.offset, jnp.float32))
+        self.noise = Trainable(0.01 * jax.random.normal(rngs.params(), (3,)))
+        self.class_names: list[str] = []
+
+    def set_classes(self, names):
+        self.class_names = list(names)
+
+    def build_memory(self, images):
+        """Few-shot stand-in: the mean colour (3,) of k reference images."""
+        return jnp.mean(images, axis=(0, 1, 2))
+
+    def __call__(self, batch, *, train=False, memory=None):
+        x = batch["image"]
+        logits = x @ (self.weight[...] + self.noise[...]) + self.bias[...] + self.offset[...]
+        if memory is not None:
+            logits = logits - jnp.sum(memory)
+        amap = jax.nn.sigmoid(logits)
+        score = 0.5 * (amap.mean(axis=(1, 2)) + amap.max(axis=(1, 2)))
+        return {"anomaly_map": amap, "pred_score": score, "logits": logits}
+
+    def loss(self, outputs, batch):
+        pixel = jnp.mean((outputs["anomaly_map"] - batch["gt_mask"]) ** 2)
+        return pixel, {"pixel": pixel}
+
+
+def toy_numpy_forward(
+    model: ToyDetector, image: np.ndarray, references: np.ndarray | None = None
+) -> tuple[np.ndarray, float]:
+    """The placeholder's map and score in NumPy float64 (the independent forward)."""
+    w = np.asarray(model.weight[...], np.float64) + np.asarray(model.noise[...], np.float64)
+    logits = image.astype(np.float64) @ w + float(model.bias[...]) + float(model.offset[...])
+    if references is not None:
+        logits -= references.astype(np.float64).mean(axis=(0, 1, 2)).sum()
+    amap = 1.0 / (1.0 + np.exp(-logits))
+    return amap, 0.5 * (amap.mean() + amap.max())
+
+
+def toy_config(root: str | None = None) -> ml_collections.ConfigDict:
+    c = base_config("test_evaluate:ToyDetector")
+    # Weights that make dark pixels anomalous: the synthetic defects include holes and stains.
+    c.model.weight = (-2.0, -1.5, -1.0)
+    c.model.offset = -0.5
+    c.model.random_init = True
+    c.data.test_set = "mvtec_ad"  # the synthetic benchmark is written in the MVTec-AD layout
+    c.data.test_root = root or ""
+    c.data.test_categories = CATEGORIES
+    c.data.transform = "plain"
+    c.data.image_size = IMAGE_SIZE
+    c.eval.batch_size = 8
+    c.eval.num_vis = 2
+    return c
+
+
+def toy_train_data(config):
+    """``config.data.train_set`` for training the placeholder (tests/test_predict.py)."""
+    from zsad_jax import train as train_lib
+
+    r = np.random.default_rng(0)
+    n, s = 16, int(config.data.image_size)
+    mask = (r.random((n, s, s)) > 0.8).astype(np.float32)
+    image = (r.normal(size=(n, s, s, 3)) - mask[..., None]).astype(np.float32)
+    return train_lib.InMemoryTrainData(
+        {
+            "image": image,
+            "gt_mask": mask,
+            "gt_label": (mask.max(axis=(1, 2)) > 0).astype(np.int32),
+            "has_mask": np.ones(n, bool),
+            "class_id": np.zeros(n, np.int32),
+        },
+        global_batch=int(config.data.batch_size),
+        seed=int(config.seed),
+        class_names=["toy"],
+    )
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory) -> str:
+    return synthetic.generate(
+        str(tmp_path_factory.mktemp("bench") / "synthetic"),
+        image_size=48,
+        n_train_good=2,
+        n_test_good=4,
+        n_test_defect=5,
+        categories=CATEGORIES,
+    )
+
+
+def sklearn_metrics(scores, labels) -> dict[str, float]:
+    precision, recall, _ = precision_recall_curve(labels, scores)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
+    return {
+        "AUROC": roc_auc_score(labels, scores),
+        "AP": average_precision_score(labels, scores),
+        "F1max": float(f1.max()),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Tests.
+
+
+def test_choose_threshold_is_the_f1_argmax_of_sklearns_curve():
+    r = np.random.default_rng(1)
+    for trial in range(20):
+        n = int(r.integers(2, 60))
+        labels = r.random(n) > 0.6
+        labels[0] = True
+        # Heavy ties in half of the trials.
+        scores = r.random(n) if trial % 2 else np.round(r.random(n) * 4) / 4
+        t = eval_lib.choose_threshold(scores, labels)
+        precision, recall, thresholds = precision_recall_curve(labels, scores)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0)
+        best = f1[:-1].max()
+        # The threshold reaches the best F1 of sklearn's curve ...
+        predicted = scores >= t
+        tp = np.sum(predicted & labels)
+        assert 2 * tp / (predicted.sum() + labels.sum()) == pytest.approx(best, abs=1e-12)
+        # ... and is the highest of sklearn's thresholds that does.
+        assert t == pytest.approx(thresholds[np.isclose(f1[:-1], best, atol=1e-12)].max())
+    with pytest.warns(metrics_lib.UndefinedMetricWarning):
+        assert math.isnan(eval_lib.choose_threshold([0.1, 0.2], [0, 0]))
+
+
+def test_maps_and_metrics_equal_direct_numpy_and_sklearn(bench):
+    config = toy_config(bench)
+    model = ToyDetector(config, rngs=nnx.Rngs(0))
+    result = eval_lib.evaluate(model, config, keep_outputs=True)
+    assert model.class_names == list(CATEGORIES)
+
+    # The maps: an independent forward on the same files through the same transform.
+    records = protocol.read_dataset("mvtec_ad", bench, "test", CATEGORIES)
+    out = result["outputs"]
+    assert result["num_images"] == len(records) == 18
+    assert out["path"].tolist() == [r.path for r in records]
+    transform = transforms.make_transform("plain", IMAGE_SIZE)
+    for i, record in enumerate(records):
+        sample = transform(decode.load_record(record))
+        amap, score = toy_numpy_forward(model, sample["image"])
+        np.testing.assert_allclose(out["anomaly_map"][i], amap, atol=2e-6)
+        assert out["pred_score"][i] == pytest.approx(score, abs=2e-6)
+        np.testing.assert_array_equal(out["gt_mask"][i], sample["gt_mask"] > 0)
+        assert out["gt_label"][i] == record.gt_label and out["category"][i] == record.category
+
+    # The metrics: scikit-learn on those maps, per category, then the plain mean.
+    for name in CATEGORIES:
+        rows = out["category"] == name
+        got = result["per_category"][name]
+        image = sklearn_metrics(out["pred_score"][rows], out["gt_label"][rows])
+        pixel = sklearn_metrics(out["anomaly_map"][rows].ravel(), out["gt_mask"][rows].ravel())
+        for key in ("AUROC", "AP", "F1max"):
+            assert got[f"image_{key}"] == pytest.approx(image[key], abs=1e-9)
+            assert got[f"pixel_{key}"] == pytest.approx(pixel[key], abs=1e-9)
+        assert got["pixel_AUPRO"] == pytest.approx(
+            metrics_lib.aupro(out["anomaly_map"][rows], out["gt_mask"][rows]), abs=1e-12
+        )
+        assert got["num_images"] == 9 and got["num_anomalous"] == 5
+        assert 0.0 < got["pixel_AUPRO"] <= 1.0
+    for metric in eval_lib.METRIC_NAMES:
+        assert result[metric] == pytest.approx(
+            np.mean([result["per_category"][c][metric] for c in CATEGORIES]), abs=1e-12
+        )
+    assert result["excluded"] == {}
+    assert result["threshold"] == eval_lib.choose_threshold(out["pred_score"], out["gt_label"])
+
+
+def test_few_shot_uses_each_categorys_own_reference_images(bench):
+    config = toy_config(bench)
+    model = ToyDetector(config, rngs=nnx.Rngs(0))
+    result = eval_lib.evaluate(model, config, keep_outputs=True, few_shot=2, few_shot_seed=3)
+    assert result["few_shot"] == {"shots": 2, "seed": 3}
+    transform = transforms.make_transform("plain", IMAGE_SIZE)
+    out = result["outputs"]
+    for name in CATEGORIES:
+        # Two shots from a train split of two normal images: both, whatever the seed.
+        train = protocol.read_dataset("mvtec_ad", bench, "train", [name])
+        references = np.stack([transform(decode.load_record(r))["image"] for r in train])
+        rows = np.flatnonzero(out["category"] == name)
+        for i in rows:
+            record = Record(str(out["path"][i]), name, int(out["gt_label"][i]), has_mask=False)
+            amap, score = toy_numpy_forward(
+                model, transform(decode.load_record(record))["image"], references
+            )
+            np.testing.assert_allclose(out["anomaly_map"][i], amap, atol=2e-6)
+        image = sklearn_metrics(out["pred_score"][rows], out["gt_label"][rows])
+        assert result["per_category"][name]["image_AUROC"] == pytest.approx(image["AUROC"])
+    with pytest.raises(ValueError, match="fewer than the 3 shots"):
+        eval_lib.evaluate(model, config, few_shot=3)
+
+
+def test_category_without_masks_gets_nan_pixel_metrics_left_out_of_the_means(bench, tmp_path):
+    config = toy_config(bench)
+    records = protocol.read_dataset("mvtec_ad", bench, "test", CATEGORIES)
+    # "pill" with image-level labels only, as the readers mark such a category.
+    records = [
+        Record(r.path, r.category, r.gt_label, None, r.defect_type, has_mask=False)
+        if r.category == "pill"
+        else r
+        for r in records
+    ]
+    model = ToyDetector(config, rngs=nnx.Rngs(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # undefined metrics are reported, not warned per call
+        result = eval_lib.evaluate(model, config, records=records, batch_size=5)
+    pill, wood = result["per_category"]["pill"], result["per_category"]["wood"]
+    assert all(math.isnan(pill[m]) for m in eval_lib.PIXEL_METRICS)
+    assert "no pixel ground truth" in pill["note"]
+    assert all(math.isfinite(pill[m]) for m in eval_lib.IMAGE_METRICS)
+    for metric in eval_lib.PIXEL_METRICS:
+        assert result["excluded"][metric] == ["pill"]
+        assert result[metric] == wood[metric]
+    assert result["image_AUROC"] == pytest.approx((pill["image_AUROC"] + wood["image_AUROC"]) / 2)
+
+    paths = eval_lib.write_results(result, tmp_path)
+    doc = json.load(open(paths["json"]))
+    assert doc["per_category"]["pill"]["pixel_AUROC"] is None
+    assert doc["excluded_from_mean"]["pixel_AUPRO"] == ["pill"]
+    table = open(paths["md"]).read()
+    assert "pixel_AUPRO: mean leaves out pill" in table and "| pill |" in table
+
+
+def test_eight_devices_give_the_maps_of_one_device(bench):
+    config = toy_config(bench)
+    model = ToyDetector(config, rngs=nnx.Rngs(0))
+    many = eval_lib.evaluate(model, config, keep_outputs=True, batch_size=8)
+    one_mesh = jax.make_mesh((1, 1), ("data", "fsdp"), devices=jax.devices()[:1])
+    one = eval_lib.evaluate(model, config, keep_outputs=True, mesh=one_mesh, batch_size=3)
+    assert len(jax.devices()) == 8
+    np.testing.assert_allclose(many["outputs"]["anomaly_map"], one["outputs"]["anomaly_map"],
+                               atol=1e-6)  # fmt: skip
+    for metric in eval_lib.METRIC_NAMES:
+        assert many[metric] == pytest.approx(one[metric], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_command_writes_every_result_file_and_ends_with_json(bench, tmp_path):
+    """``python -m zsad_jax.evaluate`` with a config file (random-init placeholder)."""
+    config_file = tmp_path / "toy_eval_config.py"
+    config_file.write_text(
+        "from test_evaluate import toy_config\n\n"
+        f"def get_config(arg=None):\n    return toy_config({bench!r})\n"
+    )
+    out = tmp_path / "eval"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)])}
+    proc = subprocess.run(
+        [sys.executable, "-m", "zsad_jax.evaluate", f"--config={config_file}",
+         f"--workdir={out}", "--noprogress", "--config.eval.num_vis=3"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    doc = json.load(open(out / "metrics.json"))
+    for metric in eval_lib.METRIC_NAMES:
+        assert summary[metric] == pytest.approx(doc["mean"][metric])
+        assert 0.0 <= summary[metric] <= 1.0
+    assert set(doc["per_category"]) == set(CATEGORIES)
+    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    assert [r["category"] for r in rows] == [*CATEGORIES, "mean"]
+    assert float(rows[-1]["pixel_AUROC"]) == pytest.approx(doc["mean"]["pixel_AUROC"])
+    assert "| **mean** |" in (out / "metrics.md").read_text()
+    run = json.load(open(out / "run.json"))
+    assert run["checkpoint"] is None and run["device_count"] == 8
+    assert json.load(open(out / "config.json"))["model"]["weight"] == [-2.0, -1.5, -1.0]
+    for name in CATEGORIES:
+        pngs = sorted((out / "vis" / name).glob("*.png"))
+        assert len(pngs) == 3 and any("normal" in p.name for p in pngs)
+        panel = np.asarray(__import__("PIL.Image").Image.open(pngs[0]))
+        assert panel.shape == (IMAGE_SIZE, 4 * IMAGE_SIZE, 3)  # image, 2 overlays, mask
+
+    # A bad checkpoint path fails with a message naming it, exit status 1.
+    bad = subprocess.run(
+        [sys.executable, "-m", "zsad_jax.evaluate", f"--checkpoint={tmp_path / 'missing'}",
+         f"--workdir={out}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert bad.returncode == 1 and "missing" in bad.stderr and "error:" in bad.stderr
+
+
+def test_without_checkpoint_a_trained_config_is_refused():
+    config = toy_config()
+    config.model.random_init = False
+    with pytest.raises(ValueError, match="--checkpoint is required"):
+        eval_lib.load_model(None, config)
+
+
+def test_repeated_evaluations_of_one_model_structure_reuse_the_compiled_forward():
+    """Training evaluates periodically: one jitted function per model structure and mesh."""
+    config = toy_config()
+    first = eval_lib.BatchedInference(ToyDetector(config, rngs=nnx.Rngs(0)))
+    again = eval_lib.BatchedInference(ToyDetector(config, rngs=nnx.Rngs(1)))
+    assert again._forward is first._forward
+    other = ToyDetector(config, rngs=nnx.Rngs(0))
+    other.class_names = ["changed"]  # a different static attribute: a different function
+    assert eval_lib.BatchedInference(other)._forward is not first._forward
+    batch = {"image": np.ones((8, 4, 4, 3), np.float32), "class_id": np.zeros(8, np.int32)}
+    # Same function, each call with its own weights.
+    assert not np.allclose(first(batch)["pred_score"], again(batch)["pred_score"])

@@ -1,0 +1,334 @@
+"""zsad_jax.predict: users' own images in, maps, overlays and decisions out.
+
+On a checkpoint of the placeholder ``ToyDetector`` (tests/test_evaluate.py) trained for two steps:
+scores equal a direct NumPy forward, the saved maps equal an independent bilinear resize back to
+each image's size, labels apply the stored threshold (or ``--threshold``); grayscale, RGBA, palette,
+16-bit and JPEG inputs load; bad paths, corrupt files and a missing checkpoint fail with messages
+naming them; the StableHLO export deserialises and reproduces the model. End to end with AF-CLIP
+(tiny random backbone): train 2 steps on the synthetic benchmark (the final held-out evaluation
+through zsad_jax.evaluate stores the threshold), evaluate and predict from that checkpoint, and the
+few-shot AF-CLIP+ mode with a reference folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+from jax.experimental.compilation_cache import compilation_cache
+from PIL import Image
+from test_evaluate import CATEGORIES, ToyDetector, toy_config, toy_numpy_forward
+
+from zsad_jax import checkpoint as ckpt_lib
+from zsad_jax import evaluate as eval_lib
+from zsad_jax import predict as predict_lib
+from zsad_jax import train as train_lib
+from zsad_jax.data import decode, synthetic
+
+REPO = Path(__file__).resolve().parents[1]
+THRESHOLD = 0.63  # between the random-looking images (about 0.60) and those with colour (0.66)
+
+
+def bilinear_upsample(x: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Half-pixel-centre bilinear enlargement, edges clamped (written out, for comparison)."""
+
+    def axis_weights(n_in, n_out):
+        src = np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0, n_in - 1)
+        lo = np.floor(src).astype(int)
+        hi = np.minimum(lo + 1, n_in - 1)
+        return lo, hi, src - lo
+
+    r0, r1, fr = axis_weights(x.shape[0], height)
+    c0, c1, fc = axis_weights(x.shape[1], width)
+    rows = x[r0] * (1 - fr)[:, None] + x[r1] * fr[:, None]
+    return rows[:, c0] * (1 - fc) + rows[:, c1] * fc
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compile_cache(tmp_path_factory):
+    """Identical forward passes (training's final evaluation, evaluate and predict from the
+    checkpoint) compile once for the whole module."""
+    names = (
+        "jax_compilation_cache_dir",
+        "jax_persistent_cache_min_compile_time_secs",
+        "jax_persistent_cache_min_entry_size_bytes",
+    )
+    old = {k: jax.config.values[k] for k in names}
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    compilation_cache.reset_cache()
+    yield
+    for k, v in old.items():
+        jax.config.update(k, v)
+    compilation_cache.reset_cache()
+
+
+@pytest.fixture(scope="module")
+def toy_run(tmp_path_factory) -> Path:
+    """A placeholder training run (2 steps), with an image threshold stored in its checkpoint."""
+    workdir = tmp_path_factory.mktemp("toy_run")
+    config = toy_config()
+    config.model.random_init = False
+    config.data.train_set = "test_evaluate:toy_train_data"
+    config.data.batch_size = 8
+    config.optim.steps = 2
+    config.optim.lr = 0.1
+    config.ckpt.every_steps = 0
+    model = ToyDetector(config, rngs=nnx.Rngs(config.seed))
+    train_lib.train(config, workdir, model=model, evaluator=None, progress=False)
+    ckpt_lib.save_threshold(workdir, THRESHOLD)
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> dict[str, Path]:
+    """One file per input kind, larger than the 16 px model input and not square."""
+    folder = tmp_path_factory.mktemp("images")
+    r = np.random.default_rng(0)
+    rgb = r.integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    rgb[5:15, 10:20] = 5  # a dark patch: the placeholder calls dark pixels anomalous
+    paths = {
+        "rgb": folder / "shop" / "rgb.png",
+        "gray": folder / "shop" / "sub" / "gray.jpg",
+        "rgba": folder / "shop" / "rgba.png",
+        "palette": folder / "shop" / "palette.gif",
+        "gray16": folder / "scan16.png",
+    }
+    paths["rgb"].parent.mkdir(parents=True)
+    paths["gray"].parent.mkdir(parents=True)
+    Image.fromarray(rgb).save(paths["rgb"])
+    Image.fromarray(r.integers(0, 256, (50, 20), dtype=np.uint8), "L").save(paths["gray"])
+    rgba = np.concatenate([rgb, r.integers(0, 256, (30, 40, 1), dtype=np.uint8)], axis=-1)
+    Image.fromarray(rgba, "RGBA").save(paths["rgba"])
+    Image.fromarray(rgb).convert("P").save(paths["palette"])
+    gray16 = (r.integers(0, 65536, (24, 33))).astype(np.uint16)
+    Image.fromarray(gray16).save(paths["gray16"])  # mode I;16
+    assert Image.open(paths["gray16"]).mode.startswith("I")
+    return paths
+
+
+def test_predictions_equal_a_direct_forward_and_apply_the_stored_threshold(
+    toy_run, images, tmp_path
+):
+    out = tmp_path / "pred"
+    result = predict_lib.run(
+        [str(images["rgb"].parent), str(images["gray16"])], checkpoint=str(toy_run), out=out
+    )
+    model, config, threshold = ckpt_lib.load_for_inference(toy_run)
+    assert threshold == THRESHOLD and result["threshold"] == THRESHOLD
+    records = result["predictions"]
+    assert len(records) == 5
+    lines = [json.loads(line) for line in open(out / "predictions.jsonl")]
+    assert [line["path"] for line in lines] == [r["path"] for r in records]
+    labels = set()
+    for line in lines:
+        image = decode.load_image(line["path"])
+        height, width = image.shape[:2]
+        small, score = toy_numpy_forward(model, predict_lib.preprocess(image, config))
+        assert line["pred_score"] == pytest.approx(score, abs=2e-6)
+        assert line["pred_label"] == int(line["pred_score"] >= THRESHOLD)
+        labels.add(line["pred_label"])
+        amap = np.load(line["anomaly_map"])
+        assert amap.dtype == np.float32 and amap.shape == (height, width)
+        np.testing.assert_allclose(amap, bilinear_upsample(small, height, width), atol=2e-6)
+        overlay = Image.open(line["overlay"])
+        assert overlay.size == (width, height) and overlay.mode == "RGB"
+        assert (line["width"], line["height"]) == (width, height)
+    assert labels == {0, 1}  # the threshold splits these images
+    # Folder inputs keep their structure, prefixed with the folder's name.
+    assert (out / "shop" / "sub" / "gray.npy").is_file() and (out / "scan16_overlay.png").is_file()
+
+    override = predict_lib.run([str(images["rgb"])], checkpoint=str(toy_run), out=tmp_path / "o",
+                               threshold=2.0)  # fmt: skip
+    assert override["predictions"][0]["pred_label"] == 0 and override["threshold"] == 2.0
+
+
+def test_evaluate_stores_its_threshold_for_predict(toy_run, images, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(toy_run, run_dir)
+    bench = synthetic.generate(str(tmp_path / "bench"), image_size=48, n_train_good=0,
+                               n_test_good=4, n_test_defect=5, categories=CATEGORIES)  # fmt: skip
+    config = toy_config(bench)  # the stored config with a test set
+    config.model.random_init = False
+    result = eval_lib.run(workdir=tmp_path / "eval", checkpoint=str(run_dir), config=config,
+                          progress=False, store_threshold=True)  # fmt: skip
+    assert result["threshold"] != THRESHOLD
+    assert ckpt_lib.read_meta(run_dir)["threshold"] == result["threshold"]
+    info = json.load(open(tmp_path / "eval" / "run.json"))
+    assert info["stored_threshold"] == THRESHOLD and info["step"] == 2
+    assert info["checkpoint"] == str((run_dir / "checkpoints" / "2").absolute())
+    predicted = predict_lib.run([str(images["rgb"])], checkpoint=str(run_dir), out=tmp_path / "p")
+    assert predicted["threshold"] == result["threshold"]
+
+
+def test_bad_inputs_fail_naming_the_file(toy_run, images, tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere.png"):
+        predict_lib.run([str(tmp_path / "nowhere.png")], checkpoint=str(toy_run), out=tmp_path)
+    with pytest.raises(FileNotFoundError, match="no_run"):
+        predict_lib.run([str(images["rgb"])], checkpoint=str(tmp_path / "no_run"), out=tmp_path)
+    corrupt = tmp_path / "in" / "broken.png"
+    corrupt.parent.mkdir()
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(tmp_path / "in" / "ok.png")
+    with pytest.raises(decode.DataError, match="broken.png"):
+        predict_lib.run([str(corrupt.parent)], checkpoint=str(toy_run), out=tmp_path / "a")
+    skipped = predict_lib.run([str(corrupt.parent)], checkpoint=str(toy_run),
+                              out=tmp_path / "b", skip_corrupt=True)["predictions"]  # fmt: skip
+    assert [("error" in r, Path(r["path"]).name) for r in skipped] == [
+        (True, "broken.png"),
+        (False, "ok.png"),
+    ]
+
+
+class ZeroShotOnly(ToyDetector):
+    build_memory = None  # a method without a few-shot mode
+
+
+def test_reference_folder_fills_the_memory_bank_and_methods_without_one_refuse(
+    toy_run, images, tmp_path
+):
+    reference = images["rgb"].parent / "sub"  # one normal image: gray.jpg
+    with pytest.warns(UserWarning, match="does not apply to few-shot scores"):
+        result = predict_lib.run(
+            [str(images["rgb"])], checkpoint=str(toy_run), out=tmp_path, reference=str(reference)
+        )
+    assert result["predictions"][0]["pred_label"] is None
+    model, config, _ = ckpt_lib.load_for_inference(toy_run)
+    refs = predict_lib.preprocess(decode.load_image(str(images["gray"])), config)[None]
+    image = predict_lib.preprocess(decode.load_image(str(images["rgb"])), config)
+    _, score = toy_numpy_forward(model, image, refs)
+    assert result["predictions"][0]["pred_score"] == pytest.approx(score, abs=2e-6)
+    assert score != pytest.approx(toy_numpy_forward(model, image)[1], abs=1e-3)
+
+    plain = ZeroShotOnly(config, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="no few-shot memory bank"):
+        predict_lib.build_reference_memory(plain, config, reference)
+
+
+def test_export_deserialises_and_reproduces_the_model(toy_run, tmp_path):
+    model, config, threshold = ckpt_lib.load_for_inference(toy_run)
+    files = predict_lib.export_inference(
+        model, config, tmp_path / "toy.stablehlo", batch_size=3, threshold=threshold
+    )
+    run, meta = predict_lib.load_exported(files["stablehlo"])
+    assert meta["image_size"] == 16 and meta["batch_size"] == 3 and meta["threshold"] == THRESHOLD
+    images = np.random.default_rng(1).normal(size=(3, 16, 16, 3)).astype(np.float32)
+    maps, scores = run(images)
+    want = model({"image": images}, train=False)
+    np.testing.assert_allclose(np.asarray(maps), np.asarray(want["anomaly_map"]), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(scores), np.asarray(want["pred_score"]), atol=1e-6)
+    with pytest.raises(FileNotFoundError, match="missing.stablehlo"):
+        predict_lib.load_exported(tmp_path / "missing.stablehlo")
+
+
+@pytest.mark.slow
+def test_command_prints_one_json_line_per_image(toy_run, images, tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)])}
+    proc = subprocess.run(
+        [sys.executable, "-m", "zsad_jax.predict", f"--checkpoint={toy_run}",
+         f"--out={tmp_path / 'cli'}", str(images["gray"]), str(images["rgba"])],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    lines = [json.loads(line) for line in proc.stdout.strip().splitlines()]
+    assert [Path(line["path"]).name for line in lines] == ["gray.jpg", "rgba.png"]
+    assert all(line["pred_label"] in (0, 1) and line["threshold"] == THRESHOLD for line in lines)
+    assert "scored 2 images" in proc.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# End to end with a real method.
+
+
+@pytest.mark.slow
+def test_af_clip_train_evaluate_predict_and_few_shot(tmp_path):
+    from configs import af_clip
+
+    bench = synthetic.generate(str(tmp_path / "bench"), image_size=48, n_train_good=2,
+                               n_test_good=3, n_test_defect=5, categories=CATEGORIES)  # fmt: skip
+    config = af_clip.get_config("tiny")
+    config.data.update({"train_set": "mvtec_ad", "train_root": bench, "categories": CATEGORIES,
+                        "test_set": "mvtec_ad", "test_root": bench,
+                        "test_categories": CATEGORIES})  # fmt: skip
+    config.optim.steps = 2
+    config.ckpt.every_steps = 0
+    config.mesh.data = 1  # one device: sharding is proven on the placeholder; compiles faster
+    run_dir = tmp_path / "run"
+    trained = train_lib.train(config, run_dir, progress=False)  # default evaluator: ours
+    for metric in eval_lib.METRIC_NAMES:
+        assert 0.0 <= trained[metric] <= 1.0
+    threshold = ckpt_lib.read_meta(run_dir)["threshold"]
+    assert threshold == pytest.approx(trained["threshold"])
+
+    model, loaded, _ = ckpt_lib.load_for_inference(run_dir)
+    result = eval_lib.run(workdir=tmp_path / "eval", checkpoint=str(run_dir), progress=False)
+    assert result["image_AUROC"] == pytest.approx(trained["image_AUROC"], abs=1e-6)
+    assert (tmp_path / "eval" / "metrics.md").is_file()
+
+    good = [str(p) for p in sorted(Path(bench, "wood", "test", "good").glob("*.png"))]
+    reference = Path(bench, "wood", "train", "good")
+    with pytest.warns(UserWarning, match="zero-shot scores"):
+        unlabelled = predict_lib.run(good[:1], checkpoint=str(run_dir), out=tmp_path / "fs0",
+                                     reference=str(reference))  # fmt: skip
+    assert unlabelled["predictions"][0]["pred_label"] is None
+    few_shot = predict_lib.run(good[:2], checkpoint=str(run_dir), out=tmp_path / "fs",
+                               reference=str(reference), threshold=0.5)  # fmt: skip
+    # AF-CLIP+ through the exported function: the memory of the same two normal images, the
+    # same inputs (a separately traced forward of the model).
+    memory = predict_lib.build_reference_memory(model, loaded, reference)
+    assert memory.shape[1] == 2 * (32 // 4) ** 2  # two images x an 8 x 8 grid
+    from zsad_jax.data import transforms
+
+    transform = transforms.make_transform("clip", 32)
+    batch = np.stack([transform(decode.load_record(_record(p)))["image"] for p in good[:2]])
+    files = predict_lib.export_inference(model, loaded, tmp_path / "af.stablehlo", batch_size=2,
+                                         memory=memory)  # fmt: skip
+    run, meta = predict_lib.load_exported(files["stablehlo"])
+    maps, scores = (np.asarray(x) for x in run(batch))
+    assert meta["few_shot"] and maps.shape == (2, 32, 32)
+    got = [r["pred_score"] for r in few_shot["predictions"]]
+    np.testing.assert_allclose(got, scores, atol=1e-5)
+    for r, small in zip(few_shot["predictions"], maps, strict=True):
+        assert r["pred_label"] == int(r["pred_score"] >= 0.5)
+        np.testing.assert_allclose(np.load(r["anomaly_map"]), bilinear_upsample(small, 48, 48),
+                                   atol=1e-5)  # fmt: skip
+
+
+def _record(path: str):
+    from zsad_jax.data.records import Record
+
+    return Record(path=path, category="wood", gt_label=0, has_mask=True)
+
+
+def test_overlay_colours_blend_and_outline():
+    from zsad_jax import visualize
+
+    # The jet ramp: dark blue at 0, green at 1/2, dark red at 1 (the classic MATLAB jet ramp).
+    np.testing.assert_array_equal(
+        visualize.jet_colors(np.array([0.0, 0.5, 1.0, 2.0])),
+        [[0, 0, 128], [128, 255, 128], [128, 0, 0], [128, 0, 0]],
+    )
+    image = np.full((6, 8, 3), 100, np.uint8)
+    amap = np.ones((3, 4), np.float32)  # resized to the image
+    np.testing.assert_array_equal(visualize.heatmap_overlay(image, amap, alpha=0.0), image)
+    red = visualize.heatmap_overlay(image, amap, alpha=0.5)
+    np.testing.assert_array_equal(red[0, 0], [114, 50, 50])  # (100 + 128) / 2, 100 / 2, 100 / 2
+    mask = np.zeros((6, 8), bool)
+    mask[1:5, 2:6] = True
+    outlined = visualize.heatmap_overlay(image, amap, mask=mask)
+    assert (outlined[1, 2] == 255).all() and not (outlined[2, 3] == 255).all()
+    assert visualize.panel(image, amap, mask=mask).shape == (6, 24, 3)
+    ramp = np.linspace(0.1, 0.2, 8, dtype=np.float32)[None].repeat(6, 0)
+    tiles = visualize.panel(image, ramp, relative=True, alpha=1.0)
+    assert tiles.shape == (6, 24, 3)  # relative: the ramp's ends become dark blue and dark red
+    np.testing.assert_array_equal(tiles[0, 16], [0, 0, 128])
+    np.testing.assert_array_equal(tiles[0, 23], [128, 0, 0])
