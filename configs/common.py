@@ -65,6 +65,11 @@ def base_config(method: str, arg: str | None = None) -> ml_collections.ConfigDic
             "image_size": 518,
             "transform": "clip",
             "train_transform": "clip",
+            # How masks reach image_size (zsad_jax.data.transforms.MASK_RESIZE_MODES), for the
+            # test side and the training side; methods whose official code thresholds a bilinear
+            # resize set them.
+            "mask_resize": "nearest",
+            "train_mask_resize": "nearest",
             "batch_size": 8,
             "num_workers": 0,
             "skip_corrupt": False,

@@ -204,7 +204,12 @@ def make_train_data(config: Any) -> TrainData:
         source,
         global_batch=int(d.batch_size),
         seed=int(config.seed),
-        transform=transforms.make_transform(d.train_transform, int(d.image_size), train=True),
+        transform=transforms.make_transform(
+            d.train_transform,
+            int(d.image_size),
+            train=True,
+            mask_resize=str(d.get("train_mask_resize", "nearest")),
+        ),
         process_index=jax.process_index(),
         process_count=jax.process_count(),
         skip_corrupt=bool(d.get("skip_corrupt", False)),

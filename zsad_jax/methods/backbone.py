@@ -53,13 +53,18 @@ def _clip_small() -> clip.ClipConfig:
     return clip.ClipConfig(vision=vision, text=text)
 
 
+def _dinov3_small() -> dinov3.DinoV3Config:
+    """A small DINOv3 for the CPU demo: patch 8 on 128-pixel images (16x16 patches), 6 blocks."""
+    return dinov3.DinoV3Config(hidden_size=96, num_layers=6, num_heads=4, mlp_dim=192, patch_size=8)
+
+
 PRESETS = {
     "clip": {
         "vit_l14_336": clip.ClipConfig.vit_l14_336,
         "tiny": _clip_tiny,
         "small": _clip_small,
     },
-    "dinov3": dict(dinov3.PRESETS),
+    "dinov3": {**dinov3.PRESETS, "small": _dinov3_small},
 }
 
 

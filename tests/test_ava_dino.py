@@ -1,0 +1,452 @@
+"""AVA-DINO (zsad_jax/methods/ava_dino.py) on the tiny random DINOv3 and CLIP text tower.
+
+Proofs: output shapes/ranges under jit and routing weights summing to 1; only the Trainable state
+is trained, every one of its leaves gets a gradient and neither frozen encoder any; the full-size
+trainable count is 27,131,904 (28,311,552 with the prompt adapters' unused fc2, the official
+module's declared count) and the CLIP vision tower is never built; the feature extraction (final
+norm, unbiased per-channel standardisation), the prompt ensemble, and the heads (routing, dual
+adapters, interleaved or paper text columns, cross-modal / AACM maps, global logits, layer
+averaging) equal a PyTorch transcription of the official ``tools/utils.py`` / ``CLIP/adapter.py``
+/ ``utils.py`` written here (aqeeelmirza/AVA-DINO @a5474a1, read, not copied); the loss equals
+the official ``tools/loss.py`` + ``train.py`` composition in torch, with and without the AACM term.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from flax import nnx
+
+from configs.ava_dino import get_config
+from zsad_jax import methods
+from zsad_jax.encoders import clip
+from zsad_jax.methods.ava_dino import text_columns
+from zsad_jax.nn import Buffer, Trainable
+from zsad_jax.prompts import ensemble_sentences
+
+B, SIZE = 3, 64  # tiny DINOv3: patch 16 -> 4 x 4 grid
+GRID = (4, 4)
+CLASSES = ("bottle", "metal_nut")
+
+
+def _t(x) -> torch.Tensor:
+    return torch.from_numpy(np.array(x, dtype=np.float32))
+
+
+def _batch(seed: int = 0) -> dict[str, jax.Array]:
+    rng = np.random.default_rng(seed)
+    mask = np.zeros((B, SIZE, SIZE), np.float32)
+    mask[1, 10:30, 20:44] = 1.0
+    mask[2, 40:60, 5:20] = 1.0
+    return {
+        "image": jnp.asarray(rng.normal(size=(B, SIZE, SIZE, 3)).astype(np.float32)),
+        "class_id": jnp.asarray([0, 1, 1], jnp.int32),
+        "gt_mask": jnp.asarray(mask),
+        "gt_label": jnp.asarray([0, 1, 1], jnp.int32),
+        "has_mask": jnp.asarray([True, True, True]),
+    }
+
+
+def _build(arg: str = "tiny"):
+    model = methods.build(get_config(arg), rngs=nnx.Rngs(0))
+    model.set_classes(CLASSES)
+    return model
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = _build()
+    graphdef, params, rest = nnx.split(model, Trainable, ...)
+
+    @jax.jit
+    def forward(params, rest, batch):
+        return nnx.merge(graphdef, params, rest)(batch)
+
+    @jax.jit
+    def loss_and_grad(params, rest, batch):
+        def loss_fn(p):
+            m = nnx.merge(graphdef, p, rest)
+            return m.loss(m(batch, train=True), batch)
+
+        return jax.value_and_grad(loss_fn, has_aux=True)(params)
+
+    @jax.jit
+    def features(params, rest, images):
+        return nnx.merge(graphdef, params, rest).features(images)
+
+    return {
+        "model": model,
+        "params": params,
+        "rest": rest,
+        "forward": forward,
+        "loss_and_grad": loss_and_grad,
+        "features": features,
+        "batch": _batch(),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# PyTorch transcription of the official forward (written from reading the official code).
+
+
+def torch_bottleneck(x, fc1, fc2):
+    """``BottleneckAdapter.forward``: (LeakyReLU(fc1 x), LeakyReLU(fc2 h))."""
+    h = F.leaky_relu(F.linear(x, fc1))
+    return h, (None if fc2 is None else F.leaky_relu(F.linear(h, fc2)))
+
+
+def torch_official_heads(cls_tokens, patch_tokens, text, w, *, interleave, grid, size):
+    """``ava_dino_forward`` after feature extraction. ``text`` (B, E, 2) as the official code
+    holds it; ``w`` a dict of torch weights (out, in). Returns NCHW maps."""
+    b, e = text.shape[0], text.shape[1]
+    tn, ta = text[:, :, 0], text[:, :, 1]
+    adj0 = torch_bottleneck(tn, w["pa0"], None)[0]
+    adj1 = torch_bottleneck(ta, w["pa1"], None)[0]
+    if interleave:
+        adjusted = torch.cat([adj0, adj1], dim=1).view(b, e, 2)
+    else:
+        adjusted = torch.stack([adj0, adj1], dim=2)
+    proj = F.linear(adjusted.permute(0, 2, 1), w["P"]).permute(0, 2, 1)  # (B, D, 2)
+    cms, aacms, globals_, wns, was = [], [], [], [], []
+    for i, (cls_i, patch_i) in enumerate(zip(cls_tokens, patch_tokens, strict=True)):
+        t_n = F.normalize(F.linear(tn, w["P"]), dim=-1)
+        t_a = F.normalize(F.linear(ta, w["P"]), dim=-1)
+        f = F.normalize(cls_i, dim=-1)
+        r = F.softmax(torch.stack([(f * t_n).sum(-1), (f * t_a).sum(-1)], dim=1) / 0.1, dim=1)
+        w_n, w_a = r[:, 0], r[:, 1]
+        wns.append(w_n)
+        was.append(w_a)
+        c_n = torch_bottleneck(cls_i, *w["cls_n"][i])[1]
+        c_a = torch_bottleneck(cls_i, *w["cls_a"][i])[1]
+        cls_feat = F.normalize(w_n.view(-1, 1) * c_n + w_a.view(-1, 1) * c_a + cls_i, dim=-1)
+        p_n = torch_bottleneck(patch_i, *w["patch_n"][i])[1]
+        p_a = torch_bottleneck(patch_i, *w["patch_a"][i])[1]
+        patch_feat = w_n.view(-1, 1, 1) * p_n + w_a.view(-1, 1, 1) * p_a + patch_i
+        patch_feat = F.normalize(patch_feat, dim=-1)
+        cm = 100 * patch_feat @ proj
+        cm = F.interpolate(
+            cm.permute(0, 2, 1).reshape(-1, 2, *grid),
+            size=size,
+            mode="bilinear",
+            align_corners=True,
+        )
+        cms.append(torch.softmax(cm, dim=1))
+        a = 10 * patch_feat @ cls_feat.unsqueeze(-1)
+        a = F.interpolate(
+            a.permute(0, 2, 1).reshape(-1, 1, *grid),
+            size=size,
+            mode="bilinear",
+            align_corners=True,
+        )
+        a = torch.sigmoid(a)
+        aacms.append(torch.cat([1 - a, a], dim=1))
+        globals_.append((100 * (cls_feat.unsqueeze(1) @ proj)).squeeze(1))
+    return {
+        "cross_modal": torch.stack(cms).mean(0),
+        "aacm": torch.stack(aacms).mean(0),
+        "global_logits": torch.stack(globals_).mean(0),
+        "w_n": torch.stack(wns).mean(0),
+        "w_a": torch.stack(was).mean(0),
+    }
+
+
+def torch_weights(model):
+    def k(lin):
+        return _t(lin.kernel[...]).T.contiguous()
+
+    def pair(ad):
+        return (k(ad.fc1), k(ad.fc2))
+
+    return {
+        "pa0": k(model.prompt_adapters[0].fc1),
+        "pa1": k(model.prompt_adapters[1].fc1),
+        "P": k(model.text_projection),
+        "cls_n": [pair(a.normal) for a in model.cls_adapters],
+        "cls_a": [pair(a.anomaly) for a in model.cls_adapters],
+        "patch_n": [pair(a.normal) for a in model.patch_adapters],
+        "patch_a": [pair(a.anomaly) for a in model.patch_adapters],
+    }
+
+
+def torch_official_loss(ava_map, cm_map, global_score, w_n, w_a, mask, labels):
+    """``train.py`` loss with ``tools/loss.py``'s FocalLoss (alpha None, gamma 2, smooth 1e-5)
+    and BinaryDiceLoss; maps (B, 2, H, W), mask (B, 1, H, W) in {0, 1}."""
+
+    def focal(logit, target, gamma=2, smooth=1e-5):
+        c = logit.shape[1]
+        logit = logit.reshape(logit.size(0), c, -1).permute(0, 2, 1).reshape(-1, c)
+        target = target.reshape(-1, 1)
+        one_hot = torch.zeros(target.size(0), c).scatter_(1, target.long(), 1)
+        one_hot = torch.clamp(one_hot, smooth / (c - 1), 1.0 - smooth)
+        pt = (one_hot * logit).sum(1) + smooth
+        return (-1.0 * torch.pow(1 - pt, gamma) * pt.log()).mean()
+
+    def dice(pred, target):
+        n = target.size(0)
+        p, t = pred.reshape(n, -1), target.reshape(n, -1)
+        return 1 - ((2 * (p * t).sum(1) + 1) / (p.sum(1) + t.sum(1) + 1)).mean()
+
+    y = labels.float()
+    routing = F.mse_loss(w_n, 1.0 - y) + F.mse_loss(w_a, y)
+    aware = focal(ava_map, mask) + dice(ava_map[:, 1], mask)
+    seg = focal(cm_map, mask) + dice(cm_map[:, 1], mask)
+    glob = F.cross_entropy(global_score, labels.long())
+    parts = {"aware": aware, "seg": seg, "global": glob, "routing": routing}
+    return 0.25 * aware + 0.5 * seg + 0.25 * glob + 0.1 * routing, parts
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def test_outputs_shapes_ranges_and_routing(setup):
+    out = setup["forward"](setup["params"], setup["rest"], setup["batch"])
+    assert out["anomaly_map"].shape == (B, SIZE, SIZE)
+    assert out["pred_score"].shape == (B,)
+    assert out["cross_modal"].shape == out["aacm"].shape == (B, SIZE, SIZE, 2)
+    assert out["global_logits"].shape == out["routing_weights"].shape == (B, 2)
+    assert out["routing_weights_per_layer"].shape == (2, B, 2)
+    for key in ("anomaly_map", "pred_score", "cross_modal", "aacm", "routing_weights"):
+        v = np.asarray(out[key])
+        assert np.isfinite(v).all() and v.min() >= 0.0 and v.max() <= 1.0, key
+    assert float(np.std(out["anomaly_map"])) > 0.0
+    # Test-time scores: pixel = cross-modal anomalous channel, image = its maximum.
+    np.testing.assert_array_equal(out["anomaly_map"], out["cross_modal"][..., 1])
+    np.testing.assert_allclose(out["pred_score"], np.max(out["anomaly_map"], axis=(1, 2)))
+    # Routing weights are a distribution per image, per layer and after layer averaging.
+    for key in ("routing_weights", "routing_weights_per_layer"):
+        np.testing.assert_allclose(np.sum(out[key], axis=-1), 1.0, atol=1e-6)
+    np.testing.assert_allclose(np.sum(out["cross_modal"], axis=-1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(np.sum(out["aacm"], axis=-1), 1.0, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_only_trainable_state_gets_gradients(setup):
+    model, batch = setup["model"], setup["batch"]
+    paths = {".".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(model, Trainable))}
+    expected = {"text_projection.kernel"} | {f"prompt_adapters.{i}.fc1.kernel" for i in (0, 1)}
+    for group in ("cls_adapters", "patch_adapters"):
+        for layer in (0, 1):
+            for branch in ("normal", "anomaly"):
+                for fc in ("fc1", "fc2"):
+                    expected.add(f"{group}.{layer}.{branch}.{fc}.kernel")
+    assert paths == expected
+    for encoder in (model.backbone, model.text_encoder):
+        assert not nnx.state(encoder, Trainable)  # never retyped
+        assert jax.tree.leaves(nnx.state(encoder, nnx.Param))
+    assert isinstance(model.class_text, Buffer)
+
+    (_, parts), grads = setup["loss_and_grad"](setup["params"], setup["rest"], batch)
+    flat = nnx.to_flat_state(grads)
+    assert len(flat) == len(expected)
+    for path, g in flat:
+        assert float(jnp.abs(g[...]).max()) > 0.0, f"no gradient for {path}"
+    assert all(np.isfinite(float(v)) for v in parts.values())
+
+    # The tapped features are cut from the graph: differentiating every DINOv3 weight through
+    # them gives exact zeros, so no backward pass runs into the backbone.
+    graphdef, backbone_params, rest = nnx.split(model, nnx.Param, ...)
+
+    def tapped(p):
+        cls, patches = nnx.merge(graphdef, p, rest).features(batch["image"])
+        return sum(jnp.sum(c**2) for c in cls) + sum(jnp.sum(jnp.sin(x)) for x in patches)
+
+    g = jax.jit(jax.grad(tapped))(backbone_params)["backbone"]
+    assert jax.tree.leaves(g["blocks"])
+    assert max(float(jnp.abs(x).max()) for x in jax.tree.leaves(g)) == 0.0
+
+
+@pytest.mark.slow
+def test_full_size_trainable_count():
+    # Built with the unused prompt fc2 (the official module's declared count); the default
+    # (prompt_adapter_fc2=False) leaves exactly those two kernels out, as the tiny model's exact
+    # path set in test_only_trainable_state_gets_gradients shows.
+    config = get_config("fc2")
+    assert not get_config().model.prompt_adapter_fc2 and config.model.prompt_adapter_fc2
+    model = nnx.eval_shape(lambda: methods.build(config, rngs=nnx.Rngs(0), load_weights=False))
+    counts = {
+        ".".join(map(str, p)): math.prod(v.shape)
+        for p, v in nnx.to_flat_state(nnx.state(model, Trainable))
+    }
+    adapter = 2 * 1024 * 768
+    assert adapter == 1_572_864
+    assert sum(v for k, v in counts.items() if k.startswith(("cls_", "patch_"))) == 16 * adapter
+    assert counts["text_projection.kernel"] == 768 * 1024
+    assert counts["prompt_adapters.0.fc1.kernel"] == counts["prompt_adapters.1.fc2.kernel"]
+    assert sum(counts.values()) == 28_311_552
+    unused = {f"prompt_adapters.{i}.fc2.kernel" for i in (0, 1)}
+    assert sum(v for k, v in counts.items() if k not in unused) == 27_131_904
+    assert model.layers == (6, 12, 18, 24) and model.backbone.config.num_layers == 24
+    # Text-only CLIP: the vision tower is not part of the model at all.
+    assert isinstance(model.text_encoder, clip.ClipText)
+    assert model.text_encoder.config.act == "gelu"
+    all_paths = [".".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(model))]
+    assert not any("vision" in p for p in all_paths)
+
+    # The full-size forward and loss at 512 px, traced abstractly (no FLOPs): 32 x 32 grid.
+    model.class_text = Buffer(jax.ShapeDtypeStruct((15, 2, 768), jnp.float32))
+    graphdef, state = nnx.split(model)
+    f32 = jnp.float32
+    batch = {
+        "image": jax.ShapeDtypeStruct((1, 512, 512, 3), f32),
+        "class_id": jax.ShapeDtypeStruct((1,), jnp.int32),
+        "gt_mask": jax.ShapeDtypeStruct((1, 512, 512), f32),
+        "gt_label": jax.ShapeDtypeStruct((1,), jnp.int32),
+        "has_mask": jax.ShapeDtypeStruct((1,), bool),
+    }
+
+    def forward_and_loss(state, batch):
+        m = nnx.merge(graphdef, state)
+        out = m(batch, train=True)
+        return out, m.loss(out, batch)[0]
+
+    out, loss = jax.eval_shape(forward_and_loss, state, batch)
+    assert out["cross_modal"].shape == (1, 512, 512, 2) and out["anomaly_map"].shape == (
+        1,
+        512,
+        512,
+    )
+    assert out["routing_weights_per_layer"].shape == (4, 1, 2) and loss.shape == ()
+
+
+def test_features_match_torch(setup):
+    model, images = setup["model"], setup["batch"]["image"]
+    cls, patches = setup["features"](setup["params"], setup["rest"], images)
+    _, aux = nnx.jit(lambda enc, x: enc(x, layers=model.layers))(model.backbone, images)
+    norm = model.backbone.norm
+    for i, layer in enumerate(model.layers):
+        toks = F.layer_norm(
+            _t(aux["layers"][layer]),
+            (toks_w := _t(norm.scale[...])).shape,
+            toks_w,
+            _t(norm.bias[...]),
+            eps=1e-5,
+        )
+        p = toks[:, 5:, :]  # CLS + 4 registers
+        p = (p - p.mean(dim=1, keepdim=True)) / (p.std(dim=1, keepdim=True) + 1e-6)
+        np.testing.assert_allclose(cls[i], toks[:, 0].numpy(), atol=1e-5)
+        np.testing.assert_allclose(patches[i], p.numpy(), atol=1e-4)
+
+
+def test_prompt_ensemble_matches_numpy(setup):
+    model = setup["model"]
+    assert model.class_text.shape == (len(CLASSES), 2, model.text_encoder.config.output_dim)
+    graphdef, state = nnx.split(model.text_encoder)
+    encode = jax.jit(lambda s, ids: nnx.merge(graphdef, s)(ids)[0])
+    c, name = 1, CLASSES[1]  # "metal_nut": the raw folder name, underscore kept
+    normal, abnormal = ensemble_sentences(name)
+    assert len(normal) == 7 * 35 and len(abnormal) == 5 * 35
+    assert normal[0] == "a bad photo of a metal_nut." and abnormal[-1].endswith(
+        "with damage in the scene."
+    )
+    for k, sentences in enumerate((normal, abnormal)):
+        emb = np.asarray(encode(state, jnp.asarray(model.tokenize(sentences))), np.float64)
+        emb /= np.linalg.norm(emb, axis=-1, keepdims=True)
+        mean = emb.mean(axis=0)
+        np.testing.assert_allclose(
+            model.class_text[...][c, k], mean / np.linalg.norm(mean), atol=1e-5
+        )
+
+
+def test_text_columns_interleave_is_torch_view():
+    a0 = np.arange(6, dtype=np.float32)[None] + 10
+    a1 = np.arange(6, dtype=np.float32)[None] + 20
+    ours = np.asarray(text_columns(jnp.asarray(a0), jnp.asarray(a1), True))
+    theirs = torch.cat([_t(a0), _t(a1)], dim=1).view(1, 6, 2).permute(0, 2, 1).numpy()
+    np.testing.assert_array_equal(ours, theirs)
+    np.testing.assert_array_equal(ours[0, 0], [10, 12, 14, 20, 22, 24])
+    paper = np.asarray(text_columns(jnp.asarray(a0), jnp.asarray(a1), False))
+    np.testing.assert_array_equal(paper[0], np.concatenate([a0, a1]))
+
+
+def test_heads_match_torch(setup):
+    model, batch = setup["model"], setup["batch"]
+    cls, patches = setup["features"](setup["params"], setup["rest"], batch["image"])
+    text = model.class_text[...][batch["class_id"]]
+    weights = torch_weights(model)
+    outs = {}
+    for interleave in (True, False):
+        model.interleave = interleave
+        try:
+            out = jax.jit(lambda c, p, t: model.heads(c, p, t, GRID, (SIZE, SIZE)))(
+                cls, patches, text
+            )
+        finally:
+            model.interleave = True
+        ref = torch_official_heads(
+            [_t(c) for c in cls],
+            [_t(p) for p in patches],
+            _t(text).permute(0, 2, 1),  # official (B, E, 2)
+            weights,
+            interleave=interleave,
+            grid=GRID,
+            size=(SIZE, SIZE),
+        )
+        for key in ("cross_modal", "aacm"):
+            np.testing.assert_allclose(
+                out[key], ref[key].permute(0, 2, 3, 1).numpy(), atol=1e-4, err_msg=key
+            )
+        np.testing.assert_allclose(out["global_logits"], ref["global_logits"].numpy(), atol=1e-4)
+        np.testing.assert_allclose(out["routing_weights"][:, 0], ref["w_n"].numpy(), atol=1e-5)
+        np.testing.assert_allclose(out["routing_weights"][:, 1], ref["w_a"].numpy(), atol=1e-5)
+        outs[interleave] = out
+    # The quirk changes the text columns, hence the maps; routing (raw text) is unaffected.
+    assert float(np.abs(outs[True]["global_logits"] - outs[False]["global_logits"]).max()) > 1e-3
+    np.testing.assert_array_equal(outs[True]["routing_weights"], outs[False]["routing_weights"])
+    # The jitted model output is the same head computation.
+    full = setup["forward"](setup["params"], setup["rest"], batch)
+    np.testing.assert_allclose(full["cross_modal"], outs[True]["cross_modal"], atol=1e-6)
+
+
+def test_loss_matches_official_composition(setup):
+    model, batch = setup["model"], setup["batch"]
+    out = setup["forward"](setup["params"], setup["rest"], batch)
+    total, parts = model.loss(out, batch)
+    ref_total, ref_parts = torch_official_loss(
+        _t(out["aacm"]).permute(0, 3, 1, 2),
+        _t(out["cross_modal"]).permute(0, 3, 1, 2),
+        _t(out["global_logits"]),
+        _t(out["routing_weights"][:, 0]),
+        _t(out["routing_weights"][:, 1]),
+        _t(batch["gt_mask"])[:, None],
+        torch.from_numpy(np.array(batch["gt_label"])),
+    )
+    for key, value in ref_parts.items():
+        np.testing.assert_allclose(parts[key], value.item(), rtol=1e-5, atol=1e-6, err_msg=key)
+    np.testing.assert_allclose(total, ref_total.item(), rtol=1e-5)
+
+    # README loss (include_aacm False): the official total without the 0.25 AACM term.
+    model.loss_weights = dict(model.loss_weights, aacm=0.0)
+    try:
+        readme, _ = model.loss(out, batch)
+    finally:
+        model.loss_weights = dict(model.loss_weights, aacm=0.25)
+    np.testing.assert_allclose(
+        readme, ref_total.item() - 0.25 * ref_parts["aware"].item(), rtol=1e-5
+    )
+
+    # Images without pixel ground truth leave the pixel terms (image terms unchanged).
+    no_masks = dict(batch, has_mask=jnp.zeros((B,), bool))
+    _, none = model.loss(out, no_masks)
+    assert float(none["seg"]) == 0.0 and float(none["aware"]) == 0.0
+    np.testing.assert_allclose(none["global"], parts["global"])
+
+
+def test_variants_and_bad_fields():
+    paper = get_config("paper")
+    assert not paper.model.text_interleave_quirk and not paper.model.loss.include_aacm
+    default = get_config()
+    assert default.model.text_interleave_quirk and default.model.loss.include_aacm
+    assert default.optim.name == "adamw" and default.optim.weight_decay == 1e-2
+    assert default.optim.warmup_fraction == 0.03 and default.data.image_size == 512
+    bad = get_config("tiny")
+    bad.model.layers = (1, 5)
+    with pytest.raises(ValueError, match="model.layers"):
+        methods.build(bad, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="unknown variant"):
+        get_config("tiny,foo")
