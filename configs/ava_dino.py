@@ -8,8 +8,10 @@ categories mixed; evaluated on the other dataset)::
 
 Variants after the colon (comma-separated): ``train_set=mvtec_ad|visa`` (default mvtec_ad, tested
 on the other), ``tiny`` (random 2-block DINOv3 + 3-block CLIP text tower, 64 px: tests and smoke
-runs), ``paper`` (the paper's / README's version: non-interleaved text columns and no AACM loss
-term), ``fc2`` (also build the prompt adapters' unused ``fc2``, as the official state dict has).
+runs), ``small`` (random 6-block DINOv3 + small CLIP text tower, 128 px: the CPU demo
+``configs/demo.py``), ``paper`` (the paper's / README's version: non-interleaved text columns and
+no AACM loss term), ``fc2`` (also build the prompt adapters' unused ``fc2``, as the official
+state dict has).
 
 Needs two converted encoders: DINOv3 ViT-L/16 (LVD-1689M) in ``weights/dinov3-vitl16``
 (``python -m convert.dinov3 --src dinov3_vitl16_pretrain_lvd1689m-8aa4cbdd.pth --out
@@ -70,7 +72,7 @@ import ml_collections
 from configs.common import CLIP_L14_336, DINOV3_L16, backbone, base_config, parse_arg
 from zsad_jax.data.synthetic import SYNTHETIC_HELDOUT_CATEGORIES, SYNTHETIC_TRAIN_CATEGORIES
 
-VARIANTS = ("train_set", "test_set", "tiny", "paper", "fc2")
+VARIANTS = ("train_set", "test_set", "tiny", "small", "paper", "fc2")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -79,7 +81,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if unknown:
         raise ValueError(
             f"configs/ava_dino.py: unknown variant(s) {unknown}; use train_set=..., test_set=..., "
-            "tiny, paper, fc2"
+            "tiny, small, paper, fc2"
         )
     c = base_config("ava_dino", arg)
     m = c.model
@@ -127,18 +129,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         m.loss.include_aacm = False
     if variant.get("fc2"):
         m.prompt_adapter_fc2 = True
-    if variant.get("tiny"):
-        # Random tiny DINOv3 (2 blocks, width 32, patch 16, 4 registers): 64 px -> a 4 x 4 grid;
-        # random tiny CLIP text tower (width 32, output 24, byte tokenizer).
+    if variant.get("tiny") or variant.get("small"):
+        # Random encoders on the synthetic benchmark. tiny: 2-block DINOv3 (width 32, patch 16)
+        # at 64 px -> a 4 x 4 grid, tiny CLIP text tower (tests, smoke runs). small: 6-block
+        # DINOv3 (width 96, patch 8) at 128 px -> 16 x 16, small CLIP text tower (the CPU demo).
+        preset = "tiny" if variant.get("tiny") else "small"
         for enc in (m.backbone, m.text_encoder):
-            enc.preset = "tiny"
+            enc.preset = preset
             enc.random_init = True
             enc.checkpoint = None
-        m.layers = (1, 2)
-        m.bottleneck = 16
-        c.data.image_size = 64
-        c.data.batch_size = 4
-        c.eval.batch_size = 4
+        m.layers = (1, 2) if preset == "tiny" else (2, 4, 6)
+        m.bottleneck = 16 if preset == "tiny" else 64
+        c.data.image_size = 64 if preset == "tiny" else 128
+        c.data.batch_size = c.eval.batch_size = 4 if preset == "tiny" else 8
         c.optim.epochs = 1
         c.data.update(
             {
