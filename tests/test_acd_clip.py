@@ -1,0 +1,635 @@
+"""ACD-CLIP (zsad_jax/methods/acd_clip.py, layers/conv_lora.py, layers/fusion_gate.py), tiny CLIPs.
+
+Proofs: shapes and ranges under jit; only the Trainable state is differentiated and each of its
+leaves gets a gradient; the full-size trainable count is the official 13,283,360; gates sum to 1
+over groups; norm matching gives adapted tokens the norm of their inputs; the init quirks (LoRA A
+with torch's fan_in = rank); every N in {2, 3, 4, 6} builds, picks the official levels and runs; the
+whole forward (adapters written back into both towers, blends, heads, gate, fusion, kornia blur,
+align_corners upsampling, scores) and the loss with its gradient equal a PyTorch transcription of
+the official code written here (cockmake/ACD-CLIP @2026067, read, not copied); the optimiser
+config gives the official lr groups and per-module clipping.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from flax import nnx
+
+from configs.acd_clip import get_config
+from zsad_jax import methods
+from zsad_jax import optim as optim_lib
+from zsad_jax.encoders import clip as clip_lib
+from zsad_jax.layers.conv_lora import AdaptiveBlend, norm_match
+from zsad_jax.methods import backbone as backbone_lib
+from zsad_jax.nn import Trainable
+from zsad_jax.prompts import acd_clip_sentences
+
+B, SIZE, GRID = 2, 32, 8  # tiny: patch 4 -> 8 x 8 grid
+# Short descriptive names keep the byte-tokenised prompts under the 77-token context, so the
+# class table is cut at the longest EOT (40 < 77) and the reference runs the full 77 tokens.
+CLASSES = ("screw", "candle", "foo_bar")
+
+
+def _t(x) -> torch.Tensor:
+    return torch.from_numpy(np.array(x, dtype=np.float32))
+
+
+def _flat(state) -> dict[str, np.ndarray]:
+    return {".".join(map(str, p)): np.asarray(v[...]) for p, v in nnx.to_flat_state(state)}
+
+
+@pytest.fixture(scope="module")
+def setup():
+    config = get_config("tiny")
+    model = methods.build(config, rngs=nnx.Rngs(0))
+    model.set_classes(CLASSES)
+    # Larger blend weights than the 0.2 init, so the adapters matter in the checks.
+    for blend in list(model.image_blend) + list(model.text_blend):
+        blend.weight[...] = jnp.linspace(0.1, 0.9, blend.weight.shape[0])
+    graphdef, params, rest = nnx.split(model, Trainable, ...)
+
+    @jax.jit
+    def forward(params, rest, batch):
+        return nnx.merge(graphdef, params, rest)(batch)
+
+    @jax.jit
+    def loss_and_grad(params, rest, batch):
+        def loss_fn(p):
+            m = nnx.merge(graphdef, p, rest)
+            out = m(batch, train=True)
+            loss, parts = m.loss(out, batch)
+            return loss, (parts, out)
+
+        return jax.value_and_grad(loss_fn, has_aux=True)(params)
+
+    @jax.jit
+    def embed(params, rest, images):
+        return nnx.merge(graphdef, params, rest).backbone.vision.embed(images)
+
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(B, SIZE, SIZE, 3)).astype(np.float32)
+    cells = rng.random((B, GRID, GRID)) < 0.3
+    cells[0] = False
+    masks = np.kron(cells, np.ones((4, 4))).astype(np.float32)
+    batch = {
+        "image": jnp.asarray(images),
+        "gt_mask": jnp.asarray(masks),
+        "gt_label": jnp.asarray(cells.reshape(B, -1).any(-1).astype(np.int32)),
+        "has_mask": jnp.ones((B,), bool),
+        "class_id": jnp.asarray([0, 2], jnp.int32),
+    }
+    return dict(
+        model=model,
+        params=params,
+        rest=rest,
+        forward=forward,
+        loss_and_grad=loss_and_grad,
+        embed=embed,
+        batch=batch,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# A PyTorch transcription of the official forward (model/adapter.py, adapter_modules.py, utils.py).
+
+
+def _param(x) -> torch.nn.Parameter:
+    return torch.nn.Parameter(_t(x))
+
+
+class TorchBlock(torch.nn.Module):
+    """open_clip ResidualAttentionBlock (LND, nn.MultiheadAttention, exact GELU)."""
+
+    def __init__(self, blk, width, heads):
+        super().__init__()
+        self.ln_1, self.ln_2 = _ln(blk.ln_1, width), _ln(blk.ln_2, width)
+        self.attn = torch.nn.MultiheadAttention(width, heads)
+        self.attn.in_proj_weight.data = _t(blk.attn.in_proj.kernel[...]).T.contiguous()
+        self.attn.in_proj_bias.data = _t(blk.attn.in_proj.bias[...])
+        self.attn.out_proj.weight.data = _t(blk.attn.out_proj.kernel[...]).T.contiguous()
+        self.attn.out_proj.bias.data = _t(blk.attn.out_proj.bias[...])
+        self.c_fc, self.c_proj = _linear(blk.mlp.c_fc), _linear(blk.mlp.c_proj)
+        for p in self.parameters():
+            p.requires_grad_(False)
+
+    def forward(self, x, mask=None):
+        h = self.ln_1(x)
+        x = x + self.attn(h, h, h, need_weights=False, attn_mask=mask)[0]
+        return x + self.c_proj(F.gelu(self.c_fc(self.ln_2(x))))
+
+
+def _ln(ln, width):
+    m = torch.nn.LayerNorm(width)
+    m.weight.data, m.bias.data = _t(ln.scale[...]), _t(ln.bias[...])
+    return m
+
+
+def _linear(lin):
+    w = _t(lin.kernel[...]).T.contiguous()
+    m = torch.nn.Linear(w.shape[1], w.shape[0], bias=lin.bias is not None)
+    m.weight.data = w
+    if lin.bias is not None:
+        m.bias.data = _t(lin.bias[...])
+    return m
+
+
+def _conv(kernel):  # ours (k, k, in, out) -> torch Conv2d(in, out, k, padding=k//2, bias=False)
+    k, _, c_in, c_out = kernel.shape
+    m = torch.nn.Conv2d(c_in, c_out, k, padding=k // 2, bias=False)
+    m.weight.data = _t(kernel).permute(3, 2, 0, 1).contiguous()
+    return m
+
+
+class TorchConvLoraBlock(torch.nn.Module):
+    def __init__(self, ours):
+        super().__init__()
+        self.lora_A, self.lora_B = _param(ours.lora_a[...]), _param(ours.lora_b[...])
+        self.conv_lora_A, self.conv_lora_B = (
+            _conv(ours.conv_a.kernel[...]),
+            _conv(ours.conv_b.kernel[...]),
+        )
+        self.lora_scale, self.conv_scale = ours.lora_scale, ours.conv_scale
+
+    def forward(self, x):  # x (HW, B, C)
+        h, b = int(math.sqrt(x.shape[0])), x.shape[1]
+        down = (x @ self.lora_A).permute(1, 2, 0).reshape(b, -1, h, h)
+        up = self.conv_lora_B(self.conv_lora_A(down)) * self.conv_scale
+        return up.reshape(b, -1, h * h).permute(2, 0, 1) @ self.lora_B * self.lora_scale
+
+
+class TorchConvLoraAdapter(torch.nn.Module):
+    def __init__(self, ours):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList([TorchConvLoraBlock(b) for b in ours.blocks])
+        w = _t(ours.fusion_conv.kernel[...]).T
+        self.fusion_conv = torch.nn.Conv2d(w.shape[1], w.shape[0], 1, bias=False)
+        self.fusion_conv.weight.data = w[:, :, None, None].contiguous()
+
+    def forward(self, x):
+        h, b = int(math.sqrt(x.shape[0])), x.shape[1]
+        outs = [blk(x).permute(1, 2, 0).reshape(b, -1, h, h) for blk in self.blocks]
+        out = self.fusion_conv(torch.cat(outs, dim=1))
+        return out.reshape(b, -1, h * h).permute(2, 0, 1)
+
+
+def _mlp(ours):
+    return torch.nn.Sequential(_linear(ours.fc1), torch.nn.LeakyReLU(), _linear(ours.fc2))
+
+
+def _gate(ours):
+    return torch.nn.Sequential(_linear(ours.fc1), torch.nn.GELU(), _linear(ours.fc2))
+
+
+class TorchAcdClip(torch.nn.Module):
+    """``ACDCLIP`` with the tiny tower's blocks; weights copied from ours."""
+
+    def __init__(self, model):
+        super().__init__()
+        vis, txt = model.backbone.vision, model.backbone.text
+        vc, tc = vis.config, txt.config
+        self.n = model.n_groups
+        self.image_levels, self.text_levels = model.image_levels, model.text_levels
+        self.vblocks = [TorchBlock(b, vc.width, vc.heads) for b in vis.blocks]
+        self.tblocks = [TorchBlock(b, tc.width, tc.heads) for b in txt.blocks]
+        self.token_embedding = _t(txt.token_embedding.embedding[...])
+        self.positional_embedding = _t(txt.positional_embedding[...])
+        n_ctx = tc.context_length
+        self.attn_mask = torch.empty(n_ctx, n_ctx).fill_(float("-inf")).triu_(1)
+        self.lora = torch.nn.ModuleList([TorchConvLoraAdapter(a) for a in model.image_lora])
+        self.m_i_w = torch.nn.ParameterList(
+            [_param(w.weight[...]).reshape(1, 1, -1) for w in model.image_blend]
+        )
+        self.seg_proj = torch.nn.ModuleList([_mlp(p) for p in model.seg_proj])
+        self.det_proj = torch.nn.ModuleList([_mlp(p) for p in model.det_proj])
+        self.seg_ln = torch.nn.ModuleList([_ln(n, n.scale.shape[0]) for n in model.seg_norm])
+        self.det_ln = torch.nn.ModuleList([_ln(n, n.scale.shape[0]) for n in model.det_norm])
+        self.gate = torch.nn.ModuleList([_gate(g) for g in model.fusion_gate])
+        self.text_A = torch.nn.ParameterList([_param(a.lora_a[...]) for a in model.text_lora])
+        self.text_B = torch.nn.ParameterList([_param(a.lora_b[...]) for a in model.text_lora])
+        self.text_scale = model.text_lora[0].scale
+        self.m_t_w = torch.nn.ParameterList(
+            [_param(w.weight[...]).reshape(1, 1, -1) for w in model.text_blend]
+        )
+        self.text_ln = torch.nn.ModuleList([_ln(n, n.scale.shape[0]) for n in model.text_norm])
+
+    @staticmethod
+    def add_weight(w, x, a):
+        return (1 - w) * x + w * a
+
+    def forward(self, embedded):  # embedded (B, T, D): CLIP's ln_pre output
+        x = embedded.permute(1, 0, 2)
+        groups = []
+        for i, blk in enumerate(self.vblocks):
+            x = blk(x)
+            if i + 1 in self.image_levels:
+                j = self.image_levels.index(i + 1)
+                t = x[1:]
+                a = self.lora[j](t)
+                a = a * t.norm(dim=-1, keepdim=True) / a.norm(dim=-1, keepdim=True)
+                g = self.add_weight(self.m_i_w[j], t, a)
+                groups.append(g)
+                x = torch.cat([x[:1], g], dim=0)
+        tokens = [g.permute(1, 0, 2) for g in groups]
+        seg = [
+            F.normalize(self.seg_ln[i](self.seg_proj[i](t)), dim=-1) for i, t in enumerate(tokens)
+        ]
+        det = [
+            F.normalize(self.det_ln[i](self.det_proj[i](t)), dim=-1).mean(1)
+            for i, t in enumerate(tokens)
+        ]
+        return seg, det
+
+    def encode_text(self, ids):
+        x = (self.token_embedding[ids] + self.positional_embedding).permute(1, 0, 2)
+        out = []
+        for i, blk in enumerate(self.tblocks):
+            x = blk(x, self.attn_mask)
+            if i + 1 in self.text_levels:
+                j = self.text_levels.index(i + 1)
+                a = x @ self.text_A[j] @ self.text_B[j] * self.text_scale
+                a = a * x.norm(dim=-1, keepdim=True) / a.norm(dim=-1, keepdim=True)
+                x = self.add_weight(self.m_t_w[j], x, a)
+                out.append(x)
+        eot = ids.argmax(dim=-1)
+        out = [self.text_ln[i](t.permute(1, 0, 2)) for i, t in enumerate(out)]
+        return [t[torch.arange(t.shape[0]), eot] for t in out]
+
+    def class_text(self, normal_ids, abnormal_ids):
+        """``get_multiple_adapted_single_class_text_embedding`` -> (N, E, 2)."""
+        feats = []
+        for ids in (normal_ids, abnormal_ids):
+            for f in self.encode_text(ids):
+                f = f / f.norm(dim=-1, keepdim=True)
+                f = f.mean(dim=0)
+                feats.append(f / f.norm())
+        return torch.stack([torch.stack(feats[i :: self.n], dim=1) for i in range(self.n)])
+
+    def fusion_gate_seg(self, vision_tokens, text, img_size, test_mode, kernel, sigma):
+        b, p = vision_tokens.shape[1:3]
+        h = int(math.sqrt(p))
+        preds = []
+        for i in range(self.n):
+            feat = vision_tokens[i]
+            w = self.gate[i](feat.mean(dim=1, keepdim=True)).squeeze(1)
+            w = F.softmax(w.view(b, self.n, 2), dim=1)
+            fused = (text.permute(1, 0, 2, 3) * w.unsqueeze(2)).sum(dim=1)
+            preds.append(torch.matmul(10 * feat, fused).permute(0, 2, 1).reshape(b, 2, h, h))
+        if test_mode:
+            preds = [torch_gaussian_blur2d(x, kernel, sigma) for x in preds]
+        preds = [
+            F.interpolate(x, size=img_size, mode="bilinear", align_corners=True) for x in preds
+        ]
+        out = F.softmax(torch.stack(preds).mean(dim=0), dim=1)
+        return out[:, 1] if test_mode else out
+
+
+def torch_gaussian_blur2d(x, kernel, sigma):
+    """kornia.filters.gaussian_blur2d (odd kernel, reflect border), as a depthwise 2-D conv."""
+    offsets = torch.arange(kernel, dtype=torch.float64) - kernel // 2
+    g = torch.exp(-(offsets**2) / (2 * sigma**2))
+    g = (g / g.sum()).float()
+    k2 = (g[:, None] * g[None, :]).expand(x.shape[1], 1, kernel, kernel)
+    x = F.pad(x, (kernel // 2,) * 4, mode="reflect")
+    return F.conv2d(x, k2, groups=x.shape[1])
+
+
+def torch_official_loss(cls_logits, seg_pred, labels, mask):
+    """train.py: CE + utils.calculate_seg_loss (Hsuxu FocalLoss, BinaryDiceLoss)."""
+    n_class = seg_pred.shape[1]
+    logit = seg_pred.reshape(seg_pred.shape[0], n_class, -1).permute(0, 2, 1).reshape(-1, n_class)
+    target = mask.reshape(-1, 1).long()
+    one_hot = torch.zeros(target.shape[0], n_class).scatter_(1, target, 1)
+    one_hot = torch.clamp(one_hot, 1e-5 / (n_class - 1), 1.0 - 1e-5)
+    pt = (one_hot * logit).sum(1) + 1e-5
+    focal = (-1 * torch.pow(1 - pt, 2) * pt.log()).mean()
+
+    def dice(inp, tgt):
+        n = tgt.shape[0]
+        i, t = inp.reshape(n, -1), tgt.reshape(n, -1)
+        eff = (2 * (i * t).sum(1) + 1) / (i.sum(1) + t.sum(1) + 1)
+        return 1 - eff.sum() / n
+
+    seg = focal + dice(seg_pred[:, 0], 1 - mask) + dice(seg_pred[:, 1], mask)
+    return F.cross_entropy(cls_logits, labels) + seg
+
+
+def torch_reference(model, embedded, class_ids, *, test_mode):
+    ref = TorchAcdClip(model)
+    tokenizer = backbone_lib.byte_tokenizer()
+    texts = []
+    for c in class_ids:
+        normal, abnormal = acd_clip_sentences(CLASSES[c])
+        texts.append(
+            ref.class_text(
+                torch.from_numpy(tokenizer(normal, 77)).long(),
+                torch.from_numpy(tokenizer(abnormal, 77)).long(),
+            )
+        )
+    text = torch.stack(texts, dim=1)  # (N, B, E, 2)
+    seg, det = ref(embedded)
+    seg, det = torch.stack(seg), torch.stack(det)
+    cls_logits = torch.stack([(det[i].unsqueeze(1) @ text[i]).squeeze(1) for i in range(ref.n)])
+    cls_logits = cls_logits.mean(0)
+    seg_pred = ref.fusion_gate_seg(seg, text, SIZE, test_mode, model.blur_kernel, model.blur_sigma)
+    return ref, dict(text=text, seg=seg, det=det, cls_logits=cls_logits, seg_pred=seg_pred)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def test_outputs_shapes_ranges_and_gates(setup):
+    out = setup["forward"](setup["params"], setup["rest"], setup["batch"])
+    model = setup["model"]
+    n = model.n_groups
+    assert out["anomaly_map"].shape == (B, SIZE, SIZE)
+    assert out["pred_score"].shape == (B,)
+    assert out["image_logits"].shape == (B, 2)
+    assert out["group_logits"].shape == (n, B, GRID * GRID, 2)
+    assert out["gate_weights"].shape == (n, B, n, 2)
+    for key in ("anomaly_map", "pred_score", "image_prob"):
+        v = np.asarray(out[key])
+        assert np.isfinite(v).all() and v.min() >= 0.0 and v.max() <= 1.0, key
+    assert float(np.std(out["anomaly_map"])) > 0.0
+    gates = np.asarray(out["gate_weights"])
+    assert (gates > 0).all()
+    np.testing.assert_allclose(gates.sum(axis=2), 1.0, atol=1e-6)  # over groups, per state
+    # The class table is cut after the longest EOT (rounded up to 8), below the 77-token context.
+    tokenizer = backbone_lib.byte_tokenizer()
+    full = np.stack([tokenizer(sum(acd_clip_sentences(c), []), 77) for c in CLASSES])
+    longest = int(full.argmax(-1).max()) + 1
+    assert model.class_prompt_ids.shape == (len(CLASSES), 16, -(-longest // 8) * 8)
+    assert model.class_prompt_ids.shape[-1] < 77
+    np.testing.assert_array_equal(model.class_prompt_ids[...], full[..., : -(-longest // 8) * 8])
+
+
+@pytest.mark.slow
+def test_only_trainable_state_gets_gradients(setup):
+    model, batch = setup["model"], setup["batch"]
+    assert not nnx.state(model.backbone, Trainable)  # the backbone is never retyped
+    assert jax.tree.leaves(nnx.state(model.backbone, nnx.Param))
+    (_, (parts, _)), grads = setup["loss_and_grad"](setup["params"], setup["rest"], batch)
+    grads = _flat(grads)
+    assert set(grads) == set(_flat(setup["params"]))
+    assert not any(p.startswith("backbone") for p in grads)
+    prefixes = {p.split(".")[0] for p in grads}
+    assert prefixes == {
+        "image_lora",
+        "image_blend",
+        "seg_proj",
+        "seg_norm",
+        "det_proj",
+        "det_norm",
+        "fusion_gate",
+        "text_lora",
+        "text_blend",
+        "text_norm",
+    }
+    for path, g in grads.items():
+        assert np.isfinite(g).all() and np.abs(g).max() > 0.0, f"no gradient for {path}"
+    assert all(np.isfinite(float(v)) for v in parts.values())
+
+
+def test_full_size_trainable_count_is_official():
+    config = get_config()
+    model = nnx.eval_shape(lambda: methods.build(config, rngs=nnx.Rngs(0), load_weights=False))
+    counts: dict[str, int] = {}
+    for p, v in nnx.to_flat_state(nnx.state(model, Trainable)):
+        counts[str(p[0])] = counts.get(str(p[0]), 0) + math.prod(v.shape)
+    per_group = {
+        "image_lora": 2_171_392,
+        "seg_proj": 459_776,
+        "det_proj": 459_776,
+        "seg_norm": 1_536,
+        "det_norm": 1_536,
+        "fusion_gate": 198_920,
+        "image_blend": 1_024,
+        "text_lora": 24_576,
+        "text_blend": 768,
+        "text_norm": 1_536,
+    }
+    assert counts == {k: 4 * v for k, v in per_group.items()}
+    assert sum(counts.values()) == 13_283_360
+    assert model.image_levels == (6, 12, 18, 24) and model.text_levels == (3, 6, 9, 12)
+
+
+def test_norm_matching_and_init_quirks(setup):
+    model = setup["model"]  # its adapters still hold their initial values
+    adapter = model.image_lora[0]
+    width = model.backbone.vision.config.width
+    rank, conv_rank = 4, 2  # the tiny config's
+    tokens = jax.random.normal(jax.random.key(0), (2, GRID * GRID, width)) * 3.0
+    graphdef, state = nnx.split(adapter)
+
+    @jax.jit
+    def adapt(state, tokens):
+        adapted = nnx.merge(graphdef, state)(tokens, (GRID, GRID))
+        return adapted, norm_match(adapted, tokens)
+
+    adapted, matched = adapt(state, tokens)
+    np.testing.assert_allclose(
+        np.linalg.norm(matched, axis=-1), np.linalg.norm(tokens, axis=-1), rtol=1e-5
+    )
+    assert not np.allclose(np.linalg.norm(adapted, axis=-1), np.linalg.norm(tokens, axis=-1))
+    # Same direction as the adapter output.
+    cos = np.sum(np.asarray(matched) * np.asarray(adapted), -1) / (
+        np.linalg.norm(matched, axis=-1) * np.linalg.norm(adapted, axis=-1)
+    )
+    np.testing.assert_allclose(cos, 1.0, atol=1e-5)
+
+    # torch kaiming_uniform_ on a raw (c_in, r) Parameter: fan_in = r -> U(+-sqrt(6/r)), far
+    # wider than the sqrt(6/c_in) a (r, c_in) nn.Linear weight would get.
+    blocks = [b for a in model.image_lora for b in a.blocks]
+    lora_a = np.concatenate(
+        [np.ravel(t.lora_a[...]) for t in model.text_lora]
+        + [np.ravel(b.lora_a[...]) for b in blocks]
+    )
+    bound = math.sqrt(6 / rank)
+    assert np.abs(lora_a).max() <= bound and np.abs(lora_a).max() > 0.95 * bound
+    assert 0.95 * bound > math.sqrt(6 / 32)  # the smaller c_in (text width 32)
+    assert abs(lora_a.std() - bound / math.sqrt(3)) < 0.05 * bound
+    lora_b = np.concatenate(
+        [np.ravel(t.lora_b[...]) for t in model.text_lora]
+        + [np.ravel(b.lora_b[...]) for b in blocks]
+    )
+    assert abs(lora_b.std() - 0.02) < 0.002 and abs(lora_b.mean()) < 0.002
+    for blk, k in zip(adapter.blocks, (3, 5), strict=True):
+        for conv, c_in in ((blk.conv_a, rank), (blk.conv_b, conv_rank)):
+            w = np.asarray(conv.kernel[...])
+            assert w.shape[:3] == (k, k, c_in)
+            assert 0.8 * math.sqrt(6 / (c_in * k * k)) < np.abs(w).max()
+            assert np.abs(w).max() <= math.sqrt(6 / (c_in * k * k))
+    fusion = np.asarray(adapter.fusion_conv.kernel[...])  # torch default: U(+-1/sqrt(fan_in))
+    assert fusion.shape == (2 * width, width) and np.abs(fusion).max() <= 1 / math.sqrt(2 * width)
+    assert np.abs(fusion).max() > 0.95 / math.sqrt(2 * width)
+
+
+def test_blend_init_from_config(setup):
+    """Blend weights start at ``model.*_blend_init`` (official training value 0.2)."""
+    del setup  # built after the fixture's model: same shapes, warm caches
+    assert get_config().model.image_blend_init == get_config().model.text_blend_init == 0.2
+    config = get_config("tiny")
+    config.model.image_blend_init, config.model.text_blend_init = 0.25, 0.125
+    model = methods.build(config, rngs=nnx.Rngs(0))
+    for blend in model.image_blend:
+        np.testing.assert_array_equal(np.asarray(blend.weight[...]), np.full((48,), 0.25))
+    for blend in model.text_blend:
+        np.testing.assert_array_equal(np.asarray(blend.weight[...]), np.full((32,), 0.125))
+    blend = AdaptiveBlend(8, 0.25)
+    x, a = jnp.ones((2, 8)), jnp.full((2, 8), 3.0)
+    np.testing.assert_allclose(blend(x, a), 0.75 * 1.0 + 0.25 * 3.0)
+
+
+def test_forward_matches_official_torch(setup):
+    model, batch = setup["model"], setup["batch"]
+    out = setup["forward"](setup["params"], setup["rest"], batch)
+    embedded = _t(setup["embed"](setup["params"], setup["rest"], batch["image"]))
+    with torch.no_grad():
+        _, ref = torch_reference(model, embedded, [0, 2], test_mode=True)
+    text = np.asarray(model.encode_class_text(batch["class_id"]))
+    assert np.abs(text - ref["text"].numpy()).max() <= 1e-4
+    np.testing.assert_allclose(out["image_logits"], ref["cls_logits"].numpy(), atol=1e-4)
+    amap = ref["seg_pred"].numpy()
+    assert np.abs(np.asarray(out["anomaly_map"]) - amap).max() <= 1e-4
+    p_img = torch.softmax(ref["cls_logits"], dim=1)[:, 1].numpy()
+    score = 0.9 * p_img + 0.1 * amap.reshape(B, -1).max(1)  # utils.metrics_eval_gpu, industrial
+    np.testing.assert_allclose(out["pred_score"], score, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_loss_and_gradient_match_official_torch(setup):
+    model, batch = setup["model"], setup["batch"]
+    (loss, (_, out)), grads = setup["loss_and_grad"](setup["params"], setup["rest"], batch)
+    embedded = _t(setup["embed"](setup["params"], setup["rest"], batch["image"]))
+    ref, r = torch_reference(model, embedded, [0, 2], test_mode=False)
+    np.testing.assert_allclose(
+        np.asarray(out["map_probs"]), r["seg_pred"].permute(0, 2, 3, 1).detach().numpy(), atol=1e-4
+    )
+    labels = torch.from_numpy(np.array(batch["gt_label"])).long()
+    ref_loss = torch_official_loss(r["cls_logits"], r["seg_pred"], labels, _t(batch["gt_mask"]))
+    ref_loss.backward()
+    np.testing.assert_allclose(float(loss), ref_loss.item(), rtol=1e-5)
+
+    g = _flat(grads)
+    pairs = {}  # our path -> (torch grad in our layout)
+    for k in range(model.n_groups):
+        pairs[f"image_blend.{k}.weight"] = ref.m_i_w[k].grad.reshape(-1)
+        pairs[f"text_blend.{k}.weight"] = ref.m_t_w[k].grad.reshape(-1)
+        pairs[f"text_lora.{k}.lora_a"] = ref.text_A[k].grad
+        pairs[f"text_lora.{k}.lora_b"] = ref.text_B[k].grad
+        pairs[f"image_lora.{k}.fusion_conv.kernel"] = (
+            ref.lora[k].fusion_conv.weight.grad[:, :, 0, 0].T
+        )
+        for j, blk in enumerate(ref.lora[k].blocks):
+            pre = f"image_lora.{k}.blocks.{j}"
+            pairs[f"{pre}.lora_a"], pairs[f"{pre}.lora_b"] = blk.lora_A.grad, blk.lora_B.grad
+            pairs[f"{pre}.conv_a.kernel"] = blk.conv_lora_A.weight.grad.permute(2, 3, 1, 0)
+            pairs[f"{pre}.conv_b.kernel"] = blk.conv_lora_B.weight.grad.permute(2, 3, 1, 0)
+        for name, mods in (("seg_proj", ref.seg_proj), ("det_proj", ref.det_proj)):
+            for fc, idx in (("fc1", 0), ("fc2", 2)):
+                pairs[f"{name}.{k}.{fc}.kernel"] = mods[k][idx].weight.grad.T
+                pairs[f"{name}.{k}.{fc}.bias"] = mods[k][idx].bias.grad
+        for fc, idx in (("fc1", 0), ("fc2", 2)):
+            pairs[f"fusion_gate.{k}.{fc}.kernel"] = ref.gate[k][idx].weight.grad.T
+            pairs[f"fusion_gate.{k}.{fc}.bias"] = ref.gate[k][idx].bias.grad
+        for name, mods in (
+            ("seg_norm", ref.seg_ln),
+            ("det_norm", ref.det_ln),
+            ("text_norm", ref.text_ln),
+        ):  # noqa: E501
+            pairs[f"{name}.{k}.scale"] = mods[k].weight.grad
+            pairs[f"{name}.{k}.bias"] = mods[k].bias.grad
+    assert set(pairs) == set(g)
+    for name, want in pairs.items():
+        want = want.detach().numpy()
+        scale = max(float(np.abs(want).max()), 1e-8)
+        assert np.abs(g[name] - want).max() <= 1e-4 * scale, name
+
+
+def test_remat_wraps_the_frozen_blocks(setup):
+    """``model.remat`` runs each block under ``jax.checkpoint`` (same values by construction)."""
+    model, batch = setup["model"], setup["batch"]
+    graphdef, params, rest = nnx.split(model, Trainable, ...)
+
+    def loss(p, remat):
+        m = nnx.merge(graphdef, p, rest)
+        m.remat = remat
+        return m.loss(m(batch, train=True), batch)[0]
+
+    with_remat = str(jax.make_jaxpr(jax.grad(lambda p: loss(p, True)))(params))
+    without = str(jax.make_jaxpr(jax.grad(lambda p: loss(p, False)))(params))
+    # Blocks before the first adapter need no backward pass, so they leave no trace in the grad.
+    differentiated = sum(
+        levels[-1] - levels[0] for levels in (model.image_levels, model.text_levels)
+    )
+    assert differentiated > 0
+    assert len(re.findall(r"= (?:remat\d*|checkpoint)\[", with_remat)) >= differentiated
+    assert not re.findall(r"= (?:remat\d*|checkpoint)\[", without)
+
+
+def test_optimizer_config_matches_official_groups(setup):
+    config = get_config("tiny")
+    paths = sorted(_flat(setup["params"]))
+    opt = optim_lib.build_optimizer(config.optim, paths, steps_per_epoch=10, total_steps=20)
+    for path in paths:
+        lr = float(opt.learning_rates[opt.groups[path]](0))
+        assert lr == pytest.approx(5e-4 if path.startswith("text_") else 1e-3), path
+    # StepLR(gamma 0.9) once per epoch.
+    assert float(opt.learning_rates[opt.groups[paths[0]]](10)) == pytest.approx(
+        0.9 * float(opt.learning_rates[opt.groups[paths[0]]](0))
+    )
+    groups = optim_lib.clip_groups(paths, config.optim.clip_only)
+    n = setup["model"].n_groups
+    expected = {f"{side}_blend.{k}.weight": f"{side}_blend.{k}" for side in ("image", "text")
+                for k in range(n)}  # fmt: skip
+    assert groups == expected  # one clip_grad_norm_ per AddWeight module, nothing else clipped
+    assert config.optim.grad_clip == 1.0
+
+
+def test_unknown_class_falls_back_to_its_name(setup):
+    ids = setup["model"].tokenize_classes(["foo_bar", "screw"])
+    tokenizer = backbone_lib.byte_tokenizer()
+    normal, abnormal = acd_clip_sentences("foo_bar")
+    assert normal[0] == "foo bar." and len(normal) == 6 and len(abnormal) == 10
+    want = tokenizer(normal + abnormal, 77)[:, : ids.shape[-1]]
+    np.testing.assert_array_equal(ids[0], want)
+    assert acd_clip_sentences("pill")[0][0].startswith("oval white pill")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("n_groups", [2, 3, 4, 6])
+def test_every_group_count_builds_and_runs(n_groups, monkeypatch):
+    """A 12-block tiny CLIP (vision and text), so the official rule depth / N * k applies."""
+
+    def twelve_blocks():
+        # The tiny preset's block shapes (their random-init and compile caches are warm), 12 deep.
+        tiny = backbone_lib.PRESETS["clip"]["tiny"]()
+        return clip_lib.ClipConfig(
+            vision=dataclasses.replace(tiny.vision, layers=12),
+            text=dataclasses.replace(tiny.text, layers=12),
+        )
+
+    monkeypatch.setitem(backbone_lib.PRESETS["clip"], "tiny12", twelve_blocks)
+    config = get_config(f"tiny,n_groups={n_groups}")
+    config.model.backbone.preset = "tiny12"
+    config.data.image_size = 16  # 4 x 4 grid
+    model = methods.build(config, rngs=nnx.Rngs(0))
+    model.set_classes(["screw"])
+    assert model.image_levels == tuple(12 // n_groups * k for k in range(1, n_groups + 1))
+    assert model.text_levels == model.image_levels
+    batch = {"image": jnp.ones((1, 16, 16, 3)), "class_id": jnp.zeros((1,), jnp.int32)}
+    # Eager: the op-by-op caches are shared by the four depths-12 models, a jit is compiled anew
+    # for each (about 4x slower here).
+    out = model(batch)
+    assert out["anomaly_map"].shape == (1, 16, 16)
+    assert out["gate_weights"].shape == (n_groups, 1, n_groups, 2)
+    assert np.isfinite(np.asarray(out["pred_score"])).all()
+    assert len(model.image_lora) == n_groups and len(model.text_lora) == n_groups
