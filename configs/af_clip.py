@@ -8,7 +8,7 @@ categories mixed; evaluated on the other dataset)::
 
 Variants after the colon (comma-separated): ``train_set=mvtec_ad|visa`` (default mvtec_ad, tested
 on the other), ``tiny`` (random 3-block CLIP, 32 px, for tests/smoke runs), ``small`` (random
-6-block patch-8 CLIP on 128 px: the CPU demo on the synthetic benchmark), ``clean`` (the "paper"
+6-block patch-8 CLIP on 128 px: a CPU run on the synthetic benchmark), ``clean`` (the "paper"
 loss: ``model.loss.normal_target=0``).
 
 Needs the converted OpenAI CLIP ViT-L/14@336px in ``weights/clip-vit-l14-336``
@@ -132,7 +132,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         _synthetic(c)
         c.optim.epochs = 1
     elif variant.get("small"):
-        # The CPU demo: random 6-block patch-8 CLIP (width 96) on 128 px -> 16 x 16 patches.
+        # Synthetic benchmark on CPU: random 6-block patch-8 CLIP (width 96), 128 px -> 16 x 16.
         m.backbone.preset = "small"
         m.backbone.random_init = True
         m.backbone.checkpoint = None

@@ -454,8 +454,8 @@ def test_few_shot_memory_matches_torch_and_is_zero_on_memory_images(setup):
     np.testing.assert_allclose(out["anomaly_map"], smoothed[:, 0], atol=1e-5)
 
 
-def test_small_demo_variant_shapes():
-    """The demo variant: 6-block patch-8 CLIP on 128 px, taps (2, 4, 6), built abstractly."""
+def test_small_variant_shapes():
+    """The small variant: 6-block patch-8 CLIP on 128 px, taps (2, 4, 6), built abstractly."""
     config = get_config("small")
     model = nnx.eval_shape(lambda: methods.build(config, rngs=nnx.Rngs(0)))
     assert model.backbone.vision.config.layers == 6 and model.patch_size == 8
