@@ -75,8 +75,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs.common import CLIP_L14_336, backbone, base_config, parse_arg
-from zsad_jax.data.synthetic import SYNTHETIC_HELDOUT_CATEGORIES, SYNTHETIC_TRAIN_CATEGORIES
+from configs.common import CLIP_L14_336, backbone, base_config, parse_arg, use_synthetic_benchmark
 
 # Dotted paths of the official text_adapter's parameters; the rest is image_adapter.
 TEXT_PARAMS = r"^text_"
@@ -149,20 +148,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.data.image_size = 32
         c.data.batch_size = 4
         c.eval.batch_size = 4
-        _synthetic(c)
+        use_synthetic_benchmark(c)
         c.optim.epochs = 1
     return c
-
-
-def _synthetic(c: ml_collections.ConfigDict) -> None:
-    """Train on the synthetic benchmark's training categories, test on its held-out ones."""
-    c.data.update(
-        {
-            "train_set": "synthetic",
-            "train_root": "data/synthetic",
-            "categories": SYNTHETIC_TRAIN_CATEGORIES,
-            "test_set": "synthetic",
-            "test_root": "data/synthetic",
-            "test_categories": SYNTHETIC_HELDOUT_CATEGORIES,
-        }
-    )

@@ -72,8 +72,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs.common import CLIP_L14_336, backbone, base_config, parse_arg
-from zsad_jax.data.synthetic import SYNTHETIC_HELDOUT_CATEGORIES, SYNTHETIC_TRAIN_CATEGORIES
+from configs.common import CLIP_L14_336, backbone, base_config, parse_arg, use_synthetic_benchmark
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -129,7 +128,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.data.image_size = 32
         c.data.batch_size = 8
         c.eval.batch_size = 8
-        _synthetic(c)
+        use_synthetic_benchmark(c)
         c.optim.epochs = 1
     elif variant.get("small"):
         # Synthetic benchmark on CPU: random 6-block patch-8 CLIP (width 96), 128 px -> 16 x 16.
@@ -141,19 +140,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         m.adaptor.heads, m.adaptor.head_dim = 4, 16
         m.smoothing_sigma = 2.0
         c.data.image_size = 128
-        _synthetic(c)
+        use_synthetic_benchmark(c)
     return c
-
-
-def _synthetic(c: ml_collections.ConfigDict) -> None:
-    """Train on the synthetic benchmark's training categories, test on its held-out ones."""
-    c.data.update(
-        {
-            "train_set": "synthetic",
-            "train_root": "data/synthetic",
-            "categories": SYNTHETIC_TRAIN_CATEGORIES,
-            "test_set": "synthetic",
-            "test_root": "data/synthetic",
-            "test_categories": SYNTHETIC_HELDOUT_CATEGORIES,
-        }
-    )

@@ -69,8 +69,14 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs.common import CLIP_L14_336, DINOV3_L16, backbone, base_config, parse_arg
-from zsad_jax.data.synthetic import SYNTHETIC_HELDOUT_CATEGORIES, SYNTHETIC_TRAIN_CATEGORIES
+from configs.common import (
+    CLIP_L14_336,
+    DINOV3_L16,
+    backbone,
+    base_config,
+    parse_arg,
+    use_synthetic_benchmark,
+)
 
 VARIANTS = ("train_set", "test_set", "tiny", "small", "paper", "fc2")
 
@@ -143,16 +149,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.data.image_size = 64 if preset == "tiny" else 128
         c.data.batch_size = c.eval.batch_size = 4 if preset == "tiny" else 8
         c.optim.epochs = 1
-        c.data.update(
-            {
-                "train_set": "synthetic",
-                "train_root": "data/synthetic",
-                "categories": SYNTHETIC_TRAIN_CATEGORIES,
-                "test_set": "synthetic",
-                "test_root": "data/synthetic",
-                "test_categories": SYNTHETIC_HELDOUT_CATEGORIES,
-            }
-        )
+        use_synthetic_benchmark(c)
     return c
 
 

@@ -111,3 +111,20 @@ def base_config(method: str, arg: str | None = None) -> ml_collections.ConfigDic
     # metrics.jsonl / TensorBoard rows are means over this many steps.
     c.log_every_steps = 10
     return c
+
+
+def use_synthetic_benchmark(c: ml_collections.ConfigDict) -> None:
+    """Train on the built-in synthetic benchmark's training categories and test zero-shot on its
+    held-out ones (generated on first use into ``data/synthetic``): tests, smoke runs, the demo."""
+    from zsad_jax.data.synthetic import SYNTHETIC_HELDOUT_CATEGORIES, SYNTHETIC_TRAIN_CATEGORIES
+
+    c.data.update(
+        {
+            "train_set": "synthetic",
+            "train_root": DATA_ROOTS["synthetic"],
+            "categories": SYNTHETIC_TRAIN_CATEGORIES,
+            "test_set": "synthetic",
+            "test_root": DATA_ROOTS["synthetic"],
+            "test_categories": SYNTHETIC_HELDOUT_CATEGORIES,
+        }
+    )

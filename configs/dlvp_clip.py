@@ -78,8 +78,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs.common import CLIP_L14_336, backbone, base_config, parse_arg
-from zsad_jax.data.protocol import SYNTHETIC_HELDOUT_CATEGORIES, SYNTHETIC_TRAIN_CATEGORIES
+from configs.common import CLIP_L14_336, backbone, base_config, parse_arg, use_synthetic_benchmark
 
 ABLATIONS = {
     # name: (use_slfs, use_mlop, use_hfd, hfd_kind)
@@ -160,15 +159,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.data.batch_size = 2
         c.eval.batch_size = 2
         c.optim.epochs = 1
-        # Train on the synthetic benchmark's training categories, test on its held-out ones.
-        c.data.update(
-            {
-                "train_set": "synthetic",
-                "train_root": "data/synthetic",
-                "categories": SYNTHETIC_TRAIN_CATEGORIES,
-                "test_set": "synthetic",
-                "test_root": "data/synthetic",
-                "test_categories": SYNTHETIC_HELDOUT_CATEGORIES,
-            }
-        )
+        use_synthetic_benchmark(c)
     return c
