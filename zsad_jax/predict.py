@@ -30,10 +30,10 @@ memory bank (``config.model.few_shot.shots`` images drawn from DIR with ``--seed
 uses all of them). Methods without a memory bank stop with an error saying so.
 
 Deployment: ``--export=PATH.stablehlo`` writes the jitted inference function for a fixed batch
-(``--export_batch``) and input size with ``jax.export``: ``PATH.stablehlo`` (serialised
-StableHLO), ``PATH.weights.npz`` (its array arguments: trained heads, frozen backbone, memory bank)
-and ``PATH.json`` (input size, normalisation, threshold). ``load_exported(PATH)`` runs it without
-this package's model code.
+(``--export_batch``) and input size with ``jax.export``: ``PATH.stablehlo`` (``Exported.serialize``:
+the StableHLO module and its calling convention), ``PATH.weights.npz`` (its array arguments: trained
+heads, frozen backbone, memory bank) and ``PATH.json`` (input size, normalisation, threshold).
+``load_exported(PATH)`` runs it without this package's model code.
 """
 
 from __future__ import annotations
@@ -347,10 +347,8 @@ def export_inference(
         "meta": str(path.with_name(path.name + ".json")),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    # The module itself is portable StableHLO bytecode; what jax needs to call it again is in the
-    # JSON beside it (jax's own ``Exported.serialize`` would need the flatbuffers package).
     with open(files["stablehlo"], "wb") as f:
-        f.write(exported.mlir_module_serialized)
+        f.write(exported.serialize())
     np.savez(files["weights"], *weights)
     name = str(config.data.transform)
     mean, std = transforms.normalization(name)
@@ -366,14 +364,6 @@ def export_inference(
         "few_shot": memory is not None,
         "category": category,
         "platforms": list(exported.platforms),
-        "exported": {
-            "fun_name": exported.fun_name,
-            "in_avals": [[list(a.shape), str(a.dtype)] for a in exported.in_avals],
-            "out_avals": [[list(a.shape), str(a.dtype)] for a in exported.out_avals],
-            "calling_convention_version": exported.calling_convention_version,
-            "module_kept_var_idx": list(exported.module_kept_var_idx),
-            "uses_global_constants": exported.uses_global_constants,
-        },
         "inputs": "images float32 (batch, size, size, 3): RGB / 255, resized, (x - mean) / std",
         "outputs": "anomaly_map float32 (batch, size, size), pred_score float32 (batch,)",
     }
@@ -384,39 +374,6 @@ def export_inference(
 
 def _is_key(x: Any) -> bool:
     return jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key)
-
-
-def _rebuild_exported(module: bytes, meta: Mapping[str, Any]) -> jax.export.Exported:
-    """The ``jax.export.Exported`` of a module written by ``export_inference``."""
-    info = meta["exported"]
-    in_avals = tuple(jax.core.ShapedArray(tuple(s), np.dtype(d)) for s, d in info["in_avals"])
-    out_avals = tuple(jax.core.ShapedArray(tuple(s), np.dtype(d)) for s, d in info["out_avals"])
-    num_weights = len(in_avals) - 1
-    leaf = object()
-    in_tree = jax.tree.structure((([leaf] * num_weights, leaf), {}))
-    out_tree = jax.tree.structure((leaf, leaf))
-    return jax.export.Exported(
-        fun_name=info["fun_name"],
-        in_tree=in_tree,
-        in_avals=in_avals,
-        out_tree=out_tree,
-        out_avals=out_avals,
-        _has_named_shardings=False,
-        _in_named_shardings=(None,) * len(in_avals),
-        _out_named_shardings=(None,) * len(out_avals),
-        in_shardings_hlo=(None,) * len(in_avals),
-        out_shardings_hlo=(None,) * len(out_avals),
-        nr_devices=1,
-        platforms=tuple(meta["platforms"]),
-        ordered_effects=(),
-        unordered_effects=(),
-        disabled_safety_checks=(),
-        mlir_module_serialized=module,
-        calling_convention_version=int(info["calling_convention_version"]),
-        module_kept_var_idx=tuple(info["module_kept_var_idx"]),
-        uses_global_constants=bool(info["uses_global_constants"]),
-        _get_vjp=None,
-    )
 
 
 def load_exported(path: str | os.PathLike) -> tuple[Callable, dict[str, Any]]:
@@ -434,7 +391,7 @@ def load_exported(path: str | os.PathLike) -> tuple[Callable, dict[str, Any]]:
     meta = json.load(open(meta_path))
     if meta.get("format") != EXPORT_FORMAT:
         raise ValueError(f"{meta_path}: not a zsad_jax export (format {meta.get('format')!r})")
-    exported = _rebuild_exported(path.read_bytes(), meta)
+    exported = jax.export.deserialize(bytearray(path.read_bytes()))
     with np.load(weights_path) as archive:
         weights = [jnp.asarray(archive[f"arr_{i}"]) for i in range(len(archive.files))]
 
