@@ -75,16 +75,33 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs.common import CLIP_L14_336, backbone, base_config, parse_arg, use_synthetic_benchmark
+from configs.common import (
+    CLIP_L14_336,
+    DATASET_VARIANTS,
+    FLAG,
+    backbone,
+    base_config,
+    parse_variants,
+    use_synthetic_benchmark,
+)
 
 # Dotted paths of the official text_adapter's parameters; the rest is image_adapter.
 TEXT_PARAMS = r"^text_"
 # Each match (e.g. "image_blend.2") is its own clipping group: one clip_grad_norm_ per AddWeight.
 BLEND_MODULES = r"^(?:image|text)_blend\.\d+"
 
+# What may follow the colon (``configs.common.parse_variants`` refuses anything else); the group
+# counts are those of zsad_jax.methods.acd_clip.N_GROUPS_CHOICES.
+VARIANTS = {
+    **DATASET_VARIANTS,
+    "n_groups": ("2", "3", "4", "6"),
+    "domain": ("industrial", "medical"),
+    "tiny": FLAG,
+}
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    variant = parse_arg(arg)
+    variant = parse_variants(arg, VARIANTS, "configs/acd_clip.py")
     c = base_config("acd_clip", arg)
     m = c.model
     m.backbone = backbone("clip", CLIP_L14_336, "vit_l14_336")

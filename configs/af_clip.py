@@ -72,11 +72,22 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs.common import CLIP_L14_336, backbone, base_config, parse_arg, use_synthetic_benchmark
+from configs.common import (
+    CLIP_L14_336,
+    DATASET_VARIANTS,
+    FLAG,
+    backbone,
+    base_config,
+    parse_variants,
+    use_synthetic_benchmark,
+)
+
+# What may follow the colon (``configs.common.parse_variants`` refuses anything else).
+VARIANTS = {**DATASET_VARIANTS, "tiny": FLAG, "small": FLAG, "clean": FLAG}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    variant = parse_arg(arg)
+    variant = parse_variants(arg, VARIANTS, "configs/af_clip.py")
     c = base_config("af_clip", arg)
     m = c.model
     m.backbone = backbone("clip", CLIP_L14_336, "vit_l14_336")

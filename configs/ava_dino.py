@@ -71,24 +71,21 @@ import ml_collections
 
 from configs.common import (
     CLIP_L14_336,
+    DATASET_VARIANTS,
     DINOV3_L16,
+    FLAG,
     backbone,
     base_config,
-    parse_arg,
+    parse_variants,
     use_synthetic_benchmark,
 )
 
-VARIANTS = ("train_set", "test_set", "tiny", "small", "paper", "fc2")
+# What may follow the colon (``configs.common.parse_variants`` refuses anything else).
+VARIANTS = {**DATASET_VARIANTS, "tiny": FLAG, "small": FLAG, "paper": FLAG, "fc2": FLAG}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    variant = parse_arg(arg)
-    unknown = sorted(set(variant) - set(VARIANTS))
-    if unknown:
-        raise ValueError(
-            f"configs/ava_dino.py: unknown variant(s) {unknown}; use train_set=..., test_set=..., "
-            "tiny, small, paper, fc2"
-        )
+    variant = parse_variants(arg, VARIANTS, "configs/ava_dino.py")
     c = base_config("ava_dino", arg)
     m = c.model
     m.backbone = backbone("dinov3", DINOV3_L16, "vitl16")

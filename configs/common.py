@@ -76,6 +76,26 @@ def base_config(method: str, arg: str | None = None) -> ml_collections.ConfigDic
             # A TFDS data directory (python -m zsad_jax.data.tfds_builder) to read both sides from
             # instead of files; None = files under train_root / test_root.
             "tfds_dir": ml_collections.FieldReference(None, field_type=str),
+            # Decoding (both sides): resize a mask whose size differs from its image's (nearest)
+            # instead of refusing it, and refuse files whose header claims more pixels than this
+            # before decoding them (decompression bombs; zsad_jax.data.decode).
+            "resize_mismatched_mask": False,
+            "image_max_pixels": 178_956_970,  # decode.DEFAULT_MAX_IMAGE_PIXELS, also the maximum
+            # Reader options per side (zsad_jax.data.sources); None = the reader's default, a set
+            # one the side's reader does not take is refused. mask_dir: a further mask folder
+            # (folder); normal_dir: the normal-image folder (folder, MVTec layouts; default good,
+            # BTAD ok); require_masks: folder default = needed iff a mask folder exists, MVTec
+            # layouts default True; csv_path: VisA's split csv; meta_path: the meta.json index.
+            "train_mask_dir": ml_collections.FieldReference(None, field_type=str),
+            "train_normal_dir": ml_collections.FieldReference(None, field_type=str),
+            "train_require_masks": ml_collections.FieldReference(None, field_type=bool),
+            "train_csv_path": ml_collections.FieldReference(None, field_type=str),
+            "train_meta_path": ml_collections.FieldReference(None, field_type=str),
+            "test_mask_dir": ml_collections.FieldReference(None, field_type=str),
+            "test_normal_dir": ml_collections.FieldReference(None, field_type=str),
+            "test_require_masks": ml_collections.FieldReference(None, field_type=bool),
+            "test_csv_path": ml_collections.FieldReference(None, field_type=str),
+            "test_meta_path": ml_collections.FieldReference(None, field_type=str),
         }
     )
     c.optim = ml_collections.ConfigDict(
@@ -128,3 +148,122 @@ def use_synthetic_benchmark(c: ml_collections.ConfigDict) -> None:
             "test_categories": SYNTHETIC_HELDOUT_CATEGORIES,
         }
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# Variant checking: every config refuses a variant it does not know, before building anything.
+
+# What a variant in ``parse_variants``'s ``known`` takes: ``FLAG`` a bare name (``tiny``), ``VALUE``
+# ``name=<any non-empty value>``, ``DATASET`` ``name=<a zsad_jax.data.protocol.READERS key>``
+# (``train_set`` also takes a ``package.module:callable``, see ``zsad_jax.train``), or a tuple of
+# the allowed values (``n_groups=2|3|4|6``).
+FLAG = None
+VALUE = "<value>"
+DATASET = "<dataset>"
+# The dataset variants every config takes (``base_config`` reads them).
+DATASET_VARIANTS = {"train_set": DATASET, "test_set": DATASET}
+
+
+def known_datasets() -> tuple[str, ...]:
+    """The dataset names ``zsad_jax.data.protocol.read_dataset`` knows (its ``READERS`` keys).
+
+    Imported on use: ``zsad_jax.data.protocol`` pulls in numpy and PIL, which a config naming no
+    dataset does not need.
+    """
+    from zsad_jax.data.protocol import READERS
+
+    return tuple(sorted(READERS))
+
+
+def did_you_mean(word: str, candidates) -> str:
+    """``" (did you mean 'tiny'?)"`` for the closest of ``candidates`` (difflib), else ``""``."""
+    import difflib
+
+    close = difflib.get_close_matches(str(word), [str(c) for c in candidates], n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def describe_variants(known) -> str:
+    """``"train_set=..., test_set=..., tiny, n_groups=2|3|4|6"`` for a ``known`` mapping."""
+    parts = []
+    for name, kind in dict(known).items():
+        if kind is FLAG:
+            parts.append(name)
+        elif isinstance(kind, str):  # VALUE, DATASET
+            parts.append(f"{name}=...")
+        else:
+            parts.append(f"{name}={'|'.join(str(v) for v in kind)}")
+    return ", ".join(parts)
+
+
+def parse_variants(arg: str | None, known, config_file: str) -> dict[str, str | bool]:
+    """``parse_arg(arg)``, refusing anything ``known`` does not allow, with a one-line message.
+
+    Args:
+      arg: the text after the colon of ``--config=configs/x.py:ARG`` (comma-separated ``key=value``
+        or flags), or None.
+      known: variant name -> ``FLAG`` | ``VALUE`` | ``DATASET`` | a tuple of allowed values (see
+        above), in the order the message lists them.
+      config_file: the file named in the message, e.g. ``"configs/af_clip.py"``.
+
+    Returns:
+      ``{name: value}`` with ``True`` for flags, as ``parse_arg`` returns.
+
+    Raises:
+      ValueError: an unknown variant (with a "did you mean" suggestion), a value given to a flag
+        (``tiny=3``), a key variant without a value (``train_set``), a value not allowed
+        (``n_groups=5``, ``train_set=vissa``), or one key given twice with different values. The
+        message is one line naming ``config_file``.
+    """
+    known = dict(known)
+    listing = f"known variants: {describe_variants(known)}"
+    items = [item.strip() for item in (arg or "").split(",")]
+    items = [item for item in items if item]
+    unknown = [
+        f"{name!r}{did_you_mean(name, known)}"
+        for name in (item.partition("=")[0].strip() for item in items)
+        if name not in known
+    ]
+    if unknown:
+        noun = "variant" if len(unknown) == 1 else "variants"
+        raise ValueError(f"{config_file}: unknown {noun} {', '.join(unknown)}; {listing}")
+
+    out: dict[str, str | bool] = {}
+    for item in items:
+        name, sep, value = (part.strip() for part in item.partition("="))
+        kind = known[name]
+        if kind is FLAG:
+            if sep:
+                raise ValueError(
+                    f"{config_file}: variant {name!r} is a flag and takes no value (got {item!r}, "
+                    f"write just {name!r}); {listing}"
+                )
+            out[name] = True
+            continue
+        if not value:
+            raise ValueError(
+                f"{config_file}: variant {name!r} needs a value ({name}=..., got {item!r}); "
+                f"{listing}"
+            )
+        if kind is DATASET:
+            datasets = known_datasets()
+            if value not in datasets and not (name == "train_set" and ":" in value):
+                extra = " (or a package.module:callable)" if name == "train_set" else ""
+                raise ValueError(
+                    f"{config_file}: {name}={value!r} is not a known dataset"
+                    f"{did_you_mean(value, datasets)}; known datasets: "
+                    f"{', '.join(datasets)}{extra}"
+                )
+        elif kind is not VALUE:
+            allowed = [str(v) for v in kind]
+            if value not in allowed:
+                raise ValueError(
+                    f"{config_file}: {name}={value!r} is not allowed"
+                    f"{did_you_mean(value, allowed)}; use {name}={'|'.join(allowed)}"
+                )
+        if name in out and out[name] != value:
+            raise ValueError(
+                f"{config_file}: variant {name!r} given twice ({out[name]!r} and {value!r})"
+            )
+        out[name] = value
+    return out

@@ -20,9 +20,13 @@ from __future__ import annotations
 import ml_collections
 
 from configs import ava_dino
+from configs.common import parse_variants
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    # The variants are configs/ava_dino.py's (``small`` is implied); checked here so that a typo is
+    # reported against this file.
+    parse_variants(arg, ava_dino.VARIANTS, "configs/demo.py")
     c = ava_dino.get_config(",".join(filter(None, ["small", arg])))
     c.optim.steps = 600
     c.optim.lr = 1e-3

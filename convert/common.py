@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from convert import torchscript
+
 Transform = Callable[..., np.ndarray]
 NameTable = dict[str, tuple[str | tuple[str, ...], Transform | None]]
 
@@ -25,6 +27,10 @@ def load_torch_state(src: str | os.PathLike) -> dict[str, np.ndarray]:
     ``src`` may be a transformers directory (``model.safetensors`` or ``pytorch_model.bin``), a
     ``.safetensors`` file, a ``.pt``/``.pth``/``.bin`` state dict (optionally nested under
     ``state_dict``/``model``), or an OpenAI TorchScript archive (``ViT-L-14-336px.pt``).
+
+    Nothing in ``src`` is run: safetensors is preferred (plain arrays); pickled state dicts go
+    through ``torch.load(weights_only=True)`` (tensors and containers only); TorchScript archives
+    through ``convert.torchscript`` (data only), never ``torch.jit.load``, which runs their code.
     """
     path = Path(src)
     if path.is_dir():
@@ -44,17 +50,19 @@ def load_torch_state(src: str | os.PathLike) -> dict[str, np.ndarray]:
 
         return {k: np.asarray(v) for k, v in load_file(path).items()}
 
+    if torchscript.is_torchscript(path):  # OpenAI's CLIP releases
+        return {k: _float32(v) for k, v in torchscript.read_state(path).items()}
+
     import torch
 
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as first:  # OpenAI's releases are TorchScript archives.
-        try:
-            obj = torch.jit.load(path, map_location="cpu").state_dict()
-        except Exception:
-            raise ValueError(
-                f"{path}: not a readable PyTorch state dict or TorchScript archive ({first})"
-            ) from first
+    except Exception as e:  # weights_only refuses any pickled object but tensors and containers
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(
+            f"{path}: not a PyTorch state dict that torch.load(weights_only=True) reads ({first}); "
+            "use a .safetensors copy of these weights"
+        ) from None
     for key in ("state_dict", "model", "module"):
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
             obj = obj[key]
@@ -66,6 +74,10 @@ def load_torch_state(src: str | os.PathLike) -> dict[str, np.ndarray]:
             v = v.detach()
             out[k] = (v.float() if v.is_floating_point() else v).numpy()
     return out
+
+
+def _float32(array: np.ndarray) -> np.ndarray:
+    return array.astype(np.float32) if np.issubdtype(array.dtype, np.floating) else array
 
 
 def strip_prefix(state: dict[str, np.ndarray], prefixes: Iterable[str]) -> dict[str, np.ndarray]:

@@ -229,7 +229,11 @@ def test_folder_reader_masks_optional_and_category_naming(tmp_path):
     scr1 = _write(f"{root}/scratch/s1.png", _rgb())
     scr2 = _write(f"{root}/scratch/s2.png", _rgb())
     m1 = _write(f"{root}/ground_truth/scratch/s1_mask.png", _mask())
-    records = read_dataset("folder", root)
+    # A mask folder exists, so by default every defect image needs its mask ...
+    with pytest.raises(DataError, match=r"no mask for defect image .*dent/d1\.jpg .*2 of the 3"):
+        read_dataset("folder", root)
+    # ... and require_masks=False makes them optional per image.
+    records = read_dataset("folder", root, require_masks=False)
     assert records == [
         Record(dent, "my_part", 1, None, "dent", False),
         Record(good[0], "my_part", 0, None, "good", True),
@@ -237,7 +241,7 @@ def test_folder_reader_masks_optional_and_category_naming(tmp_path):
         Record(scr1, "my_part", 1, m1, "scratch", True),
         Record(scr2, "my_part", 1, None, "scratch", False),
     ]
-    named = read_dataset("folder", root, categories=["widget"])
+    named = read_dataset("folder", root, categories=["widget"], require_masks=False)
     assert {r.category for r in named} == {"widget"}
     # Masks from a separate directory, matched by stem.
     masks = str(tmp_path / "masks")

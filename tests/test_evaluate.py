@@ -322,7 +322,8 @@ def test_command_writes_every_result_file_and_ends_with_json(bench, tmp_path):
         pngs = sorted((out / "vis" / name).glob("*.png"))
         assert len(pngs) == 3 and any("normal" in p.name for p in pngs)
         panel = np.asarray(__import__("PIL.Image").Image.open(pngs[0]))
-        assert panel.shape == (IMAGE_SIZE, 4 * IMAGE_SIZE, 3)  # image, 2 overlays, mask
+        # image, 2 overlays, mask; titles above, score line and colour bar below
+        assert panel.shape[1:] == (4 * IMAGE_SIZE, 3) and panel.shape[0] > IMAGE_SIZE
 
     # A bad checkpoint path fails with a message naming it, exit status 1.
     bad = subprocess.run(

@@ -35,6 +35,8 @@ from zsad_jax.data import decode, synthetic
 
 REPO = Path(__file__).resolve().parents[1]
 THRESHOLD = 0.63  # between the random-looking images (about 0.60) and those with colour (0.66)
+# The placeholder's checkpoints name test code (config.method="test_evaluate:ToyDetector").
+TRUST = {"allow_custom_code": True}
 
 
 def bilinear_upsample(x: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -121,9 +123,12 @@ def test_predictions_equal_a_direct_forward_and_apply_the_stored_threshold(
 ):
     out = tmp_path / "pred"
     result = predict_lib.run(
-        [str(images["rgb"].parent), str(images["gray16"])], checkpoint=str(toy_run), out=out
+        [str(images["rgb"].parent), str(images["gray16"])],
+        checkpoint=str(toy_run),
+        **TRUST,
+        out=out,
     )
-    model, config, threshold = ckpt_lib.load_for_inference(toy_run)
+    model, config, threshold = ckpt_lib.load_for_inference(toy_run, **TRUST)
     assert threshold == THRESHOLD and result["threshold"] == THRESHOLD
     records = result["predictions"]
     assert len(records) == 5
@@ -148,7 +153,7 @@ def test_predictions_equal_a_direct_forward_and_apply_the_stored_threshold(
     assert (out / "shop" / "sub" / "gray.npy").is_file() and (out / "scan16_overlay.png").is_file()
 
     override = predict_lib.run([str(images["rgb"])], checkpoint=str(toy_run), out=tmp_path / "o",
-                               threshold=2.0)  # fmt: skip
+                               threshold=2.0, **TRUST)  # fmt: skip
     assert override["predictions"][0]["pred_label"] == 0 and override["threshold"] == 2.0
 
 
@@ -160,19 +165,23 @@ def test_evaluate_stores_its_threshold_for_predict(toy_run, images, tmp_path):
     config = toy_config(bench)  # the stored config with a test set
     config.model.random_init = False
     result = eval_lib.run(workdir=tmp_path / "eval", checkpoint=str(run_dir), config=config,
-                          progress=False, store_threshold=True)  # fmt: skip
+                          progress=False, store_threshold=True, **TRUST)  # fmt: skip
     assert result["threshold"] != THRESHOLD
     assert ckpt_lib.read_meta(run_dir)["threshold"] == result["threshold"]
     info = json.load(open(tmp_path / "eval" / "run.json"))
     assert info["stored_threshold"] == THRESHOLD and info["step"] == 2
     assert info["checkpoint"] == str((run_dir / "checkpoints" / "2").absolute())
-    predicted = predict_lib.run([str(images["rgb"])], checkpoint=str(run_dir), out=tmp_path / "p")
+    predicted = predict_lib.run(
+        [str(images["rgb"])], checkpoint=str(run_dir), **TRUST, out=tmp_path / "p"
+    )
     assert predicted["threshold"] == result["threshold"]
 
 
 def test_bad_inputs_fail_naming_the_file(toy_run, images, tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere.png"):
-        predict_lib.run([str(tmp_path / "nowhere.png")], checkpoint=str(toy_run), out=tmp_path)
+        predict_lib.run(
+            [str(tmp_path / "nowhere.png")], checkpoint=str(toy_run), **TRUST, out=tmp_path
+        )
     with pytest.raises(FileNotFoundError, match="no_run"):
         predict_lib.run([str(images["rgb"])], checkpoint=str(tmp_path / "no_run"), out=tmp_path)
     corrupt = tmp_path / "in" / "broken.png"
@@ -180,8 +189,8 @@ def test_bad_inputs_fail_naming_the_file(toy_run, images, tmp_path):
     corrupt.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
     Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(tmp_path / "in" / "ok.png")
     with pytest.raises(decode.DataError, match="broken.png"):
-        predict_lib.run([str(corrupt.parent)], checkpoint=str(toy_run), out=tmp_path / "a")
-    skipped = predict_lib.run([str(corrupt.parent)], checkpoint=str(toy_run),
+        predict_lib.run([str(corrupt.parent)], checkpoint=str(toy_run), **TRUST, out=tmp_path / "a")
+    skipped = predict_lib.run([str(corrupt.parent)], checkpoint=str(toy_run), **TRUST,
                               out=tmp_path / "b", skip_corrupt=True)["predictions"]  # fmt: skip
     assert [("error" in r, Path(r["path"]).name) for r in skipped] == [
         (True, "broken.png"),
@@ -199,10 +208,14 @@ def test_reference_folder_fills_the_memory_bank_and_methods_without_one_refuse(
     reference = images["rgb"].parent / "sub"  # one normal image: gray.jpg
     with pytest.warns(UserWarning, match="does not apply to few-shot scores"):
         result = predict_lib.run(
-            [str(images["rgb"])], checkpoint=str(toy_run), out=tmp_path, reference=str(reference)
+            [str(images["rgb"])],
+            checkpoint=str(toy_run),
+            **TRUST,
+            out=tmp_path,
+            reference=str(reference),
         )
     assert result["predictions"][0]["pred_label"] is None
-    model, config, _ = ckpt_lib.load_for_inference(toy_run)
+    model, config, _ = ckpt_lib.load_for_inference(toy_run, **TRUST)
     refs = predict_lib.preprocess(decode.load_image(str(images["gray"])), config)[None]
     image = predict_lib.preprocess(decode.load_image(str(images["rgb"])), config)
     _, score = toy_numpy_forward(model, image, refs)
@@ -215,7 +228,7 @@ def test_reference_folder_fills_the_memory_bank_and_methods_without_one_refuse(
 
 
 def test_export_deserialises_and_reproduces_the_model(toy_run, tmp_path):
-    model, config, threshold = ckpt_lib.load_for_inference(toy_run)
+    model, config, threshold = ckpt_lib.load_for_inference(toy_run, **TRUST)
     files = predict_lib.export_inference(
         model, config, tmp_path / "toy.stablehlo", batch_size=3, threshold=threshold
     )
@@ -234,7 +247,7 @@ def test_export_deserialises_and_reproduces_the_model(toy_run, tmp_path):
 def test_command_prints_one_json_line_per_image(toy_run, images, tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)])}
     proc = subprocess.run(
-        [sys.executable, "-m", "zsad_jax.predict", f"--checkpoint={toy_run}",
+        [sys.executable, "-m", "zsad_jax.predict", f"--checkpoint={toy_run}", "--allow_custom_code",
          f"--out={tmp_path / 'cli'}", str(images["gray"]), str(images["rgba"])],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
@@ -326,9 +339,173 @@ def test_overlay_colours_blend_and_outline():
     mask[1:5, 2:6] = True
     outlined = visualize.heatmap_overlay(image, amap, mask=mask)
     assert (outlined[1, 2] == 255).all() and not (outlined[2, 3] == 255).all()
-    assert visualize.panel(image, amap, mask=mask).shape == (6, 24, 3)
+    assert visualize.panel(image, amap, mask=mask, annotate=False).shape == (6, 24, 3)
     ramp = np.linspace(0.1, 0.2, 8, dtype=np.float32)[None].repeat(6, 0)
-    tiles = visualize.panel(image, ramp, relative=True, alpha=1.0)
+    tiles = visualize.panel(image, ramp, relative=True, alpha=1.0, annotate=False)
     assert tiles.shape == (6, 24, 3)  # relative: the ramp's ends become dark blue and dark red
     np.testing.assert_array_equal(tiles[0, 16], [0, 0, 128])
     np.testing.assert_array_equal(tiles[0, 23], [128, 0, 0])
+
+
+# ----------------------------------------------------------------------------------------------
+# Output names, earlier runs, option values, exported file sets.
+
+
+def _save(path: Path, height: int, width: int, value: int = 0) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((height, width, 3), value, np.uint8)).save(path)
+    return path
+
+
+def test_output_names_are_unique_case_insensitively_and_follow_the_input_order(tmp_path):
+    folder = tmp_path / "f"
+    for name in ("a.png", "a.jpg", "a_1.png", "A.png", "a_png.png", "b.png"):
+        _save(folder / name, 4, 4)
+    single = _save(tmp_path / "single" / "b.png", 4, 4)
+    items = predict_lib.collect_images([folder, single, single])
+    names = [name for _, name in items]
+    # Sorted: A.png a.jpg a.png a_1.png a_png.png b.png; "A", "a", "a" share a stem.
+    assert [Path(file).name for file, _ in items[:6]] == [
+        "A.png", "a.jpg", "a.png", "a_1.png", "a_png.png", "b.png"
+    ]  # fmt: skip
+    assert names == [
+        "f/A_png", "f/a_jpg", "f/a_png_1", "f/a_1", "f/a_png_2", "f/b", "b_png", "b_png_1"
+    ]  # fmt: skip
+    assert len({n.casefold() for n in names}) == len(names)
+    assert predict_lib.collect_images([folder, single, single]) == items
+
+
+def test_inputs_sharing_a_stem_get_their_own_outputs(toy_run, tmp_path):
+    sizes = {"a.png": (20, 30), "a.jpg": (24, 18), "a_1.png": (16, 40)}
+    for name, (height, width) in sizes.items():
+        _save(tmp_path / "in" / name, height, width, value=40)
+    out = tmp_path / "out"
+    records = predict_lib.run([str(tmp_path / "in")], checkpoint=str(toy_run), **TRUST, out=out)
+    records = records["predictions"]
+    assert len({r["anomaly_map"] for r in records}) == len({r["overlay"] for r in records}) == 3
+    for r in records:  # each map on disk is its own image's, not a later one written over it
+        assert np.load(r["anomaly_map"]).shape == sizes[Path(r["path"]).name]
+    assert sorted(p.name for p in (out / "in").glob("*.npy")) == ["a_1.npy", "a_jpg.npy",
+                                                                  "a_png.npy"]  # fmt: skip
+
+
+def test_an_earlier_runs_predictions_are_kept_unless_overwrite(toy_run, images, tmp_path):
+    out = tmp_path / "pred"
+    predict_lib.run([str(images["rgb"])], checkpoint=str(toy_run), **TRUST, out=out)
+    first = (out / "predictions.jsonl").read_text()
+    # Refused before any model is loaded: the checkpoint here does not exist.
+    with pytest.raises(FileExistsError, match="--overwrite") as refused:
+        predict_lib.run([str(images["gray"])], checkpoint=str(tmp_path / "no_run"), out=out)
+    assert "\n" not in str(refused.value) and "predictions.jsonl" in str(refused.value)
+    assert (out / "predictions.jsonl").read_text() == first
+    predict_lib.run(
+        [str(images["gray"])], checkpoint=str(toy_run), **TRUST, out=out, overwrite=True
+    )
+    lines = [json.loads(line) for line in open(out / "predictions.jsonl")]
+    assert [Path(line["path"]).name for line in lines] == ["gray.jpg"]
+
+
+@pytest.mark.parametrize(
+    "option, value",
+    [
+        ("threshold", float("nan")),
+        ("threshold", float("inf")),
+        ("threshold", -float("inf")),
+        ("batch_size", 0),
+        ("batch_size", -2),
+        ("export_batch", 0),
+        ("shots", -1),
+    ],
+)
+def test_bad_option_values_are_refused_before_loading_a_model(images, tmp_path, option, value):
+    # A missing checkpoint: reaching the model loader would raise FileNotFoundError instead.
+    with pytest.raises(ValueError, match=f"^--{option}=") as refused:
+        predict_lib.run([str(images["rgb"])], checkpoint=str(tmp_path / "no_run"),
+                        out=tmp_path / "o", **{option: value})  # fmt: skip
+    assert "\n" not in str(refused.value)
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_command_refuses_bad_values_and_an_earlier_run_in_one_line(images, tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)])}
+    out = tmp_path / "earlier"
+    out.mkdir()
+    (out / "predictions.jsonl").write_text('{"path": "kept.png"}\n')
+    for flag, wanted in (("--threshold=nan", "--threshold"), (f"--out={out}", "--overwrite")):
+        proc = subprocess.run(
+            [sys.executable, "-m", "zsad_jax.predict", f"--checkpoint={tmp_path / 'no_run'}",
+             flag, str(images["rgb"])],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 1 and len(lines) == 1 and wanted in lines[0], proc.stderr
+    assert (out / "predictions.jsonl").read_text() == '{"path": "kept.png"}\n'
+
+
+@pytest.fixture(scope="module")
+def exports(toy_run, tmp_path_factory) -> dict[str, dict[str, str]]:
+    """Three exports of the placeholder: batch 3; batch 3 with a memory bank; batch 2."""
+    folder = tmp_path_factory.mktemp("exports")
+    model, config, threshold = ckpt_lib.load_for_inference(toy_run, **TRUST)
+    memory = np.asarray([0.1, 0.2, 0.3], np.float32)
+    return {
+        "plain": predict_lib.export_inference(model, config, folder / "plain.stablehlo",
+                                              batch_size=3, threshold=threshold),
+        "memory": predict_lib.export_inference(model, config, folder / "memory.stablehlo",
+                                               batch_size=3, memory=memory),
+        "batch2": predict_lib.export_inference(model, config, folder / "batch2.stablehlo",
+                                               batch_size=2),
+    }  # fmt: skip
+
+
+def _copy_export(files: dict[str, str], folder: Path) -> dict[str, Path]:
+    folder.mkdir()
+    return {k: Path(shutil.copy(v, folder / Path(v).name)) for k, v in files.items()}
+
+
+def _refusal(path: Path, match: str) -> str:
+    with pytest.raises(ValueError, match=match) as refused:
+        predict_lib.load_exported(path)
+    message = str(refused.value)
+    assert "\n" not in message
+    return message
+
+
+def test_export_refuses_weights_of_another_export(exports, tmp_path):
+    files = _copy_export(exports["plain"], tmp_path / "a")
+    predict_lib.load_exported(files["stablehlo"])  # the set as written loads
+    shutil.copy(exports["memory"]["weights"], files["weights"])  # one array more
+    message = _refusal(files["stablehlo"], "arrays")
+    assert message.startswith(str(files["weights"]))
+
+    with np.load(exports["plain"]["weights"]) as archive:
+        arrays = [archive[f"arr_{i}"] for i in range(len(archive.files))]
+    np.savez(files["weights"], *arrays[:-1], arrays[-1][None])  # same count, a shape differs
+    assert _refusal(files["stablehlo"], "shapes or dtypes").startswith(str(files["weights"]))
+    np.savez(files["weights"], *arrays[:-1], arrays[-1] + 1)  # same shapes, other values
+    assert _refusal(files["stablehlo"], "sha256").startswith(str(files["weights"]))
+
+
+def test_export_refuses_a_stablehlo_of_another_export_or_a_truncated_one(exports, tmp_path):
+    files = _copy_export(exports["plain"], tmp_path / "a")
+    shutil.copy(exports["batch2"]["stablehlo"], files["stablehlo"])  # same weights, batch 2
+    assert _refusal(files["stablehlo"], "arguments differ").startswith(str(files["stablehlo"]))
+    shutil.copy(exports["memory"]["stablehlo"], files["stablehlo"])  # one argument more
+    assert _refusal(files["stablehlo"], "arguments differ").startswith(str(files["stablehlo"]))
+    data = Path(exports["plain"]["stablehlo"]).read_bytes()
+    files["stablehlo"].write_bytes(data[: len(data) // 2])
+    message = _refusal(files["stablehlo"], "not a readable jax.export file")
+    assert message.startswith(str(files["stablehlo"]))
+
+
+def test_export_refuses_another_format_tag_and_wrong_input_shapes(exports, tmp_path):
+    files = _copy_export(exports["plain"], tmp_path / "a")
+    run, meta = predict_lib.load_exported(files["stablehlo"])
+    with pytest.raises(ValueError, match=r"\(3, 16, 16, 3\)"):
+        run(np.zeros((2, 16, 16, 3), np.float32))
+    meta["format"] = "zsad_jax.export/1"
+    files["meta"].write_text(json.dumps(meta))
+    assert _refusal(files["stablehlo"], "format 'zsad_jax.export/1'").startswith(str(files["meta"]))
+    files["meta"].write_text("{not json")
+    assert _refusal(files["stablehlo"], "not a readable").startswith(str(files["meta"]))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -456,7 +457,7 @@ def test_final_evaluation_threshold_and_load_for_inference(tmp_path):
         pytest.approx(0.54),
     ]
 
-    model, loaded_config, threshold = ckpt_lib.load_for_inference(tmp_path)
+    model, loaded_config, threshold = ckpt_lib.load_for_inference(tmp_path, allow_custom_code=True)
     assert threshold == 0.25
     assert loaded_config.model.width == 8 and loaded_config.method == config.method
     trained = saved(tmp_path)
@@ -466,7 +467,7 @@ def test_final_evaluation_threshold_and_load_for_inference(tmp_path):
     assert not np.array_equal(model.head.kernel[...], fresh.head.kernel[...])
 
     ckpt_lib.save_threshold(tmp_path, 0.75)
-    assert ckpt_lib.load_for_inference(tmp_path / "checkpoints")[2] == 0.75
+    assert ckpt_lib.load_for_inference(tmp_path / "checkpoints", allow_custom_code=True)[2] == 0.75
     with pytest.raises(FileNotFoundError, match="nowhere"):
         ckpt_lib.load_for_inference(tmp_path / "nowhere")
 
@@ -474,10 +475,16 @@ def test_final_evaluation_threshold_and_load_for_inference(tmp_path):
     history = []
     again = run(config, tmp_path, evaluator=evaluator, history=history)
     assert history == [] and again["resumed_finished_run"] and again["steps"] == 4
-    # A larger step budget continues the finished run.
+    # A larger step budget is another config: refused naming the key, unless asked for, and then
+    # recorded in the checkpoint.
     config.optim.steps = 6
-    more = run(config, tmp_path, evaluator=evaluator, history=history)
+    with pytest.raises(train_lib.ConfigMismatch, match=r"config\.optim\.steps: 4 -> 6"):
+        run(config, tmp_path, evaluator=evaluator, history=history)
+    assert history == []
+    more = run(config, tmp_path, evaluator=evaluator, history=history, allow_config_change=True)
     assert [h["step"] for h in history] == [5, 6] and more["steps"] == 6
+    changes = ckpt_lib.read_meta(tmp_path)["config_changes"]
+    assert changes == [{"step": 4, "changed": {"config.optim.steps": [4, 6]}}]
 
 
 def test_missing_backbone_weights_fail_before_any_work(tmp_path):
@@ -519,6 +526,8 @@ def _protobuf_event_class():
         label=F.LABEL_REPEATED,
         type_name=".tbtest.Value",
     )
+    session_log = fdp.message_type.add(name="SessionLog")
+    session_log.field.add(name="status", number=1, type=F.TYPE_INT32, label=F.LABEL_OPTIONAL)
     event = fdp.message_type.add(name="Event")
     event.field.add(name="wall_time", number=1, type=F.TYPE_DOUBLE, label=F.LABEL_OPTIONAL)
     event.field.add(name="step", number=2, type=F.TYPE_INT64, label=F.LABEL_OPTIONAL)
@@ -529,6 +538,13 @@ def _protobuf_event_class():
         type=F.TYPE_MESSAGE,
         label=F.LABEL_OPTIONAL,
         type_name=".tbtest.Summary",
+    )
+    event.field.add(
+        name="session_log",
+        number=6,
+        type=F.TYPE_MESSAGE,
+        label=F.LABEL_OPTIONAL,
+        type_name=".tbtest.SessionLog",
     )
     pool = descriptor_pool.DescriptorPool()
     pool.Add(fdp)
@@ -573,6 +589,55 @@ def test_metrics_jsonl_and_tensorboard_events(tmp_path):
     # Our own reader agrees with protobuf's.
     ours = run_log.read_events(event_file)
     assert [(e["step"], e["scalars"]) for e in ours[1:]] == scalars
+
+
+def test_resume_after_a_lost_checkpoint_keeps_one_metrics_row_per_step(tmp_path):
+    """A kill during the write of step 4's checkpoint: the rerun restarts from step 2 and steps 3
+    and 4 are logged again, so their first rows are dropped (and TensorBoard told to drop its)."""
+    config = get_config()
+    config.optim.steps = 6
+    config.ckpt.every_steps = 2
+    run(config, tmp_path, stop_at_step=4)
+    assert [r["step"] for r in run_log.read_metrics(tmp_path)] == [1, 2, 3, 4]
+    shutil.rmtree(tmp_path / "checkpoints" / "4")  # as if the kill came before the commit
+    with open(tmp_path / run_log.METRICS_FILE, "a") as f:
+        f.write('{"step": 5, "lo')  # and a row torn by the kill
+    run(config, tmp_path)
+    assert [r["step"] for r in run_log.read_metrics(tmp_path)] == [1, 2, 3, 4, 5, 6]
+    second = max(Path(tmp_path).glob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime)
+    Event = _protobuf_event_class()
+    restart = Event.FromString(list(run_log.read_records(second))[1])
+    assert restart.session_log.status == 1 and restart.step == 3  # SessionLog.START
+    assert run_log.read_events(second)[1]["session_start"]
+
+
+def test_corrupt_file_mid_run_saves_the_step_and_the_rerun_resumes_there(tmp_path):
+    from zsad_jax.data.decode import DataError
+
+    config = get_config()
+    config.optim.steps = 4
+    batches = _batches(4)
+
+    class BreaksAtStep3(ListData):
+        broken = True
+
+        def __next__(self):
+            if self.broken and self.i == 2:
+                raise DataError("cannot decode image file bad.png (truncated)", "bad.png")
+            return super().__next__()
+
+    data = BreaksAtStep3(batches)
+    with pytest.raises(DataError, match=r"bad\.png.*step 2 was saved.*skip_corrupt=True"):
+        run(config, tmp_path / "run", data=data)
+    assert ckpt_lib.resolve_step_dir(tmp_path / "run").name == "2"
+    assert ckpt_lib.read_meta(tmp_path / "run")["data_state"] == {"i": 2}
+    data.broken = False  # the file was fixed
+    resumed = []
+    run(config, tmp_path / "run", data=data, history=resumed)
+    full = []
+    run(config, tmp_path / "full", data=ListData(batches), history=full)
+    assert [h["step"] for h in resumed] == [3, 4]
+    assert [h["loss"] for h in resumed] == [h["loss"] for h in full[2:]]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -146,7 +146,8 @@ def test_two_processes_equal_one_process_and_resume_after_preemption(tmp_path, c
     assert stopped["preempted"] and 0 < stopped["steps"] < 12
     assert ckpt_lib.resolve_step_dir(workdir).name == str(stopped["steps"])
 
-    procs = _launch_two_processes(workdir, steps, cache=cache_dir)
+    # The same command again (a changed config would be refused: tests/test_user_path.py).
+    procs = _launch_two_processes(workdir, steps, "--config.data.toy_sleep_s=0.2", cache=cache_dir)
     outputs = _wait_all(procs)
     for p, (_, err) in zip(procs, outputs, strict=True):
         assert p.returncode == 0, err[-3000:]

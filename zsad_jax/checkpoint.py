@@ -47,6 +47,38 @@ _NO_MUTABLE = {"_no_mutable_state": np.zeros((), np.uint8)}
 # Building the model a checkpoint belongs to.
 
 
+# Config fields that may name Python code as ``package.module:name`` (a user-defined method class,
+# a training-data factory). A config the user gives on the command line is theirs to run; a config
+# stored inside a checkpoint is data from whoever made the checkpoint, so its specs are refused
+# before any import unless the loader opts in (``allow_custom_code``).
+CODE_FIELDS = ("method", "data.train_set")
+
+
+class CustomCodeRefused(ValueError):
+    """A stored config names code to import and the loader did not allow it."""
+
+
+def code_specs(config: Any) -> dict[str, str]:
+    """``{"config.<field>": spec}`` for every field of ``CODE_FIELDS`` holding a ``module:name``."""
+    found = {}
+    for field in CODE_FIELDS:
+        value: Any = config
+        for part in field.split("."):
+            value = value.get(part) if hasattr(value, "get") else None
+        if isinstance(value, str) and ":" in value:
+            found[f"config.{field}"] = value
+    return found
+
+
+def refuse_custom_code(config: Any, where: str | os.PathLike) -> None:
+    """Raises ``CustomCodeRefused`` naming the first code-naming field of a stored config."""
+    for field, spec in code_specs(config).items():
+        raise CustomCodeRefused(
+            f"{where}: {field}={spec!r} names Python code to import; a checkpoint is data and "
+            "its code is not run unless you trust it: pass --allow_custom_code to import it"
+        )
+
+
 def import_object(spec: str, field: str) -> Any:
     """``package.module:name`` -> the object; errors name the config ``field``."""
     module, _, attr = spec.partition(":")
@@ -72,7 +104,8 @@ def build_model(config: Any, *, load_weights: bool = True) -> nnx.Module:
     Training and ``load_for_inference`` both build through here, so any random-weight part (the
     tests' and demo's ``random_init`` backbones) is the same in both. Missing converted weights
     raise the backbone loader's error (naming the expected path and the convert command) before
-    any work.
+    any work. ``config`` is trusted here (the caller's own); a stored one is checked by
+    ``load_for_inference`` first.
     """
     cls = method_class(config.method)
     return cls(config, rngs=nnx.Rngs(int(config.seed)), load_weights=load_weights)
@@ -209,9 +242,10 @@ class TrainCheckpointer:
 
 
 def resolve_step_dir(checkpoint_dir: str | os.PathLike, step: int | None = None) -> Path:
-    """A step directory from a run's workdir, its ``checkpoints`` folder or a step folder itself
-    (the latest complete step unless ``step`` is given)."""
-    path = Path(checkpoint_dir)
+    """The absolute step directory of a run's workdir, its ``checkpoints`` folder or a step folder
+    itself (the latest complete step unless ``step`` is given). Absolute because orbax's readers
+    need it (a relative path makes its ``metadata()`` return None)."""
+    path = Path(checkpoint_dir).absolute()
     if (path / "meta").is_dir() and (path / "params").is_dir():
         return path
     if (path / CHECKPOINT_SUBDIR).is_dir():
@@ -237,16 +271,73 @@ def resolve_step_dir(checkpoint_dir: str | os.PathLike, step: int | None = None)
     return path / str(step)
 
 
-def read_meta(checkpoint_dir: str | os.PathLike, step: int | None = None) -> dict[str, Any]:
-    """The JSON ``meta`` item of a checkpoint (see the module docstring)."""
-    step_dir = resolve_step_dir(checkpoint_dir, step)
-    with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as ckptr:
-        meta = ckptr.restore(step_dir / "meta", args=ocp.args.JsonRestore())
+# The JSON file orbax's JsonCheckpointHandler writes inside an item folder (its default name).
+META_FILE = "metadata"
+# Every key ``meta`` may hold, and the JSON types allowed for it (module docstring).
+META_SCHEMA: dict[str, tuple[type, ...]] = {
+    "format": (str,),
+    "step": (int,),
+    "config": (str,),
+    "threshold": (int, float, type(None)),
+    "data_state": (dict, list, str, int, type(None)),
+    "counters": (dict,),
+    "seconds": (int, float),
+    "final": (bool,),
+    "result": (dict,),
+    "key_impls": (dict,),
+    "config_changes": (list,),
+}
+META_REQUIRED = ("format", "step", "config")
+
+
+class MalformedCheckpoint(ValueError):
+    """A checkpoint's ``meta`` item is unreadable or not what ``zsad_jax.train`` writes."""
+
+
+def validate_meta(meta: Any, where: str | os.PathLike) -> dict[str, Any]:
+    """``meta`` checked against ``META_SCHEMA`` (format tag, required keys, types, known keys);
+    the stored config must parse as a JSON object. Returns it unchanged."""
+
+    def bad(what: str) -> MalformedCheckpoint:
+        return MalformedCheckpoint(f"{where}: not a valid zsad_jax training checkpoint: {what}")
+
+    if not isinstance(meta, dict):
+        raise bad(f"expected a JSON object, got {type(meta).__name__}")
     if meta.get("format") != FORMAT:
-        raise ValueError(
-            f"{step_dir}: not a zsad_jax training checkpoint (format {meta.get('format')!r})"
-        )
+        raise bad(f"format {meta.get('format')!r}, expected {FORMAT!r}")
+    missing = [k for k in META_REQUIRED if k not in meta]
+    unknown = sorted(set(meta) - set(META_SCHEMA))
+    if missing or unknown:
+        raise bad(f"missing keys {missing}, unknown keys {unknown}")
+    for key, value in meta.items():
+        if isinstance(value, bool) and bool not in META_SCHEMA[key]:
+            raise bad(f"{key!r} is a boolean")
+        if not isinstance(value, META_SCHEMA[key]):
+            names = "/".join(t.__name__ for t in META_SCHEMA[key])
+            raise bad(f"{key!r} is {type(value).__name__}, expected {names}")
+    try:
+        config = json.loads(meta["config"])
+    except json.JSONDecodeError as e:
+        raise bad(f"the stored config is not JSON ({e})") from e
+    if not isinstance(config, dict):
+        raise bad("the stored config is not a JSON object")
     return meta
+
+
+def read_meta(checkpoint_dir: str | os.PathLike, step: int | None = None) -> dict[str, Any]:
+    """The JSON ``meta`` item of a checkpoint (see the module docstring), validated.
+
+    Read as plain JSON rather than through orbax so that a truncated or hand-edited file gets an
+    error naming it instead of a traceback from inside orbax.
+    """
+    path = resolve_step_dir(checkpoint_dir, step) / "meta" / META_FILE
+    try:
+        meta = json.loads(path.read_text())
+    except FileNotFoundError as e:
+        raise MalformedCheckpoint(f"{path}: missing (an incomplete checkpoint?)") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MalformedCheckpoint(f"{path}: not valid JSON ({e}); the file is damaged") from e
+    return validate_meta(meta, path)
 
 
 def config_from_meta(meta: Mapping[str, Any]) -> ml_collections.ConfigDict:
@@ -265,37 +356,67 @@ def save_threshold(
     return step_dir
 
 
+def tree_differences(saved: Mapping[str, Any], expected: Mapping[str, Any]) -> list[str]:
+    """What keeps ``saved`` ({path: array or metadata}) from fitting ``expected``: missing,
+    unexpected and reshaped entries, a few of each."""
+    missing, unexpected = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
+    reshaped = [
+        f"{k} {tuple(saved[k].shape)} -> {tuple(np.shape(expected[k]))}"
+        for k in sorted(set(saved) & set(expected))
+        if tuple(saved[k].shape) != tuple(np.shape(expected[k]))
+    ]
+    parts = [(missing, "missing"), (unexpected, "unexpected"), (reshaped, "other shape")]
+    return [f"{label} {items[:5]}" for items, label in parts if items]
+
+
+def saved_params_metadata(step_dir: Path) -> dict[str, Any]:
+    """``{path: metadata with .shape}`` of a step's ``params`` item, without reading arrays."""
+    # The handler itself: a Checkpointer would also look for (and warn about) step-level metadata.
+    metadata = ocp.StandardCheckpointHandler().metadata(Path(step_dir).absolute() / "params")
+    return dict(metadata.tree)
+
+
 def load_params(step_dir: Path, like: Mapping[str, Any]) -> dict[str, jax.Array]:
     """The saved Trainable weights, on this process's first device, shaped like ``like``."""
+    step_dir = Path(step_dir).absolute()
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     abstract = {
         k: jax.ShapeDtypeStruct(np.shape(v), v.dtype, sharding=device) for k, v in like.items()
     }
+    differences = tree_differences(saved_params_metadata(step_dir), abstract)
+    if differences:
+        raise ValueError(
+            f"{step_dir}/params does not fit the model built from the config: "
+            + "; ".join(differences)
+        )
     with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as ckptr:
-        saved_keys = set(ckptr.metadata(step_dir / "params").item_metadata.tree)
-        missing, unexpected = sorted(set(abstract) - saved_keys), sorted(saved_keys - set(abstract))
-        if missing or unexpected:
-            raise ValueError(
-                f"{step_dir}/params does not fit the model built from its config: missing "
-                f"{missing[:10]}, unexpected {unexpected[:10]}"
-            )
         return dict(ckptr.restore(step_dir / "params", args=ocp.args.StandardRestore(abstract)))
 
 
 def load_for_inference(
-    checkpoint_dir: str | os.PathLike, *, step: int | None = None, config: Any = None
+    checkpoint_dir: str | os.PathLike,
+    *,
+    step: int | None = None,
+    config: Any = None,
+    allow_custom_code: bool = False,
 ) -> tuple[nnx.Module, ml_collections.ConfigDict, float | None]:
     """``(model, config, threshold)`` of a trained run.
 
     ``checkpoint_dir`` is a training workdir, its ``checkpoints`` folder or one step folder (latest
     step unless ``step``). The model is rebuilt from the stored config (frozen backbone read from
-    its converted weights), its Trainable weights replaced by the saved ones. ``config`` overrides
-    the stored one (e.g. a different test set); ``threshold`` is None if evaluation never stored
-    one. Call ``model.set_classes(...)`` for the categories to score before use.
+    its converted weights), its Trainable weights replaced by the saved ones. ``config`` replaces
+    the stored one (e.g. the stored one with a different test set); ``threshold`` is None if
+    evaluation never stored one. Call ``model.set_classes(...)`` for the categories to score
+    before use.
+
+    A checkpoint is data: a config that names code to import (``CODE_FIELDS``) is refused before
+    any import unless ``allow_custom_code``.
     """
     step_dir = resolve_step_dir(checkpoint_dir, step)
     meta = read_meta(step_dir)
     config = config_from_meta(meta) if config is None else config
+    if not allow_custom_code:
+        refuse_custom_code(config, step_dir / "meta" / META_FILE)
     model = build_model(config, load_weights=True)
     trainable_state = nnx.state(model, Trainable)
     params = load_params(step_dir, flat_arrays(trainable_state))

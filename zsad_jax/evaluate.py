@@ -539,9 +539,15 @@ class _Collector:
 def _few_shot_passes(
     model: nnx.Module, config: Any, source: Any, transform: Callable, shots: int, seed: int
 ) -> list[tuple[Any, dict[str, Any]]]:
-    """Per category: (the category's test images, {"memory": bank of k reference images})."""
-    from zsad_jax.data import pipeline, protocol
-    from zsad_jax.data.decode import load_record
+    """Per category: (the category's test images, {"memory": bank of k reference images}).
+
+    References are normal images of the test dataset's ``train`` split that are not scored: a train
+    image that is also a test image (same resolved path; a ``folder`` root without a ``train/``
+    level reads the same images for both splits) is left out, and too few left is an error.
+    """
+    import functools
+
+    from zsad_jax.data import decode, pipeline, sources
 
     if not callable(getattr(model, "build_memory", None)):
         raise ValueError(
@@ -551,28 +557,50 @@ def _few_shot_passes(
     records = getattr(source, "records", None)
     if records is None:
         raise ValueError("few-shot evaluation needs file records (not config.data.tfds_dir)")
+    load = functools.partial(decode.load_record, **sources.decode_options(config.data))
     build = nnx.jit(lambda m, x: m.build_memory(x))
     passes = []
     for name in dict.fromkeys(r.category for r in records):
-        normals = [
-            r
-            for r in protocol.read_dataset(
-                str(config.data.test_set), config.data.test_root, "train", [name]
-            )
-            if not r.gt_label
-        ]
-        if len(normals) < shots:
-            raise ValueError(
-                f"few-shot evaluation: category {name!r} has {len(normals)} normal images in the "
-                f"'train' split of {config.data.test_root}, fewer than the {shots} shots asked for"
-            )
+        scored = [r for r in records if r.category == name]
+        normals = _few_shot_references(config, name, scored, shots)
         chosen = np.random.default_rng(seed).choice(len(normals), size=shots, replace=False)
-        images = np.stack([transform(load_record(normals[i]))["image"] for i in sorted(chosen)])
+        images = np.stack([transform(load(normals[i]))["image"] for i in sorted(chosen)])
         memory = jax.device_get(build(model, jax.numpy.asarray(images)))
-        part = pipeline.RecordSource([r for r in records if r.category == name],
-                                     class_names=source.class_names)  # fmt: skip
+        part = pipeline.RecordSource(scored, class_names=source.class_names, load=load)
         passes.append((part, {"memory": memory}))
     return passes
+
+
+def _few_shot_references(config: Any, name: str, scored: Sequence[Any], shots: int) -> list[Any]:
+    """The normal ``train`` images of category ``name`` that are not among its ``scored`` ones."""
+    from zsad_jax.data import sources
+
+    d = config.data
+    train = sources.read_records(d, "test", split="train", categories=[name])
+    normals = [r for r in train if not r.gt_label]
+    test_paths = {os.path.realpath(r.path) for r in scored}
+    held_out = [r for r in normals if os.path.realpath(r.path) not in test_paths]
+    overlap = len(normals) - len(held_out)
+    if overlap and len(held_out) < shots:
+        raise ValueError(
+            f"few-shot evaluation: {overlap} of the {len(normals)} normal 'train' images of "
+            f"category {name!r} in {d.test_root} are also test images, and reference images must "
+            f"not be scored; put {shots}+ reference normals in {d.test_root}/train/good/ and the "
+            f"test images in {d.test_root}/test/good/ and {d.test_root}/test/<defect>/ (several "
+            f"categories: {d.test_root}/<category>/train/good/, {d.test_root}/<category>/test/...)"
+        )
+    if len(held_out) < shots:
+        raise ValueError(
+            f"few-shot evaluation: category {name!r} has {len(held_out)} normal images in the "
+            f"'train' split of {d.test_root}, fewer than the {shots} shots asked for"
+        )
+    if overlap and jax.process_index() == 0:
+        print(
+            f"note: few-shot {name}: {overlap} train images that are also test images are not "
+            "used as references",
+            file=sys.stderr,
+        )
+    return held_out
 
 
 def _category_of(source: Any, index: int, fallback: str) -> str:
@@ -595,13 +623,16 @@ def _write_vis(
     amap: np.ndarray,
     mask: np.ndarray | None,
     score: float,
+    threshold: float | None = None,
 ) -> None:
+    """One labelled panel (``visualize.panel``); ``threshold`` (e.g. the checkpoint's stored one:
+    this evaluation's own is only known at its end) draws the decision, None says "no threshold".
+    """
     stem = visualize.safe_name([f"{index:05d}", "anomalous" if label else "normal",
                                 Path(path).stem, f"score{score:.3f}"])  # fmt: skip
-    visualize.save_png(
-        folder / visualize.safe_name([category]) / f"{stem}.png",
-        visualize.panel(image, np.asarray(amap, np.float32), mask=mask, relative=True),
-    )
+    picture = visualize.panel(image, np.asarray(amap, np.float32), mask=mask, relative=True,
+                              score=score, label=label, threshold=threshold)  # fmt: skip
+    visualize.save_png(folder / visualize.safe_name([category]) / f"{stem}.png", picture)
 
 
 def progress_bar(total: int, *, enabled: bool, desc: str = "evaluate", unit: str = "batch"):
@@ -723,19 +754,27 @@ def has_random_init(config: Any) -> bool:
 
 
 def load_model(
-    checkpoint: str | None, config: Any = None, *, step: int | None = None
+    checkpoint: str | None,
+    config: Any = None,
+    *,
+    step: int | None = None,
+    allow_custom_code: bool = False,
 ) -> tuple[nnx.Module, Any, float | None, dict[str, Any]]:
     """``(model, config, threshold, info)`` from a checkpoint, or a random-init config.
 
-    ``info`` has ``checkpoint`` (absolute step folder or None) and ``step``.
+    ``config`` replaces the checkpoint's stored one (the command line passes the stored one with
+    its ``--config.KEY=VALUE`` overrides); a config naming code to import is refused unless
+    ``allow_custom_code`` (``zsad_jax.checkpoint.load_for_inference``). ``info`` has
+    ``checkpoint`` (absolute step folder or None) and ``step``.
     """
     from zsad_jax import checkpoint as ckpt_lib
 
     if checkpoint:
         step_dir = ckpt_lib.resolve_step_dir(checkpoint, step)
-        model, config, threshold = ckpt_lib.load_for_inference(step_dir, config=config)
-        return model, config, threshold, {"checkpoint": str(step_dir.absolute()),
-                                          "step": int(step_dir.name)}  # fmt: skip
+        model, config, threshold = ckpt_lib.load_for_inference(
+            step_dir, config=config, allow_custom_code=allow_custom_code
+        )
+        return model, config, threshold, {"checkpoint": str(step_dir), "step": int(step_dir.name)}
     if config is None:
         raise ValueError("pass --checkpoint=DIR (a training workdir or checkpoint folder)")
     if not has_random_init(config):
@@ -744,15 +783,8 @@ def load_model(
             "heads must come from a training run (--checkpoint=WORKDIR of python -m "
             "zsad_jax.train)"
         )
-    return (
-        ckpt_lib.build_model(config, load_weights=True),
-        config,
-        None,
-        {
-            "checkpoint": None,
-            "step": None,
-        },
-    )
+    info = {"checkpoint": None, "step": None}
+    return ckpt_lib.build_model(config, load_weights=True), config, None, info
 
 
 def _config_json(config: Any) -> Any:
@@ -772,12 +804,21 @@ def run(
     store_threshold: bool = False,
     few_shot: int = 0,
     few_shot_seed: int = 0,
+    allow_custom_code: bool = False,
 ) -> dict[str, Any]:
     """What the command does; returns the ``evaluate`` result (files written by process 0)."""
+    from zsad_jax import cli
+
     start = time.time()
-    model, config, stored_threshold, info = load_model(checkpoint, config, step=step)
+    if store_threshold and few_shot:
+        raise ValueError("--store_threshold is for zero-shot runs (the checkpoint's mode)")
     workdir = Path(workdir)
     primary = jax.process_index() == 0
+    if primary:
+        cli.ensure_writable(workdir, "--workdir")
+    model, config, stored_threshold, info = load_model(
+        checkpoint, config, step=step, allow_custom_code=allow_custom_code
+    )
     result = evaluate(
         model,
         config,
@@ -807,8 +848,6 @@ def run(
         }
         with open(workdir / "run.json", "w") as f:
             json.dump(json_ready(run_info), f, indent=1)
-        if store_threshold and few_shot:
-            raise ValueError("--store_threshold is for zero-shot runs (the checkpoint's mode)")
         if store_threshold and info["checkpoint"] and math.isfinite(result["threshold"]):
             from zsad_jax import checkpoint as ckpt_lib
 
@@ -824,13 +863,15 @@ def summary_line(result: Mapping[str, Any]) -> str:
     )
 
 
-def _define_flags():
+def _define_flags() -> None:
     from absl import flags
-    from ml_collections import config_flags
 
-    config_flags.DEFINE_config_file(
-        "config", None, "method config (default: the one stored with --checkpoint)",
-        lock_config=True,
+    from zsad_jax import cli
+
+    flags.DEFINE_string(
+        "config", None, "method config file[:variant] for a random-init smoke run without "
+        "--checkpoint; with --checkpoint its stored config is used (change keys with "
+        "--config.KEY=VALUE)",
     )  # fmt: skip
     flags.DEFINE_string("checkpoint", None, "training workdir, its checkpoints/ or a step folder")
     flags.DEFINE_integer("step", None, "checkpoint step (default: latest)")
@@ -841,49 +882,49 @@ def _define_flags():
         "store_threshold", False, "write the F1-optimal threshold into the checkpoint's meta"
     )
     flags.DEFINE_integer(
-        "few_shot", 0, "k > 0: AF-CLIP+ few-shot mode, k normal train images per category"
-    )
+        "few_shot", 0, "k > 0: AF-CLIP+ few-shot mode, k normal train images per category",
+        lower_bound=0,
+    )  # fmt: skip
     flags.DEFINE_integer("few_shot_seed", 0, "draw of the few-shot reference images")
-    flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() (multi-host)")
+    flags.DEFINE_bool(
+        "allow_custom_code", False,
+        "import the Python code a checkpoint's config names (config.method='module:Class'); "
+        "only for checkpoints you trust",
+    )  # fmt: skip
+    cli.define_multihost_flags()
     flags.mark_flags_as_required(["workdir"])
-    return flags.FLAGS
 
 
-def main(argv: Sequence[str]) -> None:
+def main(argv: Sequence[str], overrides: Sequence[tuple[str, str]]) -> None:
     from absl import flags
-    from absl import logging as absl_logging
 
-    from zsad_jax.data.decode import DataError
+    from zsad_jax import cli
 
     if len(argv) > 1:
-        raise SystemExit(f"error: unexpected arguments {argv[1:]}")
+        raise cli.CommandLineError(f"unexpected arguments {list(argv[1:])}")
     f = flags.FLAGS
-    if not f["verbosity"].present:
-        absl_logging.set_verbosity(absl_logging.WARNING)
-    if f.distributed:
-        jax.distributed.initialize()
-    try:
-        result = run(
-            workdir=f.workdir,
-            checkpoint=f.checkpoint,
-            config=f.config,
-            step=f.step,
-            aupro_method=f.aupro_method,
-            progress=f.progress,
-            store_threshold=f.store_threshold,
-            few_shot=f.few_shot,
-            few_shot_seed=f.few_shot_seed,
-        )
-    except (FileNotFoundError, DataError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    cli.initialize_from_flags()
+    config = cli.build_config(
+        config_file=f.config, overrides=overrides, checkpoint=f.checkpoint, step=f.step
+    )
+    result = run(
+        workdir=f.workdir,
+        checkpoint=f.checkpoint,
+        config=config,
+        step=f.step,
+        aupro_method=f.aupro_method,
+        progress=f.progress,
+        store_threshold=f.store_threshold,
+        few_shot=f.few_shot,
+        few_shot_seed=f.few_shot_seed,
+        allow_custom_code=f.allow_custom_code,
+    )
     if jax.process_index() == 0:
         print(f"results in {f.workdir}: metrics.json/.csv/.md, vis/", file=sys.stderr)
         print(summary_line(result), flush=True)
 
 
 if __name__ == "__main__":
-    from absl import app
+    from zsad_jax import cli
 
-    _define_flags()
-    app.run(main)
+    cli.Command(_define_flags, main).run()

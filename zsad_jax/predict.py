@@ -12,13 +12,18 @@ reads: grayscale, RGBA (alpha dropped), palette, 16-bit and float images are con
 and its map is resized back (bilinear) to the original size.
 
 Outputs in ``--out`` (default ``predictions``), per image ``NAME`` (the file's stem; for folders its
-path under the folder, with the folder's name in front):
+path under the folder, with the folder's name in front; when two inputs share a stem, compared
+case-insensitively, the suffix is kept, ``a_png`` and ``a_jpg``, and a name still taken gets ``_1``,
+``_2``, ...):
 
     NAME_overlay.png    the jet heatmap (map values 0..1 = blue..red) blended over the image
     NAME.npy            the anomaly map, float32 (H, W) at the original size, values in [0, 1]
     predictions.jsonl   one JSON line per image (also printed on stdout): path, pred_score,
                         pred_label (1 = anomalous: pred_score >= threshold; null without one),
                         threshold, anomaly_map and overlay file names, width, height
+
+An ``--out`` that already holds a ``predictions.jsonl`` is refused unless ``--overwrite`` (which
+replaces it and the outputs of the same names; other files of the earlier run stay).
 
 The threshold is the F1-optimal image threshold stored with the checkpoint by training's final
 held-out evaluation (or by ``python -m zsad_jax.evaluate --store_threshold``); ``--threshold``
@@ -32,12 +37,14 @@ uses all of them). Methods without a memory bank stop with an error saying so.
 Deployment: ``--export=PATH.stablehlo`` writes the jitted inference function for a fixed batch
 (``--export_batch``) and input size with ``jax.export``: ``PATH.stablehlo`` (``Exported.serialize``:
 the StableHLO module and its calling convention), ``PATH.weights.npz`` (its array arguments: trained
-heads, frozen backbone, memory bank) and ``PATH.json`` (input size, normalisation, threshold).
-``load_exported(PATH)`` runs it without this package's model code.
+heads, frozen backbone, memory bank) and ``PATH.json`` (input size, normalisation, threshold, and
+the weights' count, shape-and-dtype digest and file sha256). ``load_exported(PATH)`` checks that the
+three files belong together, then runs it without this package's model code.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -54,10 +61,12 @@ from flax import nnx
 
 from zsad_jax import evaluate as eval_lib
 from zsad_jax import visualize
-from zsad_jax.data import decode, transforms
+from zsad_jax.data import decode, readers, sources, transforms
 
 DEFAULT_CATEGORY = "object"
-EXPORT_FORMAT = "zsad_jax.export/1"
+# /2: PATH.json describes the weights (count, shape-and-dtype digest, file digest) for checking.
+EXPORT_FORMAT = "zsad_jax.export/2"
+PREDICTIONS_FILE = "predictions.jsonl"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -67,33 +76,70 @@ EXPORT_FORMAT = "zsad_jax.export/1"
 def collect_images(paths: Iterable[str | os.PathLike]) -> list[tuple[str, str]]:
     """``(file, output name)`` for every image file given or found (recursively) in a folder.
 
+    Inside a folder, mask folders (``readers.MASK_DIR_NAMES``: ``masks/``, ``ground_truth/``...)
+    are passed over, as the dataset readers do, so a dataset folder can be scored as it is.
+    Output names are unique per input (compared case-insensitively, as macOS and Windows file
+    systems do) and follow from the order of ``paths`` alone (``unique_names``).
+
     Raises:
       FileNotFoundError: a path does not exist, or a folder holds no image files.
     """
-    found: list[tuple[str, str]] = []
+    found: list[tuple[Path, Path]] = []  # (file, its output name with the file's suffix)
     for given in paths:
         path = Path(given)
         if path.is_file():
-            found.append((str(path), path.stem))
+            found.append((path, Path(path.name)))
         elif path.is_dir():
             files = sorted(
                 p for p in path.rglob("*")
                 if p.is_file() and p.suffix.lower() in decode.IMAGE_EXTENSIONS
+                and not set(p.relative_to(path).parts[:-1]) & set(readers.MASK_DIR_NAMES)
             )  # fmt: skip
             if not files:
                 kinds = ", ".join(decode.IMAGE_EXTENSIONS)
                 raise FileNotFoundError(f"{given}: the folder holds no image files ({kinds})")
             base = Path(path.absolute().name or "images")
-            found += [(str(p), str(base / p.relative_to(path).with_suffix(""))) for p in files]
+            found += [(p, base / p.relative_to(path)) for p in files]
         else:
             raise FileNotFoundError(f"{given}: no such image file or folder")
-    names: dict[str, int] = {}
-    unique = []
-    for file, name in found:  # the same stem from two places must not overwrite outputs
-        count = names.get(name, 0)
-        names[name] = count + 1
-        unique.append((file, name if count == 0 else f"{name}_{count}"))
-    return unique
+    names = unique_names([name for _, name in found])
+    return [(str(file), name) for (file, _), name in zip(found, names, strict=True)]
+
+
+def unique_names(names: Sequence[Path]) -> list[str]:
+    """Output names for input paths (relative, with suffix): unique, case-insensitively.
+
+    The stem (``shop/a.png`` -> ``shop/a``) when no other input has it; otherwise the suffix is
+    kept (``shop/a_png``, ``shop/a_jpg``); whatever is still taken (the same file given twice, a
+    ``a_png.png`` next to ``a.png`` and ``a.jpg``) gets ``_1``, ``_2``, ... until it is free.
+    """
+    stems = [str(n.with_suffix("")) for n in names]
+    counts: dict[str, int] = {}
+    for stem in stems:
+        counts[stem.casefold()] = counts.get(stem.casefold(), 0) + 1
+    taken: set[str] = set()
+    out = []
+    for name, stem in zip(names, stems, strict=True):
+        if counts[stem.casefold()] > 1 and name.suffix:
+            stem = f"{stem}_{name.suffix[1:]}"
+        candidate, n = stem, 0
+        while candidate.casefold() in taken:
+            n += 1
+            candidate = f"{stem}_{n}"
+        taken.add(candidate.casefold())
+        out.append(candidate)
+    return out
+
+
+def check_out_dir(out_dir: str | os.PathLike, *, overwrite: bool) -> None:
+    """Refuses an ``--out`` that holds an earlier run's ``predictions.jsonl`` (its only index of
+    which map belongs to which image) unless ``overwrite``."""
+    jsonl = Path(out_dir) / PREDICTIONS_FILE
+    if jsonl.exists() and not overwrite:
+        raise FileExistsError(
+            f"{jsonl}: --out already holds the predictions of an earlier run; pass --overwrite "
+            "to replace them, or choose another --out"
+        )
 
 
 def preprocess(image: np.ndarray, config: Any) -> np.ndarray:
@@ -140,7 +186,10 @@ def build_reference_memory(
     if shots and len(files) > shots:
         chosen = np.random.default_rng(seed).choice(len(files), size=shots, replace=False)
         files = [files[i] for i in sorted(chosen)]
-    images = np.stack([preprocess(decode.load_image(f), config) for f in files])
+    max_pixels = sources.decode_options(config.data)["max_pixels"]
+    images = np.stack(
+        [preprocess(decode.load_image(f, max_pixels=max_pixels), config) for f in files]
+    )
     memory = nnx.jit(lambda m, x: m.build_memory(x))(model, jnp.asarray(images))
     return jax.device_get(memory)
 
@@ -186,6 +235,8 @@ class Predictor:
             batch_size or int(config.eval.get("batch_size", 8) or 8), self.infer.num_devices
         )
         self.size = int(config.data.image_size)
+        # The pixel limit of config.data.image_max_pixels: a decompression bomb is refused here too.
+        self.max_pixels = sources.decode_options(config.data)["max_pixels"]
 
     def label(self, score: float) -> int | None:
         return None if self.threshold is None else int(score >= self.threshold)
@@ -213,8 +264,11 @@ def predict_files(
     skip_corrupt: bool = False,
     progress: bool = False,
     emit: Callable[[str], None] | None = None,
+    overwrite: bool = False,
 ) -> list[dict[str, Any]]:
     """Scores every image of ``paths`` and writes the outputs (module docstring).
+
+    ``overwrite`` allows replacing the ``predictions.jsonl`` of an earlier run in ``out_dir``.
 
     Returns:
       The JSON records written to ``predictions.jsonl`` (one per image; unreadable files skipped
@@ -222,14 +276,16 @@ def predict_files(
 
     Raises:
       FileNotFoundError: a missing path.
+      FileExistsError: ``out_dir`` holds an earlier run's predictions and not ``overwrite``.
       DataError: an unreadable image (unless ``skip_corrupt``), naming the file.
     """
     out_dir = Path(out_dir)
+    check_out_dir(out_dir, overwrite=overwrite)
     items = collect_images(paths)
     out_dir.mkdir(parents=True, exist_ok=True)
     records: list[dict[str, Any]] = []
     bar = eval_lib.progress_bar(len(items), enabled=progress, desc="predict", unit="image")
-    with open(out_dir / "predictions.jsonl", "w") as jsonl:
+    with open(out_dir / PREDICTIONS_FILE, "w") as jsonl:
 
         def write(record: dict[str, Any]) -> None:
             line = json.dumps(eval_lib.json_ready(record))
@@ -243,7 +299,7 @@ def predict_files(
             chunk, images = [], []
             for file, name in items[start : start + predictor.batch_size]:
                 try:
-                    images.append(decode.load_image(file))
+                    images.append(decode.load_image(file, max_pixels=predictor.max_pixels))
                     chunk.append((file, name))
                 except decode.DataError as e:
                     if not skip_corrupt:
@@ -364,6 +420,12 @@ def export_inference(
         "few_shot": memory is not None,
         "category": category,
         "platforms": list(exported.platforms),
+        # What load_exported checks, so that a mixed-up file set is refused instead of run.
+        "weights": {
+            "count": len(weights),
+            "signature_sha256": _signature_digest((w.shape, w.dtype) for w in weights),
+            "file_sha256": _file_digest(files["weights"]),
+        },
         "inputs": "images float32 (batch, size, size, 3): RGB / 255, resized, (x - mean) / std",
         "outputs": "anomaly_map float32 (batch, size, size), pred_score float32 (batch,)",
     }
@@ -380,7 +442,13 @@ def load_exported(path: str | os.PathLike) -> tuple[Callable, dict[str, Any]]:
     """``(run, meta)``: ``run(images) -> (anomaly_map, pred_score)`` of an exported model.
 
     ``images`` must be float32 ``(meta["batch_size"], S, S, 3)``, preprocessed as ``meta`` says.
-    Runs the stored StableHLO through ``jax.export``; no model code is imported.
+    Runs the stored StableHLO through ``jax.export``; no model code is imported. The three files
+    must belong to one export: format tag, weight count, shapes, dtypes, the weights file's bytes
+    and the input signature are checked first.
+
+    Raises:
+      FileNotFoundError: a file of the set is missing.
+      ValueError: a file is damaged or belongs to another export (one line naming it).
     """
     path = Path(path)
     weights_path = path.with_name(path.name + ".weights.npz")
@@ -388,17 +456,114 @@ def load_exported(path: str | os.PathLike) -> tuple[Callable, dict[str, Any]]:
     for needed in (path, weights_path, meta_path):
         if not needed.is_file():
             raise FileNotFoundError(f"{needed}: exported model file missing (see --export)")
-    meta = json.load(open(meta_path))
-    if meta.get("format") != EXPORT_FORMAT:
-        raise ValueError(f"{meta_path}: not a zsad_jax export (format {meta.get('format')!r})")
-    exported = jax.export.deserialize(bytearray(path.read_bytes()))
-    with np.load(weights_path) as archive:
-        weights = [jnp.asarray(archive[f"arr_{i}"]) for i in range(len(archive.files))]
+    meta = _read_export_meta(meta_path)
+    exported = _read_exported(path)
+    weights = _read_export_weights(weights_path, meta)
+    _check_signature(exported, path, meta)
+    expected = (meta["batch_size"], meta["image_size"], meta["image_size"], 3)
 
     def run(images):
-        return exported.call(weights, jnp.asarray(images, jnp.float32))
+        images = jnp.asarray(images, jnp.float32)
+        if images.shape != expected:
+            raise ValueError(
+                f"{path}: exported for images of shape {expected}, got {images.shape} "
+                "(see batch_size and image_size in its .json)"
+            )
+        return exported.call(weights, images)
 
     return run, meta
+
+
+def _signature_digest(shapes_dtypes: Iterable[tuple[Sequence[int], Any]]) -> str:
+    """sha256 over the ordered ``(shape, dtype)`` list: equal iff the argument lists agree."""
+    # dtype names, not .str: bfloat16 and the float8 types all have the .str of raw bytes ("<V2").
+    text = json.dumps([[list(map(int, s)), np.dtype(d).name] for s, d in shapes_dtypes])
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _file_digest(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _one_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
+def _read_export_meta(meta_path: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(
+            f"{meta_path}: not a readable export description ({_one_line(e)})"
+        ) from None
+    if not isinstance(meta, dict) or meta.get("format") != EXPORT_FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else None
+        raise ValueError(
+            f"{meta_path}: format {found!r} is not {EXPORT_FORMAT!r}; export again with this "
+            "version (python -m zsad_jax.predict --export=PATH)"
+        )
+    weights = meta.get("weights")
+    needed = ("count", "signature_sha256", "file_sha256")
+    if not all(k in meta for k in ("batch_size", "image_size")) or not (
+        isinstance(weights, dict) and all(k in weights for k in needed)
+    ):
+        raise ValueError(f"{meta_path}: incomplete export description; export again (--export)")
+    return meta
+
+
+def _read_exported(path: Path) -> jax.export.Exported:
+    # A truncated or foreign file fails deep in the flatbuffer reader (struct.error and others).
+    try:
+        return jax.export.deserialize(bytearray(path.read_bytes()))
+    except Exception as e:  # any failure here means the same: not loadable
+        raise ValueError(
+            f"{path}: not a readable jax.export file (truncated or not written by --export: "
+            f"{type(e).__name__})"
+        ) from None
+
+
+def _read_export_weights(weights_path: Path, meta: Mapping[str, Any]) -> list[jax.Array]:
+    """The arrays of ``PATH.weights.npz``, after checking them against ``PATH.json``."""
+    want = meta["weights"]
+    where = f"{weights_path}: does not belong to this export"
+    try:
+        with np.load(weights_path, allow_pickle=False) as archive:
+            arrays = [archive[f"arr_{i}"] for i in range(len(archive.files))]
+    except Exception as e:  # zip, npy header or KeyError: all a damaged file
+        raise ValueError(
+            f"{weights_path}: not a readable weights archive ({_one_line(e)})"
+        ) from None
+    if len(arrays) != want["count"]:
+        raise ValueError(f"{where} ({len(arrays)} arrays, the export has {want['count']})")
+    if _signature_digest((a.shape, a.dtype) for a in arrays) != want["signature_sha256"]:
+        raise ValueError(f"{where} (array shapes or dtypes differ)")
+    if _file_digest(weights_path) != want["file_sha256"]:
+        # Same-shaped weights of another checkpoint would otherwise run and give wrong maps.
+        raise ValueError(f"{where} (same shapes, but its sha256 differs from the .json's)")
+    return [jnp.asarray(a) for a in arrays]
+
+
+def _check_signature(exported: jax.export.Exported, path: Path, meta: Mapping[str, Any]) -> None:
+    """The StableHLO's arguments must be the described weights and images."""
+    avals = list(exported.in_avals)
+    size, batch = meta["image_size"], meta["batch_size"]
+    images = (batch, size, size, 3), np.dtype(np.float32)
+    weights = [(a.shape, a.dtype) for a in avals[:-1]]
+    if (
+        len(weights) != meta["weights"]["count"]
+        or _signature_digest(weights) != meta["weights"]["signature_sha256"]
+        or not avals
+        or (avals[-1].shape, np.dtype(avals[-1].dtype)) != images
+    ):
+        raise ValueError(
+            f"{path}: does not belong to this export (its arguments differ from the weights and "
+            f"the {batch} x {size} x {size} x 3 float32 images its .json describes)"
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -424,17 +589,26 @@ def run(
     export_batch: int = 1,
     export_platforms: Sequence[str] | None = None,
     emit: Callable[[str], None] | None = None,
+    overwrite: bool = False,
+    allow_custom_code: bool = False,
 ) -> dict[str, Any]:
     """What the command does: ``{"predictions": [...], "threshold", "export": files or None}``."""
     if not images and not export:
         raise ValueError("give image files or folders to score (or --export=PATH)")
-    for given in images:  # fail on a bad path before loading any model
+    # Every refusal that needs no model comes before loading one (minutes for a large backbone).
+    check_options(threshold=threshold, batch_size=batch_size, export_batch=export_batch,
+                  shots=shots)  # fmt: skip
+    for given in images:
         if not Path(given).exists():
             raise FileNotFoundError(f"{given}: no such image file or folder")
-    model, config, stored, _ = eval_lib.load_model(checkpoint, config, step=step)
+    if images:
+        check_out_dir(out, overwrite=overwrite)
+    model, config, stored, _ = eval_lib.load_model(
+        checkpoint, config, step=step, allow_custom_code=allow_custom_code
+    )
     chosen = stored if threshold is None else float(threshold)
     if chosen is not None and not math.isfinite(float(chosen)):
-        chosen = None
+        chosen = None  # a stored NaN: evaluation found no anomalous image to choose one on
     if reference and threshold is None and chosen is not None:
         # The stored threshold was chosen on zero-shot scores; few-shot scores have another scale.
         warnings.warn(
@@ -465,18 +639,42 @@ def run(
             batch_size=batch_size,
         )  # fmt: skip
         result["predictions"] = predict_files(
-            predictor, images, out, skip_corrupt=skip_corrupt, progress=progress, emit=emit
-        )
+            predictor, images, out, skip_corrupt=skip_corrupt, progress=progress, emit=emit,
+            overwrite=overwrite,
+        )  # fmt: skip
     return result
 
 
-def _define_flags():
-    from absl import flags
-    from ml_collections import config_flags
+def check_options(
+    *,
+    threshold: float | None = None,
+    batch_size: int | None = None,
+    export_batch: int = 1,
+    shots: int | None = None,
+) -> None:
+    """Refuses option values that would silently do something else (one line naming the flag)."""
+    if threshold is not None and not math.isfinite(float(threshold)):
+        raise ValueError(
+            f"--threshold={threshold}: must be a finite number (omit it to use the checkpoint's "
+            "stored threshold)"
+        )
+    if batch_size is not None and int(batch_size) <= 0:
+        raise ValueError(f"--batch_size={batch_size}: must be > 0 (omit it for the config's)")
+    if int(export_batch) <= 0:
+        raise ValueError(f"--export_batch={export_batch}: must be > 0 (images per exported call)")
+    if shots is not None and int(shots) < 0:
+        raise ValueError(f"--shots={shots}: must be >= 0 (0 uses every reference image)")
 
-    config_flags.DEFINE_config_file(
-        "config", None, "method config (default: the one stored with --checkpoint)",
-        lock_config=True,
+
+def _define_flags() -> None:
+    from absl import flags
+
+    from zsad_jax import cli
+
+    flags.DEFINE_string(
+        "config", None, "method config file[:variant] for a random-init smoke run without "
+        "--checkpoint; with --checkpoint its stored config is used (change keys with "
+        "--config.KEY=VALUE)",
     )  # fmt: skip
     flags.DEFINE_string("checkpoint", None, "training workdir, its checkpoints/ or a step folder")
     flags.DEFINE_integer("step", None, "checkpoint step (default: latest)")
@@ -492,39 +690,51 @@ def _define_flags():
     flags.DEFINE_string("export", None, "also write the jitted inference function here")
     flags.DEFINE_integer("export_batch", 1, "batch size of the exported function")
     flags.DEFINE_list("export_platforms", None, "lowering platforms, e.g. cpu,cuda (default: this)")
-    return flags.FLAGS
+    flags.DEFINE_bool("overwrite", False, "replace the predictions of an earlier run in --out")
+    flags.DEFINE_bool(
+        "allow_custom_code", False,
+        "import the Python code a checkpoint's config names (config.method='module:Class'); "
+        "only for checkpoints you trust",
+    )  # fmt: skip
+    cli.define_multihost_flags()
 
 
-def main(argv: Sequence[str]) -> None:
+def main(argv: Sequence[str], overrides: Sequence[tuple[str, str]]) -> None:
     from absl import flags
-    from absl import logging as absl_logging
+
+    from zsad_jax import cli
 
     f = flags.FLAGS
-    if not f["verbosity"].present:
-        absl_logging.set_verbosity(absl_logging.WARNING)
-    try:
-        result = run(
-            list(argv[1:]),
-            checkpoint=f.checkpoint,
-            config=f.config,
-            step=f.step,
-            out=f.out,
-            threshold=f.threshold,
-            reference=f.reference,
-            shots=f.shots,
-            seed=f.seed,
-            category=f.category,
-            batch_size=f.batch_size,
-            skip_corrupt=f.skip_corrupt,
-            progress=f.progress,
-            export=f.export,
-            export_batch=f.export_batch,
-            export_platforms=f.export_platforms,
-            emit=lambda line: print(line, flush=True),
-        )
-    except (FileNotFoundError, decode.DataError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    # Before build_config reads the checkpoint (run checks again, for library callers).
+    check_options(threshold=f.threshold, batch_size=f.batch_size, export_batch=f.export_batch,
+                  shots=f.shots)  # fmt: skip
+    if argv[1:]:
+        check_out_dir(f.out, overwrite=f.overwrite)
+    cli.initialize_from_flags()
+    config = cli.build_config(
+        config_file=f.config, overrides=overrides, checkpoint=f.checkpoint, step=f.step
+    )
+    result = run(
+        list(argv[1:]),
+        checkpoint=f.checkpoint,
+        config=config,
+        step=f.step,
+        out=f.out,
+        threshold=f.threshold,
+        reference=f.reference,
+        shots=f.shots,
+        seed=f.seed,
+        category=f.category,
+        batch_size=f.batch_size,
+        skip_corrupt=f.skip_corrupt,
+        progress=f.progress,
+        export=f.export,
+        export_batch=f.export_batch,
+        export_platforms=f.export_platforms,
+        emit=lambda line: print(line, flush=True),
+        allow_custom_code=f.allow_custom_code,
+        overwrite=f.overwrite,
+    )
     if result["predictions"]:
         counts = _counts(result["predictions"])
         print(
@@ -545,7 +755,7 @@ def _counts(records: Sequence[Mapping[str, Any]]) -> dict[str, int]:
 
 
 if __name__ == "__main__":
-    from absl import app
+    from zsad_jax import cli
 
-    _define_flags()
-    app.run(main)
+    # FileExistsError: an --out holding an earlier run's predictions (check_out_dir).
+    cli.Command(_define_flags, main, expected_errors=(FileExistsError,)).run()

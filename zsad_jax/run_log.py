@@ -73,16 +73,24 @@ def _field(number: int, wire_type: int, payload: bytes) -> bytes:
     return key + payload
 
 
+SESSION_START = 1  # tensorflow.SessionLog.START
+
+
 def encode_event(
     step: int,
     wall_time: float,
     scalars: Mapping[str, float] | None = None,
     file_version: str | None = None,
+    session_start: bool = False,
 ) -> bytes:
-    """A serialised ``Event`` with one ``simple_value`` per scalar."""
+    """A serialised ``Event`` with one ``simple_value`` per scalar; ``session_start`` adds
+    ``session_log {status: START}``, on which TensorBoard drops the events of step >= ``step``
+    written before it (the lost tail of a killed run)."""
     out = _field(1, 1, struct.pack("<d", wall_time)) + _field(2, 0, _varint(int(step)))
     if file_version is not None:
         out += _field(3, 2, file_version.encode())
+    if session_start:
+        out += _field(6, 2, _field(1, 0, _varint(SESSION_START)))
     if scalars:
         values = b"".join(
             _field(1, 2, _field(1, 2, tag.encode()) + _field(2, 5, struct.pack("<f", float(v))))
@@ -160,7 +168,13 @@ def read_events(path: str | os.PathLike) -> list[dict]:
     """Every event of a file: ``{"step", "wall_time", "scalars": {tag: value}, "file_version"}``."""
     events = []
     for record in read_records(path):
-        event = {"step": 0, "wall_time": 0.0, "scalars": {}, "file_version": None}
+        event = {
+            "step": 0,
+            "wall_time": 0.0,
+            "scalars": {},
+            "file_version": None,
+            "session_start": False,
+        }
         for number, _, raw in _parse_fields(record):
             if number == 1:
                 event["wall_time"] = struct.unpack("<d", raw)[0]
@@ -168,6 +182,10 @@ def read_events(path: str | os.PathLike) -> list[dict]:
                 event["step"] = raw - (1 << 64) if raw >= 1 << 63 else raw
             elif number == 3:
                 event["file_version"] = raw.decode()
+            elif number == 6:
+                event["session_start"] = (
+                    dict((n, r) for n, _, r in _parse_fields(raw)).get(1) == SESSION_START
+                )
             elif number == 5:
                 for _, _, value in _parse_fields(raw):
                     fields = {n: r for n, _, r in _parse_fields(value)}
@@ -180,13 +198,16 @@ def read_events(path: str | os.PathLike) -> list[dict]:
 class EventFileWriter:
     """Appends scalar events to a new ``events.out.tfevents.*`` file in ``logdir``."""
 
-    def __init__(self, logdir: str | os.PathLike):
+    def __init__(self, logdir: str | os.PathLike, *, resume_step: int = 0):
         logdir = Path(logdir)
         logdir.mkdir(parents=True, exist_ok=True)
         name = f"events.out.tfevents.{time.time():.6f}.{socket.gethostname()}.{os.getpid()}"
         self.path = logdir / name
         self._file = open(self.path, "ab")  # noqa: SIM115  (closed in close())
         self._file.write(frame_record(encode_event(0, time.time(), file_version="brain.Event:2")))
+        if resume_step:
+            start = encode_event(resume_step + 1, time.time(), session_start=True)
+            self._file.write(frame_record(start))
         self._file.flush()
 
     def add_scalars(self, step: int, scalars: Mapping[str, float], wall_time: float | None = None):
@@ -210,14 +231,17 @@ class MetricWriter:
     """``metrics.jsonl`` + TensorBoard events in ``workdir``; a no-op where ``active`` is False
     (every process but the first in a multi-host run)."""
 
-    def __init__(self, workdir: str | os.PathLike, *, active: bool = True):
+    def __init__(self, workdir: str | os.PathLike, *, active: bool = True, resume_step: int = 0):
+        """``resume_step``: the step a resumed run restarts from; rows written after it (by the
+        part of a killed run whose checkpoint was lost) are dropped, so each step has one row."""
         self.active = active
         self.workdir = Path(workdir)
         if not active:
             return
         self.workdir.mkdir(parents=True, exist_ok=True)
+        _truncate_after(self.workdir / METRICS_FILE, resume_step)
         self._jsonl = open(self.workdir / METRICS_FILE, "a")  # noqa: SIM115
-        self._events = EventFileWriter(self.workdir)
+        self._events = EventFileWriter(self.workdir, resume_step=resume_step)
 
     def write(self, step: int, scalars: Mapping[str, float]) -> None:
         if not self.active:
@@ -239,6 +263,28 @@ class MetricWriter:
         if self.active:
             self._jsonl.close()
             self._events.close()
+
+
+def _truncate_after(path: Path, step: int) -> None:
+    """Keeps the rows of ``path`` with ``step <= step`` (atomically: a new file renamed over it);
+    a torn last line of a killed writer is dropped too."""
+    if not path.exists():
+        return
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            dropped += 1
+            continue
+        if int(row.get("step", 0)) <= step:
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)
 
 
 def read_metrics(workdir: str | os.PathLike) -> list[dict]:

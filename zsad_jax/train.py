@@ -61,9 +61,10 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from zsad_jax import checkpoint as ckpt_lib
+from zsad_jax import cli, run_log
 from zsad_jax import optim as optim_lib
-from zsad_jax import run_log
 from zsad_jax import sharding as shard_lib
+from zsad_jax.data.decode import DataError
 from zsad_jax.nn import Trainable
 
 # Variables a training step updates besides the trained weights: dropout/noise RNG streams and
@@ -384,6 +385,70 @@ def _threshold_from(metrics: Mapping[str, Any]) -> float | None:
 
 
 # ----------------------------------------------------------------------------------------------
+# Resuming a workdir.
+
+
+class ConfigMismatch(ValueError):
+    """The workdir's checkpoint belongs to another config."""
+
+
+def _flat_config(config_json: str) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict) and value:
+            for k, v in value.items():
+                walk(f"{prefix}.{k}", v)
+        else:
+            flat[prefix] = value
+
+    walk("config", json.loads(config_json))
+    return flat
+
+
+def config_differences(old_json: str, new_json: str) -> dict[str, list[Any]]:
+    """``{"config.key": [old, new]}`` for every leaf that differs between two config JSONs (a
+    missing leaf is None)."""
+    old, new = _flat_config(old_json), _flat_config(new_json)
+    return {
+        k: [old.get(k), new.get(k)] for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)
+    }
+
+
+def _describe(changed: Mapping[str, list[Any]], limit: int = 6) -> str:
+    items = [f"{k}: {json.dumps(a)} -> {json.dumps(b)}" for k, (a, b) in changed.items()]
+    more = f", and {len(items) - limit} more" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
+
+
+def _check_resumable(
+    workdir: Path,
+    step_dir: Path,
+    config_json: str,
+    params: Mapping[str, Any],
+    allow_config_change: bool,
+) -> dict[str, Any]:
+    """The meta of the checkpoint to resume from, after checking it belongs to this run: the same
+    config (unless ``allow_config_change``) and, in any case, trained weights of the same
+    structure. Raises ``ConfigMismatch`` naming what differs."""
+    meta = ckpt_lib.read_meta(step_dir)
+    changed = config_differences(meta["config"], config_json)
+    if changed and not allow_config_change:
+        raise ConfigMismatch(
+            f"{workdir} holds a run of a different config ({_describe(changed)}); use a new "
+            "--workdir, or pass --allow_config_change to continue this run under the new config "
+            "(recorded in its checkpoints)"
+        )
+    differences = ckpt_lib.tree_differences(ckpt_lib.saved_params_metadata(step_dir), params)
+    if differences:
+        raise ConfigMismatch(
+            f"{workdir} holds a checkpoint of a different model ({'; '.join(differences)}; "
+            f"config {_describe(changed) or 'unchanged'}); use a new --workdir"
+        )
+    return meta
+
+
+# ----------------------------------------------------------------------------------------------
 # Preemption.
 
 
@@ -517,6 +582,7 @@ def train(
     progress: bool = True,
     history: list | None = None,
     step_callback: Callable[[int, dict], None] | None = None,
+    allow_config_change: bool = False,
 ) -> dict[str, Any]:
     """Trains (or resumes training of) ``config``'s method; returns the final metrics.
 
@@ -532,6 +598,9 @@ def train(
       progress: show the tqdm bar (process 0 only).
       history: if a list, every step's ``{"step", "loss", "finite", ...}`` is appended to it.
       step_callback: called with ``(step, metrics)`` after each step's metrics are on the host.
+      allow_config_change: resume a workdir whose checkpoint was written under another config
+        (a deliberate continuation, e.g. more steps); the changed keys are recorded in the
+        checkpoints' ``config_changes``. Without it such a workdir is refused, naming the keys.
 
     Returns:
       ``{"steps", "seconds", "loss", "bad_steps", ..., evaluation metrics}``; ``"preempted": True``
@@ -545,6 +614,8 @@ def train(
     # is read or anything is compiled.
     if model is None:
         model = ckpt_lib.build_model(config, load_weights=True)
+    if primary:
+        cli.ensure_writable(workdir, "--workdir")
     mesh = shard_lib.make_mesh(config.mesh)
     global_batch = int(config.data.batch_size)
     shard_lib.batch_size_per_process(global_batch, mesh)
@@ -589,13 +660,27 @@ def train(
     counters = _Counters()
     step = 0
     config_json = _config_json(config)
+    config_changes: list[dict[str, Any]] = []
     latest = checkpointer.latest_step()
     if latest is not None:
-        params, opt_state, mutable, meta = checkpointer.restore(
-            latest, params=params, opt_state=opt_state, mutable=mutable
-        )
+        try:
+            meta = _check_resumable(
+                workdir, checkpointer.directory / str(latest), config_json, params,
+                allow_config_change,
+            )  # fmt: skip
+            params, opt_state, mutable, _ = checkpointer.restore(
+                latest, params=params, opt_state=opt_state, mutable=mutable
+            )
+        except BaseException:
+            checkpointer.close()  # an open async manager would log tracebacks at exit
+            raise
+        config_changes = list(meta.get("config_changes", []))
+        changed = config_differences(meta["config"], config_json)
+        if changed:
+            config_changes.append({"step": int(meta["step"]), "changed": changed})
         if meta.get("final") and int(meta["step"]) >= total_steps:
-            # Finished already (a larger config.optim.steps/epochs would continue from here).
+            # Finished already (a larger config.optim.steps/epochs, with allow_config_change,
+            # continues from here).
             checkpointer.close()
             result = dict(meta.get("result", {}))
             result["resumed_finished_run"] = True
@@ -603,10 +688,10 @@ def train(
         train_data.set_state(_decode_state(meta["data_state"]))
         counters = _Counters(**meta.get("counters", {}))
         step = int(meta["step"])
-        if meta.get("config") != config_json and primary:
+        if changed and primary:
             print(
-                f"note: resuming {workdir} from step {step} with a config that differs from the "
-                "one it was started with",
+                f"note: continuing {workdir} from step {step} under a changed config "
+                f"({', '.join(changed)}); recorded in the checkpoint's config_changes",
                 file=sys.stderr,
             )
 
@@ -624,6 +709,7 @@ def train(
             "config": config_json,
             "threshold": None,
             "seconds": time.time() - start_time,
+            **({"config_changes": config_changes} if config_changes else {}),
             **extra,
         }
 
@@ -635,7 +721,8 @@ def train(
     def current_model() -> nnx.Module:
         return split.merge(params, mutable, frozen)
 
-    writer = run_log.MetricWriter(workdir, active=primary)
+    # Rows after the restored step were written by the part of a killed run that was lost.
+    writer = run_log.MetricWriter(workdir, active=primary, resume_step=step)
     eval_every = int(config.eval.get("every_steps", 0) or 0)
     save_every = int(ckpt_cfg.get("every_steps", 0) or 0)
     preemption = _Preemption(checkpointer)
@@ -659,7 +746,26 @@ def train(
     try:
         with jax.set_mesh(mesh):
             while step < total_steps:
-                batch = shard_lib.global_batch_from_local(next(train_data), mesh)
+                data_state = train_data.get_state()
+                try:
+                    local_batch = next(train_data)
+                except DataError as e:
+                    # Keep the work done so far: save this step with the data position before the
+                    # bad batch, so fixing the file and re-running resumes right here.
+                    if pending is not None:
+                        handle(*pending)
+                        pending = None
+                    meta = {**meta_now(), "data_state": _encode_state(data_state)}
+                    checkpointer.save(
+                        step, params=params, opt_state=opt_state, mutable=mutable, meta=meta
+                    )
+                    raise DataError(
+                        f"{e} [step {step} was saved in {checkpointer.directory}: fix or remove "
+                        "the file and re-run the same command to resume, or add "
+                        "--config.data.skip_corrupt=True]",
+                        e.path,
+                    ) from e
+                batch = shard_lib.global_batch_from_local(local_batch, mesh)
                 params, opt_state, mutable, metrics = step_fn(
                     params, opt_state, mutable, frozen, batch
                 )
@@ -777,66 +883,33 @@ def _result(step, start_time, last_loss, counters, eval_metrics) -> dict[str, An
 # Command line.
 
 
-def initialize_distributed(
-    *,
-    auto: bool = False,
-    coordinator_address: str | None = None,
-    num_processes: int | None = None,
-    process_id: int | None = None,
-) -> None:
-    """``jax.distributed.initialize`` when asked to (before any other JAX call).
-
-    ``auto`` lets JAX detect the cluster (TPU pod, SLURM, Open MPI); otherwise the three arguments
-    name the coordinator (process 0's ``host:port``), the process count and this process's index.
-    """
-    if not (auto or coordinator_address or num_processes):
-        return
-    # Cross-process collectives on CPU hosts (tests, CPU clusters); ignored by GPU/TPU backends.
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(
-        coordinator_address=coordinator_address,
-        num_processes=num_processes,
-        process_id=process_id,
-    )
-
-
-def _define_flags():
+def _define_flags() -> None:
     from absl import flags
-    from ml_collections import config_flags
 
-    config_flags.DEFINE_config_file("config", None, "method config file", lock_config=True)
+    flags.DEFINE_string(
+        "config", None, "method config file[:variant,...]; change keys with --config.KEY=VALUE"
+    )
     flags.DEFINE_string("workdir", None, "checkpoints, metrics and event files go here")
     flags.DEFINE_bool("progress", True, "show a progress bar")
     flags.DEFINE_bool(
-        "distributed", False, "call jax.distributed.initialize() with cluster auto-detection"
-    )
-    flags.DEFINE_string("coordinator_address", None, "multi-process: host:port of process 0")
-    flags.DEFINE_integer("num_processes", None, "multi-process: number of processes")
-    flags.DEFINE_integer("process_id", None, "multi-process: index of this process")
+        "allow_config_change", False,
+        "resume a workdir started under another config (recorded in its checkpoints)",
+    )  # fmt: skip
+    cli.define_multihost_flags()
     flags.mark_flags_as_required(["config", "workdir"])
-    return flags.FLAGS
 
 
-def main(argv: Sequence[str]) -> None:
+def main(argv: Sequence[str], overrides: Sequence[tuple[str, str]]) -> None:
     from absl import flags
-    from absl import logging as absl_logging
 
-    del argv
+    if len(argv) > 1:
+        raise cli.CommandLineError(f"unexpected arguments {list(argv[1:])}")
     f = flags.FLAGS
-    if not f["verbosity"].present:
-        # orbax logs every save step at INFO; keep the terminal for the progress bar and errors.
-        absl_logging.set_verbosity(absl_logging.WARNING)
-    initialize_distributed(
-        auto=f.distributed,
-        coordinator_address=f.coordinator_address,
-        num_processes=f.num_processes,
-        process_id=f.process_id,
+    cli.initialize_from_flags()  # before anything touches a JAX backend
+    config = cli.build_config(config_file=f.config, overrides=overrides)
+    result = train(
+        config, f.workdir, progress=f.progress, allow_config_change=f.allow_config_change
     )
-    try:
-        result = train(f.config, f.workdir, progress=f.progress)
-    except (FileNotFoundError, TrainingDiverged, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
     if jax.process_index() == 0:
         if result.get("preempted"):
             print(
@@ -851,7 +924,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-    from absl import app
-
-    _define_flags()
-    app.run(main)
+    cli.Command(_define_flags, main, expected_errors=(TrainingDiverged,)).run()

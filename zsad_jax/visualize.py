@@ -8,11 +8,12 @@ the same on every image.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 
 def jet_colors(values: np.ndarray) -> np.ndarray:
@@ -82,6 +83,43 @@ def heatmap_overlay(
     return out
 
 
+def panel_tiles(
+    image: np.ndarray,
+    anomaly_map: np.ndarray,
+    *,
+    mask: np.ndarray | None = None,
+    alpha: float = 0.5,
+    value_range: tuple[float, float] = (0.0, 1.0),
+    relative: bool = False,
+) -> list[tuple[str, np.ndarray]]:
+    """``(title, (H, W, 3) uint8)`` tiles: the image, its overlay on ``value_range``,
+    (``relative``) the overlay min-max scaled on this map alone (where the model looks, even when
+    every value is small), and (``mask`` given) the ground truth."""
+    amap = np.asarray(anomaly_map, np.float32)
+    low, high = float(value_range[0]), float(value_range[1])
+    tiles = [
+        ("image", np.asarray(image)),
+        (
+            f"overlay [{low:g},{high:g}]",
+            heatmap_overlay(image, amap, alpha=alpha, value_range=value_range, mask=mask),
+        ),
+    ]
+    if relative:
+        tiles.append(
+            ("overlay (min-max)", heatmap_overlay(image, amap, alpha=alpha,
+                                                  value_range=_min_max(amap), mask=mask))
+        )  # fmt: skip
+    if mask is not None:
+        gray = (np.asarray(mask, bool) * 255).astype(np.uint8)
+        tiles.append(("mask", np.repeat(gray[..., None], 3, -1)))
+    return tiles
+
+
+def _min_max(amap: np.ndarray) -> tuple[float, float]:
+    low, high = float(amap.min()), float(amap.max())
+    return (low, high) if high > low else (low, low + 1.0)  # a flat map: one colour, no ramp
+
+
 def panel(
     image: np.ndarray,
     anomaly_map: np.ndarray,
@@ -90,22 +128,149 @@ def panel(
     alpha: float = 0.5,
     value_range: tuple[float, float] = (0.0, 1.0),
     relative: bool = False,
+    score: float | None = None,
+    label: int | None = None,
+    threshold: float | None = None,
+    annotate: bool = True,
 ) -> np.ndarray:
-    """Tiles side by side: the image, its overlay on ``value_range``, (``relative``) the overlay
-    min-max scaled on this map alone (where the model looks, even when every value is small), and
-    (``mask`` given) the ground truth. Returns (H, k W, 3) uint8."""
-    amap = np.asarray(anomaly_map, np.float32)
-    tiles: list[np.ndarray] = [
-        np.asarray(image),
-        heatmap_overlay(image, amap, alpha=alpha, value_range=value_range, mask=mask),
-    ]
-    if relative:
-        low, high = float(amap.min()), float(amap.max())
-        span = (low, high) if high > low else (low, low + 1.0)
-        tiles.append(heatmap_overlay(image, amap, alpha=alpha, value_range=span, mask=mask))
-    if mask is not None:
-        tiles.append(np.repeat((np.asarray(mask, bool) * 255).astype(np.uint8)[..., None], 3, -1))
-    return np.concatenate(tiles, axis=1)
+    """The tiles of ``panel_tiles`` side by side, for people to look at.
+
+    With ``annotate`` (default) each tile gets its title above it, and below the tiles come a line
+    with ``score`` and the decision of ``threshold`` (``score >= threshold`` is anomalous; "no
+    threshold" when None or not finite) and the ground-truth ``label``, then a jet colour bar of
+    ``value_range`` with tick labels. Text scales with the tile width (``font_size``) and never
+    drops below a legible size. ``annotate=False`` gives the bare tiles, (H, k W, 3).
+
+    Returns:
+      (title band + H + footer, k W, 3) uint8 RGB; the heights are ``panel_layout``'s.
+    """
+    tiles = panel_tiles(image, anomaly_map, mask=mask, alpha=alpha, value_range=value_range,
+                        relative=relative)  # fmt: skip
+    body = np.concatenate([t for _, t in tiles], axis=1)
+    if not annotate:
+        return body
+    parts = info_lines(
+        score=score,
+        label=label,
+        threshold=threshold,
+        relative_range=_min_max(np.asarray(anomaly_map)) if relative else None,
+    )
+    height, width = body.shape[:2]
+    tile_width = width // len(tiles)
+    layout = panel_layout(height, width, len(tiles), parts)
+    font, pad = _font(layout["font"]), layout["pad"]
+    canvas = Image.new("RGB", (width, layout["height"]), BACKGROUND)
+    canvas.paste(Image.fromarray(body), (0, layout["tiles"][0]))
+    draw = ImageDraw.Draw(canvas)
+    for i, (title, _) in enumerate(tiles):
+        _centred_text(draw, (i + 0.5) * tile_width, layout["title"][0] + pad, title, font)
+    for j, text in enumerate(layout["lines"]):
+        draw.text((pad, layout["info"][0] + j * layout["line"] + pad), text, fill=TEXT, font=font)
+    _draw_colour_bar(canvas, draw, font, layout, value_range)
+    return np.asarray(canvas)
+
+
+BACKGROUND = (255, 255, 255)
+TEXT = (0, 0, 0)
+MIN_FONT = 12  # below this the built-in font is hard to read on screen
+TICKS = 5
+
+
+def _text_metrics(tile_width: int) -> tuple[int, int]:
+    """(font size, padding) for tiles ``tile_width`` wide."""
+    size = font_size(tile_width)
+    return size, max(2, size // 3)
+
+
+def _centred_text(draw, x: float, top: int, text: str, font) -> None:
+    # Centred by measuring, not by anchor: Pillow's bitmap fallback font has no anchors.
+    draw.text((round(x - font.getlength(text) / 2), top), text, fill=TEXT, font=font)
+
+
+def font_size(tile_width: int) -> int:
+    """Text height in pixels for tiles ``tile_width`` wide: 1/22 of it, at least ``MIN_FONT``
+    (12 px at 128 px tiles, 24 px at the methods' 518 px)."""
+    return max(MIN_FONT, round(tile_width / 22))
+
+
+def _font(size: int):
+    # Pillow >= 10.1 with FreeType: a scalable built-in font; otherwise its fixed bitmap font.
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, ImportError, OSError):
+        return ImageFont.load_default()
+
+
+def info_lines(
+    *,
+    score: float | None,
+    label: int | None,
+    threshold: float | None,
+    relative_range: tuple[float, float] | None = None,
+) -> list[str]:
+    """The text under the tiles (ASCII: the built-in font has no >= or arrow glyphs)."""
+    lines = []
+    if score is not None:
+        score = float(score)
+        if threshold is None or not math.isfinite(float(threshold)):
+            lines.append(f"score {score:.3f}  (no threshold)")
+        else:
+            t = float(threshold)
+            decision = f">= t={t:.3f} -> anomalous" if score >= t else f"< t={t:.3f} -> normal"
+            lines.append(f"score {score:.3f}  {decision}")
+    if label is not None:
+        lines.append(f"ground truth: {'anomalous' if label else 'normal'}")
+    if relative_range is not None:
+        low, high = relative_range
+        lines.append(f"min-max tile: blue = {low:.3f}, red = {high:.3f}")
+    return lines
+
+
+def _wrap(parts: Sequence[str], font, width: int, sep: str = "   |   ") -> list[str]:
+    """Joins ``parts`` on lines no wider than ``width`` (a part wider than that stays alone)."""
+    lines: list[str] = []
+    for part in parts:
+        if lines and font.getlength(lines[-1] + sep + part) <= width:
+            lines[-1] += sep + part
+        else:
+            lines.append(part)
+    return lines
+
+
+def panel_layout(height: int, width: int, num_tiles: int, parts: Sequence[str]) -> dict:
+    """Where ``panel`` puts things for tiles (``height``, ``width`` all together) and the text
+    ``parts`` (``info_lines``): ``(top, bottom)`` rows of ``title``, ``tiles``, ``info``, ``bar``,
+    the colour bar's ``bar_x`` columns, the wrapped text ``lines``, ``font`` size, ``line``
+    height, ``pad``, total ``height``."""
+    font, pad = _text_metrics(width // max(num_tiles, 1))
+    lines = _wrap(parts, _font(font), width - 2 * pad)
+    line = font + 2 * pad
+    title = (0, line)
+    tiles = (title[1], title[1] + height)
+    info = (tiles[1], tiles[1] + line * len(lines))
+    bar = (info[1] + pad, info[1] + pad + font)
+    # Room for half a tick label ("1" or "0.25") beyond both ends of the bar.
+    margin = pad + round(_font(font).getlength("0.00") / 2)
+    bar_x = (margin, max(margin + 2, width - margin))
+    total = bar[1] + pad + line  # ticks and their labels
+    return {"title": title, "tiles": tiles, "info": info, "bar": bar, "bar_x": bar_x,
+        "lines": lines,
+            "font": font, "line": line, "pad": pad, "height": total}  # fmt: skip
+
+
+def _draw_colour_bar(canvas, draw, font, layout, value_range) -> None:
+    """The jet ramp of ``value_range`` (what the fixed-range overlay's colours mean)."""
+    (x0, x1), (y0, y1) = layout["bar_x"], layout["bar"]
+    ramp = jet_colors(np.linspace(0.0, 1.0, x1 - x0, dtype=np.float32))
+    canvas.paste(Image.fromarray(np.repeat(ramp[None], y1 - y0, 0)), (x0, y0))
+    draw.rectangle((x0 - 1, y0 - 1, x1, y1), outline=TEXT)
+    low, high = float(value_range[0]), float(value_range[1])
+    tick = max(2, layout["pad"])
+    for k in range(TICKS):
+        x = x0 + round(k * (x1 - 1 - x0) / (TICKS - 1))
+        draw.line((x, y1, x, y1 + tick), fill=TEXT)
+        value = low + k * (high - low) / (TICKS - 1)
+        _centred_text(draw, x, y1 + tick, f"{value:g}", font)
 
 
 def save_png(path: str | os.PathLike, rgb: np.ndarray) -> str:

@@ -16,6 +16,11 @@ Format policy (users' medical and industrial sets mix all of these; USERS.md ite
 - Multi-frame files (GIF, TIFF stacks): the first frame. EXIF orientation is NOT applied (the
   official code does not, and the masks are drawn on the stored pixel grid).
 
+Untrusted files: an image or mask whose header claims more than ``max_pixels`` pixels (default
+``DEFAULT_MAX_IMAGE_PIXELS``; config ``data.image_max_pixels``) is refused with a ``DataError``
+*before* its pixels are decoded, so a decompression bomb (a few hundred bytes claiming
+50,000 x 50,000 px) costs no memory and counts as a corrupt file under ``skip_corrupt``.
+
 Masks: a pixel is anomalous when any colour channel is non-zero (alpha ignored; palette masks
 through their palette, 16-bit masks on the raw values). This binarisation happens at full
 resolution, before any resizing: VisA masks hold region ids 1..k and MVTec LOCO uses 236..255, so
@@ -27,6 +32,8 @@ mask.
 from __future__ import annotations
 
 import os
+import threading
+import warnings
 from typing import Any
 
 import numpy as np
@@ -34,8 +41,22 @@ from PIL import Image, UnidentifiedImageError
 
 from zsad_jax.data.records import Record
 
-# Files Pillow can usually open; used when a mask path is a directory of region masks.
+# The one list of image file extensions: the dataset readers, ``predict``'s folder search and mask
+# directories all use it, so a file one of them accepts is never silently skipped by another.
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif")
+
+# The largest image Pillow itself agrees to open (2 x its ``MAX_IMAGE_PIXELS`` default of
+# 89,478,485; above that ``Image.open`` raises ``DecompressionBombError``): 178,956,970 px, about
+# 512 MiB as decoded RGB. Accepting up to it keeps what decoded before this check existed; lower it
+# (``data.image_max_pixels``) on machines that read many files in parallel.
+DEFAULT_MAX_IMAGE_PIXELS = 178_956_970
+# ``warnings.catch_warnings`` swaps process-wide state; the reader threads must not interleave it.
+_WARNINGS_LOCK = threading.Lock()
+
+CORRUPT_ADVICE = (
+    "replace it, delete it, or skip such files with --config.data.skip_corrupt=True "
+    "(train/evaluate) or --skip_corrupt (predict)"
+)
 
 
 class DataError(ValueError):
@@ -50,23 +71,65 @@ class DataError(ValueError):
         self.path = path
 
 
-def _open(path: str, what: str) -> Image.Image:
-    """Opens and fully decodes ``path`` (lazy decoding would hide truncation until later)."""
+def _open_header(path: str, what: str) -> Image.Image:
+    """``Image.open`` (reads the header only), with Pillow's bomb warning/error as ``DataError``."""
+    with _WARNINGS_LOCK, warnings.catch_warnings():
+        # Our own size check (``_check_size``) decides; Pillow's warning would only add noise.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            return Image.open(path)
+        except Image.DecompressionBombError as e:
+            raise DataError(
+                f"{what} file {path} claims more pixels than Pillow opens at all ({e}); a "
+                f"decompression bomb or an image too large to use: {CORRUPT_ADVICE}",
+                path,
+            ) from e
+
+
+def _check_size(img: Image.Image, path: str, what: str, max_pixels: int) -> None:
+    width, height = img.size
+    if width * height > max_pixels:
+        raise DataError(
+            f"{what} file {path} claims {width}x{height} = {width * height:,} px, more than the "
+            f"limit of {max_pixels:,} px: a decompression bomb, or a real image too large (raise "
+            f"--config.data.image_max_pixels, at most {DEFAULT_MAX_IMAGE_PIXELS:,}); "
+            f"{CORRUPT_ADVICE}",
+            path,
+        )
+
+
+def _open(path: str, what: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+    """Opens and fully decodes ``path`` (lazy decoding would hide truncation until later).
+
+    The pixel count is checked on the header, before ``load()`` allocates anything.
+    """
     try:
-        img = Image.open(path)
-        img.seek(0)
-        img.load()
+        img = _open_header(path, what)
     except FileNotFoundError as e:
         raise DataError(f"{what} file not found: {path}", path) from e
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
-        # Pillow raises OSError for truncated data, UnidentifiedImageError for garbage, and a few
-        # plugins raise SyntaxError/ValueError for malformed headers.
-        raise DataError(
-            f"cannot decode {what} file {path} ({type(e).__name__}: {e}); the file is corrupt or "
-            "not an image: replace it, delete it, or run with skip_corrupt=True to skip it",
-            path,
-        ) from e
+        raise _undecodable(path, what, e) from e
+    try:
+        _check_size(img, path, what, max_pixels)
+        img.seek(0)
+        img.load()
+    except DataError:
+        img.close()  # release the file handle now: a refused file is not read again
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
+        img.close()
+        raise _undecodable(path, what, e) from e
     return img
+
+
+def _undecodable(path: str, what: str, e: BaseException) -> DataError:
+    # Pillow raises OSError for truncated data, UnidentifiedImageError for garbage, and a few
+    # plugins raise SyntaxError/ValueError for malformed headers.
+    return DataError(
+        f"cannot decode {what} file {path} ({type(e).__name__}: {e}); the file is corrupt or "
+        f"not an image: {CORRUPT_ADVICE}",
+        path,
+    )
 
 
 def _to_rgb_uint8(img: Image.Image) -> np.ndarray:
@@ -88,9 +151,12 @@ def _to_rgb_uint8(img: Image.Image) -> np.ndarray:
     return np.asarray(img, dtype=np.uint8).copy()
 
 
-def load_image(path: str) -> np.ndarray:
-    """Reads any supported image file as (H, W, 3) uint8 RGB; ``DataError`` names a bad file."""
-    img = _open(path, "image")
+def load_image(path: str, *, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
+    """Reads any supported image file as (H, W, 3) uint8 RGB; ``DataError`` names a bad file.
+
+    ``max_pixels``: files whose header claims more pixels are refused before decoding.
+    """
+    img = _open(path, "image", max_pixels)
     try:
         return _to_rgb_uint8(img)
     except (OSError, ValueError) as e:
@@ -111,18 +177,18 @@ def _mask_foreground(img: Image.Image) -> np.ndarray:
     return values != 0
 
 
-def load_mask(path: str) -> np.ndarray:
+def load_mask(path: str, *, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
     """Reads a mask file (or a directory of region masks) as (H, W) bool, ``True`` = anomalous."""
     if os.path.isdir(path):
         files = sorted(f for f in os.listdir(path) if f.lower().endswith(IMAGE_EXTENSIONS))
         if not files:
             raise DataError(f"mask directory {path} holds no image files", path)
-        masks = [load_mask(os.path.join(path, f)) for f in files]
+        masks = [load_mask(os.path.join(path, f), max_pixels=max_pixels) for f in files]
         shapes = {m.shape for m in masks}
         if len(shapes) != 1:
             raise DataError(f"mask directory {path} mixes sizes {sorted(shapes)}", path)
         return np.logical_or.reduce(masks)
-    return _mask_foreground(_open(path, "mask"))
+    return _mask_foreground(_open(path, "mask", max_pixels))
 
 
 def _resize_mask_nearest(mask: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -130,14 +196,21 @@ def _resize_mask_nearest(mask: np.ndarray, height: int, width: int) -> np.ndarra
     return np.asarray(small.resize((width, height), Image.Resampling.NEAREST)) > 0
 
 
-def load_record(record: Record, *, resize_mismatched_mask: bool = False) -> dict[str, Any]:
+def load_record(
+    record: Record,
+    *,
+    resize_mismatched_mask: bool = False,
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+) -> dict[str, Any]:
     """Loads one record's image and pixel ground truth.
 
     Args:
       record: from a reader in ``zsad_jax.data.readers``.
       resize_mismatched_mask: if a mask's size differs from its image's, resize it (nearest, after
         binarising) instead of raising. Off by default: a size mismatch usually means a mis-paired
-        file.
+        file. Config: ``data.resize_mismatched_mask``.
+      max_pixels: refuse image and mask files whose header claims more pixels (module docstring).
+        Config: ``data.image_max_pixels``.
 
     Returns:
       ``image`` (H, W, 3) uint8 RGB; ``gt_mask`` (H, W) bool, all False for normal images and for
@@ -147,7 +220,7 @@ def load_record(record: Record, *, resize_mismatched_mask: bool = False) -> dict
     Raises:
       DataError: unreadable/corrupt image or mask (the message names the file), or a size mismatch.
     """
-    image = load_image(record.path)
+    image = load_image(record.path, max_pixels=max_pixels)
     height, width = image.shape[:2]
     gt_mask = np.zeros((height, width), dtype=bool)
     # Normal images have an implicit empty mask; a mask file listed for them is ignored on purpose
@@ -159,14 +232,14 @@ def load_record(record: Record, *, resize_mismatched_mask: bool = False) -> dict
                 "or dataset index (use has_mask=False for image-level labels)",
                 record.path,
             )
-        mask = load_mask(record.mask_path)
+        mask = load_mask(record.mask_path, max_pixels=max_pixels)
         if mask.shape != (height, width):
             if not resize_mismatched_mask:
                 raise DataError(
                     f"mask {record.mask_path} is {mask.shape[1]}x{mask.shape[0]} (WxH) but its "
                     f"image {record.path} is {width}x{height}; a mask must have its image's size. "
-                    "Check the image/mask pairing, or pass resize_mismatched_mask=True to resize "
-                    "masks (nearest-neighbour)",
+                    "Check the image/mask pairing, or set "
+                    "--config.data.resize_mismatched_mask=True to resize masks (nearest-neighbour)",
                     record.mask_path,
                 )
             mask = _resize_mask_nearest(mask, height, width)

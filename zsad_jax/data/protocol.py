@@ -90,6 +90,19 @@ def _read_synthetic(root, split, categories, **options):
     return synthetic.read_synthetic(root, split, categories, **options)
 
 
+_MVTEC_OPTIONS = frozenset({"normal_dir", "require_masks", "mask_suffixes"})
+# The keyword options each reader takes (``read_dataset(**options)``); ``sources`` checks a config's
+# ``data.<side>_<option>`` keys against this before reading.
+READER_OPTIONS: dict[str, frozenset[str]] = {
+    "mvtec_ad": _MVTEC_OPTIONS,
+    "visa": frozenset({"csv_path", "check_files"}),
+    "mpdd": _MVTEC_OPTIONS,
+    "btad": _MVTEC_OPTIONS,
+    "meta_json": frozenset({"meta_path", "check_files"}),
+    "folder": frozenset({"normal_dir", "mask_dir", "require_masks"}),
+    "synthetic": frozenset(synthetic.DEFAULTS),
+}
+
 READERS: dict[str, Callable[..., list[Record]]] = {
     "mvtec_ad": _read_mvtec,
     "visa": readers.read_visa,
@@ -117,18 +130,21 @@ def read_dataset(
         the benchmark is generated if absent (``None`` = a per-user cache directory).
       split: ``test`` (the zero-shot protocol trains on it too) or ``train``.
       categories: names to read, in this order; ``None`` or empty = all categories found.
-      **options: reader-specific, e.g. ``mask_dir``/``normal_dir`` (folder), ``csv_path`` (visa),
-        ``meta_path`` (meta_json), ``require_masks`` (MVTec layouts), ``seed``/``image_size``
-        (synthetic).
+      **options: reader-specific (``READER_OPTIONS``), e.g. ``mask_dir``/``normal_dir``/
+        ``require_masks`` (folder), ``csv_path`` (visa), ``meta_path`` (meta_json),
+        ``normal_dir``/``require_masks`` (MVTec layouts), ``seed``/``image_size`` (synthetic).
 
     Raises:
-      ValueError: unknown dataset or category name (the message lists the known ones), a category
-        without images.
+      ValueError: unknown dataset, category or option name (the message lists the known ones), a
+        category without images.
       FileNotFoundError: ``root`` or its index file is missing (the message gives the layout).
     """
     key = name.lower()
     if key not in READERS:
         raise ValueError(f"unknown dataset {name!r}; known datasets: {sorted(READERS)}")
+    unknown = sorted(set(options) - READER_OPTIONS[key])
+    if unknown:
+        raise ValueError(f"unknown {key} options {unknown}; known: {sorted(READER_OPTIONS[key])}")
     if isinstance(categories, str):
         categories = (categories,)
     if categories is not None and len(categories) == 0:

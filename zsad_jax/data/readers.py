@@ -13,9 +13,13 @@ Layouts (checked against the public preprocessing scripts of AnomalyCLIP/AdaCLIP
 - AnomalyCLIP ``meta.json`` (VisA, the medical benchmarks, anything converted to it):
   ``{"train"|"test": {cls: [{img_path, mask_path, cls_name, specie_name, anomaly}]}}``, paths
   relative to root, ``mask_path`` empty for normal images and for image-level-only sets.
-- Folder (users' own data): ``{root}/good/*`` normal, every other subfolder a defect type; optional
-  masks in ``{root}/ground_truth/{defect}/{stem}*`` or a separate ``mask_dir``. Several categories:
-  ``{root}/{cls}/good/...``. An extra ``{split}`` level (``{root}/test/good``) is also accepted.
+- Folder (users' own data): ``{root}/good/*`` normal, every other subfolder a defect type, except
+  the mask folders ``MASK_DIR_NAMES`` (``ground_truth``, ``masks``, ``mask``, ``gt``) and the folder
+  ``mask_dir`` names. Masks: ``{mask folder}/{defect}/{stem}*`` (or ``{mask folder}/{stem}*``), the
+  mask folder beside ``good/``, beside the split folder (MVTec style: ``{root}/test/{good,defect}``
+  with ``{root}/ground_truth/{defect}``) or given as ``mask_dir``. Several categories:
+  ``{root}/{cls}/good/...`` or ``{root}/{cls}/{split}/good/...``. See ``read_folder`` for when
+  masks are required.
 
 Ordering is deterministic: categories in the order asked for (discovered ones sorted), then defect
 folder, then file name.
@@ -29,16 +33,49 @@ have masks keep ``has_mask=True`` (their mask is implicitly empty).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import csv
 import dataclasses
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 
+from zsad_jax.data.decode import IMAGE_EXTENSIONS, DataError
 from zsad_jax.data.records import Record
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 GROUND_TRUTH_DIR = "ground_truth"
+# Folders of a ``folder`` dataset that hold masks and are therefore never defect types: MVTec's name
+# and the ones users reach for. A defect type cannot be called like this.
+MASK_DIR_NAMES = (GROUND_TRUTH_DIR, "masks", "mask", "gt")
+
+# How messages name a reader option. Python callers pass keywords (``require_masks=False``); while
+# ``sources`` reads one side of a config it installs the config flag names
+# (``--config.data.test_require_masks``), so that the advice is something the user can type.
+_OPTION_NAMES: contextvars.ContextVar[Callable[[str], str] | None] = contextvars.ContextVar(
+    "zsad_option_names", default=None
+)
+
+
+@contextlib.contextmanager
+def options_named(name: Callable[[str], str]) -> Iterator[None]:
+    """Within this block, messages call reader option ``x`` (or ``categories``) ``name(x)``."""
+    token = _OPTION_NAMES.set(name)
+    try:
+        yield
+    finally:
+        _OPTION_NAMES.reset(token)
+
+
+def option_name(option: str) -> str:
+    """``require_masks``, or ``--config.data.test_require_masks`` inside a config read."""
+    name = _OPTION_NAMES.get()
+    return option if name is None else name(option)
+
+
+def option_advice(option: str, value: str) -> str:
+    """``require_masks=False``, or ``--config.data.test_require_masks=False`` in a config read."""
+    return f"{option_name(option)}={value}"
 
 
 def _is_image(name: str) -> bool:
@@ -151,8 +188,6 @@ def read_mvtec_layout(
       ValueError: unknown category, or a category with no images in ``split``.
       DataError: a defect image has no mask (the message names the image).
     """
-    from zsad_jax.data.decode import DataError  # decode imports nothing from here; avoids a cycle
-
     layout = f"expected {{root}}/{{category}}/{split}/{{{normal_dir}|defect}}/*.png"
     _require_dir(root, f"{dataset} root", layout)
     available = [c for c in _subdirs(root) if os.path.isdir(os.path.join(root, c, split))]
@@ -194,8 +229,8 @@ def read_mvtec_layout(
                     )
                     raise DataError(
                         f"no mask for defect image {path} (looked for {expected}.* and stems "
-                        f"{[_stem(name) + s for s in mask_suffixes]}); restore the mask, or read "
-                        "with require_masks=False to use image-level labels",
+                        f"{[_stem(name) + s for s in mask_suffixes]}); restore the mask, or set "
+                        f"{option_advice('require_masks', 'False')} to use image-level labels",
                         path,
                     )
                 category_records.append(
@@ -218,8 +253,6 @@ def read_mvtec_layout(
 
 
 def _check_file(path: str, source: str, what: str) -> None:
-    from zsad_jax.data.decode import DataError
-
     if not os.path.exists(path):
         raise DataError(f"{what} listed in {source} does not exist: {path}", path)
 
@@ -240,7 +273,8 @@ def read_visa(
     if not os.path.isfile(csv_path):
         raise FileNotFoundError(
             f"VisA split csv not found: {csv_path}. Download VisA_20220922 and its "
-            "split_csv/1cls.csv (from the VisA repository), or pass csv_path=..."
+            "split_csv/1cls.csv (from the VisA repository), or set "
+            + option_advice("csv_path", "PATH")
         )
     expected = ["object", "split", "label", "image", "mask"]
     by_category: dict[str, list[Record]] = {}
@@ -298,7 +332,7 @@ def read_meta_json(
     if not os.path.isfile(meta_path):
         raise FileNotFoundError(
             f"meta.json not found: {meta_path}. Generate it with the dataset's AnomalyCLIP/AdaCLIP "
-            "preprocessing script, or pass meta_path=..."
+            "preprocessing script, or set " + option_advice("meta_path", "PATH")
         )
     with open(meta_path) as f:
         try:
@@ -346,24 +380,51 @@ def read_meta_json(
     return records
 
 
-def _folder_mask(search_dirs: Sequence[str], stem: str) -> str | None:
-    """Mask of image ``stem``: ``{stem}.*`` first, then ``{stem}{sep}*`` (``_mask``, ``-gt``)."""
-    from zsad_jax.data.decode import DataError
+# --- folder: users' own data ----------------------------------------------------------------------
 
+
+def _folder_layout(root: str, normal_dir: str) -> str:
+    """The expected ``folder`` layouts as a small tree, appended to layout refusals."""
+    r = os.path.normpath(root)
+    rows = [
+        (f"{normal_dir}/", "normal images"),
+        ("<defect>/", "anomalous images, one folder per defect type (e.g. scratch/)"),
+        ("masks/<defect>/", "optional: scratch/s1.png or scratch/s1_mask.png for scratch/s1.png"),
+    ]
+    width = max(len(name) for name, _ in rows) + 2
+    return "\n".join(
+        [
+            "expected layout:",
+            f"  {r}/",
+            *(f"    {name.ljust(width)}{what}" for name, what in rows),
+            f"  several categories: {r}/<category>/{normal_dir}/, {r}/<category>/<defect>/, ...",
+            f"  MVTec style: {r}/[<category>/]test/{{{normal_dir},<defect>}}/ with masks in "
+            f"{r}/[<category>/]ground_truth/<defect>/",
+        ]
+    )
+
+
+def _image_names(directory: str, cache: dict[str, list[str]]) -> list[str]:
+    """Image files of ``directory`` (none if absent), listed once per category read."""
+    if directory not in cache:
+        cache[directory] = _images_in(directory) if os.path.isdir(directory) else []
+    return cache[directory]
+
+
+def _folder_mask(search_dirs: Sequence[str], stem: str, cache: dict[str, list[str]]) -> str | None:
+    """Mask of image ``stem``: ``{stem}.*`` first, then ``{stem}{sep}*`` (``_mask``, ``-gt``)."""
     for directory in search_dirs:
-        if not os.path.isdir(directory):
-            continue
-        names = [n for n in os.listdir(directory) if _is_image(n)]
-        exact = sorted(n for n in names if _stem(n) == stem)
+        names = _image_names(directory, cache)
+        exact = [n for n in names if _stem(n) == stem]
         if exact:
             return os.path.join(directory, exact[0])
-        prefixed = sorted(
+        prefixed = [
             n
             for n in names
             if len(_stem(n)) > len(stem)
             and _stem(n).startswith(stem)
             and _stem(n)[len(stem)] in "_-. "
-        )
+        ]
         if len(prefixed) == 1:
             return os.path.join(directory, prefixed[0])
         if len(prefixed) > 1:
@@ -372,35 +433,116 @@ def _folder_mask(search_dirs: Sequence[str], stem: str) -> str | None:
                 return os.path.join(directory, preferred[0])
             raise DataError(
                 f"several masks in {directory} match image stem {stem!r}: {prefixed}; keep one, or "
-                "name it {stem}_mask.png",
+                f"name it {stem}_mask.png",
                 os.path.join(directory, prefixed[0]),
             )
     return None
 
 
-def _read_folder_category(
-    folder: str, category: str, normal_dir: str, mask_dir: str | None
-) -> list[Record]:
-    defects = [d for d in _subdirs(folder) if d != GROUND_TRUTH_DIR]
-    if normal_dir not in defects:
-        raise ValueError(
-            f"folder dataset {folder} has no normal-image folder '{normal_dir}/' (subfolders: "
-            f"{defects}); put normal images in {os.path.join(folder, normal_dir)} or pass "
-            "normal_dir=... naming your normal folder"
+def _mask_roots(folder: str, split_parent: str | None, mask_dir: str | None) -> list[str]:
+    """The existing mask folders of one category, in search order, without duplicates."""
+    candidates = [os.path.join(folder, n) for n in MASK_DIR_NAMES]
+    if split_parent is not None:  # MVTec style: ground_truth/ beside test/, not inside it
+        candidates += [os.path.join(split_parent, n) for n in MASK_DIR_NAMES]
+    if mask_dir:
+        candidates.append(mask_dir)
+    found: dict[str, str] = {}
+    for path in candidates:
+        if os.path.isdir(path):
+            found.setdefault(os.path.realpath(path), path)
+    return list(found.values())
+
+
+def _defect_dirs(folder: str, normal_dir: str, mask_roots: Sequence[str], root: str) -> list[str]:
+    """The defect-type subfolders of a category folder; refuses folders that are not one."""
+    excluded = {os.path.realpath(r) for r in mask_roots}
+    defects = []
+    for name in _subdirs(folder):
+        path = os.path.join(folder, name)
+        if name == normal_dir or name in MASK_DIR_NAMES or os.path.realpath(path) in excluded:
+            continue
+        if os.path.isdir(os.path.join(path, normal_dir)):
+            raise ValueError(
+                f"folder dataset {root}: {path} has its own '{normal_dir}/' folder beside "
+                f"{os.path.join(folder, normal_dir)}, which mixes one category's images with "
+                f"split or category folders; keep one layout, e.g. move "
+                f"{os.path.join(folder, normal_dir)} and the defect folders into "
+                f"{os.path.join(folder, 'test')}\n" + _folder_layout(root, normal_dir)
+            )
+        if not _images_in(path):
+            held = sorted(os.listdir(path))[:5]
+            raise ValueError(
+                f"folder dataset {root}: defect folder {path} holds no image files "
+                f"({', '.join(IMAGE_EXTENSIONS)}) directly (it holds {held or 'nothing'}); put the "
+                f"images in it, or move it out of {folder}\n" + _folder_layout(root, normal_dir)
+            )
+        defects.append(name)
+    return defects
+
+
+def _check_masks_found(
+    records: Sequence[Record], mask_roots: Sequence[str], require_masks: bool | None, folder: str
+) -> None:
+    """Refuses defect images without a mask where masks are required (``read_folder``)."""
+    required = bool(mask_roots) if require_masks is None else require_masks
+    anomalous = [r for r in records if r.gt_label]
+    missing = [r for r in anomalous if r.mask_path is None]
+    if not (required and missing):
+        return
+    first = missing[0]
+    stem = _stem(os.path.basename(first.path))
+    where = mask_roots[0] if mask_roots else os.path.join(folder, "masks")
+    example = os.path.join(where, first.defect_type, stem + ".png")
+    opt_out = option_advice("require_masks", "False")
+    if len(missing) == len(anomalous):
+        raise DataError(
+            f"folder dataset {folder}: no mask found for any of its {len(anomalous)} defect images "
+            f"although mask folders {list(mask_roots)} exist; name a mask <mask folder>/<defect>/"
+            f"<stem>.png (or <stem>_mask.png), e.g. {example} for {first.path}, or set {opt_out} "
+            "to use image-level labels only",
+            first.path,
         )
+    raise DataError(
+        f"no mask for defect image {first.path} ({len(missing)} of the {len(anomalous)} defect "
+        f"images of {folder} have none; mask folders: {list(mask_roots)}); add {example} (or "
+        f"{stem}_mask.png), or set {opt_out} to keep images without a mask as image-level",
+        first.path,
+    )
+
+
+def _read_folder_category(
+    folder: str,
+    category: str,
+    normal_dir: str,
+    *,
+    root: str,
+    split_parent: str | None,
+    mask_dir: str | None,
+    require_masks: bool | None,
+) -> list[Record]:
+    mask_roots = _mask_roots(folder, split_parent, mask_dir)
+    if require_masks and not mask_roots:
+        raise DataError(
+            f"{option_advice('require_masks', 'True')} but category {category!r} ({folder}) has no "
+            f"mask folder ({'/, '.join(MASK_DIR_NAMES)}/ or {option_name('mask_dir')}); add "
+            f"{os.path.join(folder, 'masks', '<defect>', '<stem>.png')} files",
+            folder,
+        )
+    listing: dict[str, list[str]] = {}
+    claimed: dict[str, str] = {}
     records: list[Record] = []
-    for defect in defects:
+    for defect in sorted([normal_dir, *_defect_dirs(folder, normal_dir, mask_roots, root)]):
         is_normal = defect == normal_dir
-        search = []
-        if not is_normal:
-            search = [os.path.join(folder, GROUND_TRUTH_DIR, defect)]
-            if mask_dir:
-                search += [os.path.join(mask_dir, defect), mask_dir]
+        # Per mask folder: the defect's own subfolder first, then masks lying flat in it.
+        search = [d for r in mask_roots for d in (os.path.join(r, defect), r)]
         for name in _images_in(os.path.join(folder, defect)):
-            mask_path = None if is_normal else _folder_mask(search, _stem(name))
+            path = os.path.join(folder, defect, name)
+            mask_path = None if is_normal else _folder_mask(search, _stem(name), listing)
+            if mask_path is not None:
+                _claim(claimed, mask_path, path, mask_roots[0], defect)
             records.append(
                 Record(
-                    path=os.path.join(folder, defect, name),
+                    path=path,
                     category=category,
                     gt_label=0 if is_normal else 1,
                     mask_path=mask_path,
@@ -409,8 +551,36 @@ def _read_folder_category(
                 )
             )
     if not records:
-        raise ValueError(f"folder dataset {folder} holds no images in its subfolders {defects}")
+        raise ValueError(
+            f"folder dataset {folder} holds no images in {os.path.join(folder, normal_dir)} nor "
+            "in its defect folders"
+        )
+    _check_masks_found(records, mask_roots, require_masks, folder)
     return finalize_category(records)
+
+
+def _claim(claimed: dict[str, str], mask_path: str, image: str, mask_root: str, defect: str):
+    # Flat mask folders match by stem only: scratch/001.png and dent/001.png would share a mask.
+    if mask_path in claimed:
+        raise DataError(
+            f"mask {mask_path} matches two defect images, {claimed[mask_path]} and {image}; put "
+            f"each defect type's masks in its own folder, e.g. {os.path.join(mask_root, defect)}/",
+            mask_path,
+        )
+    claimed[mask_path] = image
+
+
+def _locate_category(path: str, split: str, normal_dir: str) -> tuple[str, str | None] | None:
+    """``(folder holding normal_dir, the folder above the split level or None)``, or None."""
+    if os.path.isdir(os.path.join(path, normal_dir)):
+        return path, None
+    if os.path.isdir(os.path.join(path, split, normal_dir)):
+        return os.path.join(path, split), path
+    return None
+
+
+# Names that mean a split level, not a category, when they turn up as categories.
+_SPLIT_NAMES = ("train", "test", "val", "validation")
 
 
 def read_folder(
@@ -420,27 +590,38 @@ def read_folder(
     *,
     normal_dir: str = "good",
     mask_dir: str | None = None,
+    require_masks: bool | None = None,
 ) -> list[Record]:
     """Reads users' own images: ``{root}/good/*`` normal, other subfolders defect types.
 
     One category (``root`` holds ``good/``, or ``{split}/good/``): its name is ``categories[0]`` if
     given, else the folder's name. Several categories (``{root}/{cls}/good/`` or
-    ``{root}/{cls}/{split}/good/``): ``categories`` selects among them. Masks are optional per image
-    (``ground_truth/{defect}/{stem}*`` beside the images, or ``mask_dir[/{defect}]/{stem}*``);
-    images with only a label work (module docstring, ``has_mask``).
+    ``{root}/{cls}/{split}/good/``): ``categories`` selects among them; without it every subfolder
+    must be a category. Mask folders (``MASK_DIR_NAMES``, never defect types) are looked for beside
+    ``good/``, beside the split folder, and at ``mask_dir`` (``mask_dir/{cls}`` if it exists); a
+    mask is ``{mask folder}/{defect}/{stem}*`` or ``{mask folder}/{stem}*``.
+
+    Args:
+      normal_dir: the folder of normal images.
+      mask_dir: a further mask folder (it is never read as a defect type).
+      require_masks: ``None`` (default): a category with a mask folder needs a mask for every defect
+        image (a missing one is almost always a naming mistake) and one without is image-level
+        only. ``True``: every category needs a mask folder and every mask. ``False``: masks are
+        optional per image; images without one get ``has_mask=False``.
+
+    Raises:
+      FileNotFoundError: ``root`` or ``mask_dir`` is missing.
+      ValueError: a layout it cannot understand (the message shows the expected tree).
+      DataError: a required mask is missing, or one mask matches two images.
     """
     _require_dir(
-        root, "folder dataset root", f"expected {root}/{normal_dir}/* and defect subfolders"
+        root, "folder dataset root", f"expected {root}/{normal_dir}/ and one folder per defect type"
     )
-
-    def category_folder(path: str) -> str | None:
-        if os.path.isdir(os.path.join(path, normal_dir)):
-            return path
-        if os.path.isdir(os.path.join(path, split, normal_dir)):
-            return os.path.join(path, split)
-        return None
-
-    single = category_folder(root)
+    if mask_dir and not os.path.isdir(mask_dir):
+        raise FileNotFoundError(
+            f"mask folder not found: {mask_dir}; fix or unset {option_advice('mask_dir', 'PATH')}"
+        )
+    single = _locate_category(root, split, normal_dir)
     if single is not None:
         if categories is not None and not isinstance(categories, str) and len(categories) != 1:
             raise ValueError(
@@ -449,21 +630,72 @@ def read_folder(
             )
         name = categories if isinstance(categories, str) else (categories or [None])[0]
         name = name or os.path.basename(os.path.normpath(root))
-        return _read_folder_category(single, name, normal_dir, mask_dir)
+        folder, split_parent = single
+        return _read_folder_category(
+            folder, name, normal_dir, root=root, split_parent=split_parent, mask_dir=mask_dir,
+            require_masks=require_masks,
+        )  # fmt: skip
 
-    available = [c for c in _subdirs(root) if category_folder(os.path.join(root, c)) is not None]
+    chosen = _folder_categories(root, split, categories, normal_dir, mask_dir)
+    records: list[Record] = []
+    for category in chosen:
+        folder, split_parent = _locate_category(os.path.join(root, category), split, normal_dir)
+        category_masks = os.path.join(mask_dir, category) if mask_dir else None
+        if category_masks and not os.path.isdir(category_masks):
+            category_masks = mask_dir
+        records.extend(
+            _read_folder_category(
+                folder,
+                category,
+                normal_dir,
+                root=root,
+                split_parent=split_parent,
+                mask_dir=category_masks,
+                require_masks=require_masks,
+            )
+        )
+    return records
+
+
+def _folder_categories(
+    root: str,
+    split: str,
+    categories: Sequence[str] | None,
+    normal_dir: str,
+    mask_dir: str | None,
+) -> list[str]:
+    """The category folders of a several-category ``folder`` root; refuses strays."""
+    layout = _folder_layout(root, normal_dir)
+    excluded = {os.path.realpath(mask_dir)} if mask_dir else set()
+    candidates = [
+        c
+        for c in _subdirs(root)
+        if c not in MASK_DIR_NAMES and os.path.realpath(os.path.join(root, c)) not in excluded
+    ]
+    available = [
+        c for c in candidates if _locate_category(os.path.join(root, c), split, normal_dir)
+    ]
     if not available:
         raise ValueError(
             f"no images found in folder dataset {root}: expected {root}/{normal_dir}/ (one "
             f"category) or {root}/<category>/{normal_dir}/ (several); subfolders there: "
-            f"{_subdirs(root)}"
+            f"{_subdirs(root)}; if your normal images are in another folder, set "
+            f"{option_advice('normal_dir', 'NAME')}\n" + layout
         )
-    chosen = _select_categories("folder", available, categories, root)
-    records: list[Record] = []
-    for category in chosen:
-        folder = category_folder(os.path.join(root, category))
-        category_masks = os.path.join(mask_dir, category) if mask_dir else None
-        if category_masks and not os.path.isdir(category_masks):
-            category_masks = mask_dir
-        records.extend(_read_folder_category(folder, category, normal_dir, category_masks))
-    return records
+    splits = [c for c in available if c in _SPLIT_NAMES]
+    if splits:
+        raise ValueError(
+            f"folder dataset {root}: {splits} look like split folders, but the '{split}' split "
+            f"({os.path.join(root, split, normal_dir)}) does not exist; add it, or read another "
+            f"split\n" + layout
+        )
+    if categories is None:
+        strays = [c for c in candidates if c not in available]
+        if strays:
+            raise ValueError(
+                f"folder dataset {root}: subfolders {strays} have no '{normal_dir}/' (nor "
+                f"'{split}/{normal_dir}/') folder, unlike the categories {available}; add one, "
+                f"move them out, or select categories with {option_advice('categories', 'NAMES')}"
+                "\n" + layout
+            )
+    return _select_categories("folder", available, categories, root)

@@ -1,0 +1,115 @@
+"""zsad_jax.cli: ``--config.KEY=VALUE`` overrides on a config file and on a config read back from a
+checkpoint's JSON (lists for tuples, untyped None), dataset changes that carry their categories
+and root along, and the one-line refusals. In-process; tests/test_user_path.py types the commands.
+"""
+
+from __future__ import annotations
+
+import json
+
+import ml_collections
+import pytest
+
+from zsad_jax import cli, config_check
+
+
+def _stored_demo() -> ml_collections.ConfigDict:
+    """The demo config as a checkpoint stores it and evaluate reads it back (JSON round trip)."""
+    config = cli.load_config_file("configs/demo.py")
+    return ml_collections.ConfigDict(json.loads(config.to_json_best_effort()))
+
+
+@pytest.mark.parametrize(
+    "key, text, expected",
+    [
+        ("optim.lr", "3e-4", 3e-4),
+        ("optim.steps", "12", 12),  # a typed None FieldReference (int)
+        ("optim.grad_clip", "1.5", 1.5),  # a typed None FieldReference (float)
+        ("data.skip_corrupt", "True", True),
+        ("data.test_set", "folder", "folder"),
+        ("data.test_categories", "wood,pill", ("wood", "pill")),
+        ("data.test_categories", "('wood', 'pill')", ("wood", "pill")),
+        ("data.test_categories", "()", ()),
+        ("model.layers", "(2, 4)", (2, 4)),
+    ],
+)
+def test_overrides_on_a_config_file_take_the_fields_types(key, text, expected):
+    config = cli.apply_overrides(cli.load_config_file("configs/demo.py"), [(key, text)])
+    section, leaf = key.rsplit(".", 1)
+    assert config[section][leaf] == expected
+    assert type(config[section][leaf]) is type(expected)
+
+
+@pytest.mark.parametrize(
+    "key, text, expected",
+    [
+        ("data.test_categories", "wood,pill", ["wood", "pill"]),  # lists in the stored JSON
+        ("data.tfds_dir", "gs://bucket/tfds", "gs://bucket/tfds"),  # an untyped None
+        ("optim.grad_clip", "1.5", 1.5),
+        ("optim.lr", "0.5", 0.5),
+    ],
+)
+def test_overrides_on_a_stored_config_work_although_json_lost_the_types(key, text, expected):
+    config = cli.apply_overrides(_stored_demo(), [(key, text)])
+    section, leaf = key.rsplit(".", 1)
+    assert config[section][leaf] == expected
+
+
+@pytest.mark.parametrize(
+    "key, text, message",
+    [
+        (
+            "optim.lrr",
+            "1",
+            "--config.optim.lrr: no such config key; did you mean --config.optim.lr?",
+        ),  # noqa: E501
+        ("dat.lr", "1", "did you mean --config.data.lr?"),
+        ("optim.zzz", "1", "keys of config.optim: "),
+        ("data", "3", "--config.data: is a section; set one of its keys"),
+        ("optim.lr", "fast", "--config.optim.lr=fast: expected a number"),
+        ("optim.steps", "1.5", "--config.optim.steps=1.5: expected an integer"),
+        ("data.skip_corrupt", "maybe", "expected True or False"),
+    ],
+)
+def test_bad_overrides_are_one_line_naming_the_flag(key, text, message):
+    with pytest.raises(cli.CommandLineError) as error:
+        cli.apply_overrides(cli.load_config_file("configs/demo.py"), [(key, text)])
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_split_overrides_takes_both_spellings_and_leaves_the_rest():
+    rest, overrides = cli.split_overrides(
+        ["--workdir=w", "--config.optim.lr=0.1", "--config.optim.steps", "3", "img.png"]
+    )
+    assert rest == ["--workdir=w", "img.png"]
+    assert overrides == [("optim.lr", "0.1"), ("optim.steps", "3")]
+    with pytest.raises(cli.CommandLineError, match="give a value"):
+        cli.split_overrides(["--config.optim.lr"])
+
+
+def test_a_changed_dataset_brings_its_categories_and_root_along(capsys):
+    config = cli.build_config(
+        config_file="configs/demo.py",
+        overrides=[("data.train_set", "folder"), ("data.train_root", "my_data")],
+    )
+    assert config.data.categories == () and config.data.train_root == "my_data"
+    # The test side was not touched: still the synthetic held-out categories.
+    assert config.data.test_categories == ("wood", "dots", "washer", "pill")
+    assert "config.data.categories: every category of folder" in capsys.readouterr().err
+    chosen = cli.build_config(
+        config_file="configs/demo.py",
+        overrides=[("data.test_set", "mvtec_ad"), ("data.test_categories", "bottle")],
+    )
+    assert chosen.data.test_categories == ("bottle",) and chosen.data.test_root == "data/mvtec_ad"
+
+
+def test_invalid_values_are_refused_by_the_config_check():
+    with pytest.raises(config_check.ConfigError, match=r"config\.optim\.lr=-1\.0"):
+        cli.build_config(config_file="configs/demo.py", overrides=[("optim.lr", "-1")])
+
+
+def test_config_file_and_checkpoint_together_are_refused(tmp_path):
+    with pytest.raises(cli.CommandLineError, match=r"--config\.KEY=VALUE"):
+        cli.build_config(config_file="configs/demo.py", overrides=[], checkpoint=str(tmp_path))
+    with pytest.raises(cli.CommandLineError, match="no such config file"):
+        cli.build_config(config_file="configs/nope.py", overrides=[])

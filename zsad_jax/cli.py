@@ -1,0 +1,395 @@
+r"""What the three commands (``train``, ``evaluate``, ``predict``) share on the command line.
+
+The config::
+
+    --config=configs/af_clip.py[:variant,...]   a config file (``get_config(arg)``), the user's own
+    --checkpoint=RUN                            evaluate/predict: the config stored with RUN
+    --config.KEY=VALUE                          overrides on top of either, e.g.
+                                                --config.data.test_set=folder
+
+Overrides are parsed here (not by ml_collections' flags) so that they work the same on a config
+file and on a config read back from a checkpoint's JSON, where tuples came back as lists and
+``None`` fields lost their type: a value is read as the type of the field it replaces (a bool,
+int, float or str; a tuple from ``'(a, b)'`` or ``a,b``; a Python literal where the field is None).
+An unknown key is refused with the closest known one. When an override changes a side's dataset
+(``data.train_set`` / ``data.test_set``) and the same command line does not also set its
+categories (or root), those follow the new dataset: every category of it, under ``data/<name>``.
+The result is validated (``zsad_jax.config_check``) before any work.
+
+Multi-host: ``--distributed`` (cluster auto-detection) or ``--coordinator_address``,
+``--num_processes``, ``--process_id``, the same for every command.
+
+Errors end the command with one line ``error: ...`` (one line per problem for an invalid config)
+and exit status 1 (2 for a malformed command line), never a traceback.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.util
+import os
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+
+CONFIG_PREFIX = "--config."
+# ``data.<side>_set`` -> the fields that describe that side's dataset and follow it when it changes.
+DATASET_FIELDS = {
+    "train_set": ("categories", "train_root"),
+    "test_set": ("test_categories", "test_root"),
+}
+
+
+class CommandLineError(ValueError):
+    """A flag or config override that cannot be used (exit status 2)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Config files and overrides.
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+    """``path.py[:arg]`` -> ``get_config(arg)`` of that file (relative paths from the current
+    folder, like every other path a command takes)."""
+    path, _, arg = spec.partition(":")
+    if not Path(path).is_file():
+        raise CommandLineError(f"--config={spec}: no such config file {path}")
+    # A unique module name per file, so a config file may import its siblings (configs/...).
+    name = "zsad_config_" + "".join(c if c.isalnum() else "_" for c in str(Path(path).absolute()))
+    module_spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[name] = module
+    module_spec.loader.exec_module(module)
+    if not callable(getattr(module, "get_config", None)):
+        raise CommandLineError(f"--config={spec}: {path} defines no get_config()")
+    config = module.get_config(arg) if arg else module.get_config()
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise CommandLineError(f"--config={spec}: get_config() returned {type(config).__name__}")
+    return config
+
+
+def split_overrides(args: Sequence[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """``(other args, [(key, value), ...])``: ``--config.KEY=VALUE`` (or ``--config.KEY VALUE``)
+    taken out of ``args``."""
+    rest: list[str] = []
+    overrides: list[tuple[str, str]] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg.startswith(CONFIG_PREFIX):
+            key, sep, value = arg[len(CONFIG_PREFIX) :].partition("=")
+            if not sep:
+                if i + 1 >= len(args) or args[i + 1].startswith("--"):
+                    raise CommandLineError(f"{arg}: give a value, e.g. {arg}=VALUE")
+                i, value = i + 1, args[i + 1]
+            overrides.append((key, value))
+        else:
+            rest.append(arg)
+        i += 1
+    return rest, overrides
+
+
+def _parent_and_leaf(config: ml_collections.ConfigDict, key: str) -> tuple[Any, str]:
+    """The section holding ``key`` (dotted) and the last part; unknown parts are refused naming
+    the closest known key."""
+    parts = key.split(".")
+    node: Any = config
+    for depth, part in enumerate(parts):
+        if not isinstance(node, (ml_collections.ConfigDict, dict)) or part not in node:
+            known = list(node.keys()) if isinstance(node, (ml_collections.ConfigDict, dict)) else []
+            prefix = ".".join(parts[:depth])
+            close = difflib.get_close_matches(part, known, n=1)
+            suggestion = ".".join([*parts[:depth], *close, *parts[depth + 1 :]])
+            hint = f"; did you mean {CONFIG_PREFIX}{suggestion}?"
+            if not close:
+                where = f"config.{prefix}" if prefix else "config"
+                hint = f"; keys of {where}: {', '.join(sorted(known)) or 'none'}"
+            raise CommandLineError(f"{CONFIG_PREFIX}{key}: no such config key{hint}")
+        if depth < len(parts) - 1:
+            node = node[part]
+    return node, parts[-1]
+
+
+def _literal(text: str) -> Any:
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def _parse_value(key: str, text: str, current: Any, field_type: type | None) -> Any:
+    """``text`` read as the type of the value it replaces (module docstring)."""
+    kind = field_type if current is None and field_type not in (None, type(None)) else None
+    kind = kind or type(current)
+
+    def bad(expected: str) -> CommandLineError:
+        return CommandLineError(f"{CONFIG_PREFIX}{key}={text}: expected {expected}")
+
+    if isinstance(current, (ml_collections.ConfigDict, dict)):
+        raise CommandLineError(
+            f"{CONFIG_PREFIX}{key}: is a section; set one of its keys "
+            f"({', '.join(f'{CONFIG_PREFIX}{key}.{k}' for k in sorted(current)[:4])}, ...)"
+        )
+    if kind is bool:
+        lowered = text.strip().lower()
+        if lowered in ("true", "1", "yes"):
+            return True
+        if lowered in ("false", "0", "no"):
+            return False
+        raise bad("True or False")
+    if kind is int:
+        try:
+            return int(text)
+        except ValueError:
+            raise bad("an integer") from None
+    if kind is float:
+        try:
+            return float(text)
+        except ValueError:
+            raise bad("a number") from None
+    if kind is str:
+        return text
+    if kind in (tuple, list):
+        stripped = text.strip()
+        if stripped[:1] in "([":
+            value = _literal(stripped)
+            if not isinstance(value, (tuple, list)):
+                raise bad("a sequence such as '(a, b)'")
+        else:
+            value = [_literal(item.strip()) for item in stripped.split(",") if item.strip()]
+        return kind(value)
+    return _literal(text)  # a None field: whatever the text says
+
+
+def _field_type(section: ml_collections.ConfigDict, leaf: str) -> type | None:
+    try:
+        return section.get_type(leaf)
+    except (AttributeError, KeyError, TypeError):
+        return None
+
+
+def apply_overrides(
+    config: ml_collections.ConfigDict, overrides: Sequence[tuple[str, str]]
+) -> ml_collections.ConfigDict:
+    """``config`` with every ``(key, value)`` set, values parsed as the fields' types."""
+    for key, text in overrides:
+        section, leaf = _parent_and_leaf(config, key)
+        value = _parse_value(key, text, section[leaf], _field_type(section, leaf))
+        try:
+            section[leaf] = value
+        except (TypeError, ValueError) as e:
+            raise CommandLineError(f"{CONFIG_PREFIX}{key}={text}: {e}") from e
+    return config
+
+
+def follow_dataset_changes(
+    config: ml_collections.ConfigDict,
+    before: Mapping[str, Any],
+    overridden: set[str],
+) -> list[str]:
+    """Resets the categories and root of each side whose dataset an override changed (and whose
+    categories/root the command line did not set); returns a note per reset."""
+    notes = []
+    data = config.get("data")
+    for set_field, followers in DATASET_FIELDS.items():
+        if data is None or set_field not in data or f"data.{set_field}" not in overridden:
+            continue
+        name = data[set_field]
+        if name == before.get(set_field) or ":" in str(name):
+            continue
+        categories_field, root_field = followers
+        if f"data.{categories_field}" not in overridden and data.get(categories_field):
+            data[categories_field] = type(data[categories_field])()
+            notes.append(f"config.data.{categories_field}: every category of {name}")
+        if f"data.{root_field}" not in overridden and root_field in data:
+            data[root_field] = f"data/{name}"
+            notes.append(f"config.data.{root_field}=data/{name}")
+    return notes
+
+
+def _add_optional_data_keys(config: ml_collections.ConfigDict) -> None:
+    """Gives a stored config the optional ``data`` keys it predates (their "not set" values), so
+    that ``--config.data.test_mask_dir=...`` also works on a checkpoint written before them."""
+    from zsad_jax.data import sources
+
+    data = config.get("data")
+    if data is not None:
+        for key, value in sources.optional_data_keys().items():
+            if key not in data:
+                data[key] = value
+
+
+def build_config(
+    *,
+    config_file: str | None,
+    overrides: Sequence[tuple[str, str]],
+    checkpoint: str | None = None,
+    step: int | None = None,
+) -> ml_collections.ConfigDict:
+    """The config a command runs with (module docstring), validated.
+
+    Raises:
+      CommandLineError: neither or both of ``--config`` and ``--checkpoint`` where that matters,
+        an unknown key or a value of the wrong type.
+      zsad_jax.config_check.ConfigError: an invalid value (one line per problem).
+    """
+    from zsad_jax import config_check
+
+    if checkpoint and config_file:
+        raise CommandLineError(
+            f"--config={config_file} with --checkpoint={checkpoint}: the config stored with the "
+            "checkpoint is used; change its keys with --config.KEY=VALUE (e.g. "
+            "--config.data.test_set=folder --config.data.test_root=my_data)"
+        )
+    if checkpoint:
+        from zsad_jax import checkpoint as ckpt_lib
+
+        config = ckpt_lib.config_from_meta(ckpt_lib.read_meta(checkpoint, step))
+        _add_optional_data_keys(config)
+    elif config_file:
+        config = load_config_file(config_file)
+    else:
+        raise CommandLineError("give --config=FILE (e.g. --config=configs/demo.py)")
+    data = config.get("data") or {}
+    before = {k: data.get(k) for k in DATASET_FIELDS}
+    apply_overrides(config, overrides)
+    notes = follow_dataset_changes(config, before, {k for k, _ in overrides})
+    if notes:
+        print(f"note: dataset changed, so {'; '.join(notes)}", file=sys.stderr)
+    config_check.check(config)
+    return config
+
+
+# ----------------------------------------------------------------------------------------------
+# Paths.
+
+
+def ensure_writable(folder: str | os.PathLike, flag: str) -> Path:
+    """Creates ``folder`` and checks a file can be written there, so that a read-only location
+    fails at once with one line instead of after the work."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write_test.{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(
+            f"{flag}={folder}: cannot write there ({e.strerror or e}); choose a writable folder"
+        ) from e
+    return folder
+
+
+# ----------------------------------------------------------------------------------------------
+# Multi-host.
+
+
+def define_multihost_flags() -> None:
+    from absl import flags
+
+    flags.DEFINE_bool(
+        "distributed", False, "call jax.distributed.initialize() with cluster auto-detection"
+    )
+    flags.DEFINE_string("coordinator_address", None, "multi-process: host:port of process 0")
+    flags.DEFINE_integer("num_processes", None, "multi-process: number of processes")
+    flags.DEFINE_integer("process_id", None, "multi-process: index of this process")
+
+
+def initialize_distributed(
+    *,
+    auto: bool = False,
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+) -> None:
+    """``jax.distributed.initialize`` when asked to (before any other JAX call).
+
+    ``auto`` lets JAX detect the cluster (TPU pod, SLURM, Open MPI); otherwise the three arguments
+    name the coordinator (process 0's ``host:port``), the process count and this process's index.
+    """
+    import jax
+
+    if not (auto or coordinator_address or num_processes):
+        return
+    # Cross-process collectives on CPU hosts (tests, CPU clusters); ignored by GPU/TPU backends.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+        coordinator_address=coordinator_address,
+        num_processes=num_processes,
+        process_id=process_id,
+    )
+
+
+def initialize_from_flags() -> None:
+    from absl import flags
+
+    f = flags.FLAGS
+    initialize_distributed(
+        auto=f.distributed,
+        coordinator_address=f.coordinator_address,
+        num_processes=f.num_processes,
+        process_id=f.process_id,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Running a command.
+
+
+def fail(message: str, code: int = 1) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+class Command:
+    """An absl command whose ``--config.KEY=VALUE`` overrides are parsed here.
+
+    ``define_flags()`` defines the command's own flags; ``main(argv, overrides)`` does the work.
+    The expected failures of ``main`` (bad paths, data, configs, checkpoints) end with one line.
+    """
+
+    EXPECTED_ERRORS = (FileNotFoundError, ValueError, PermissionError)
+
+    def __init__(
+        self,
+        define_flags: Callable[[], None],
+        main: Callable[[list[str], list[tuple[str, str]]], None],
+        *,
+        expected_errors: tuple[type[BaseException], ...] = (),
+    ):
+        self._define_flags, self._main = define_flags, main
+        self._expected = self.EXPECTED_ERRORS + tuple(expected_errors)
+        self.overrides: list[tuple[str, str]] = []
+
+    def _parse(self, argv: list[str]) -> list[str]:
+        from absl import flags
+
+        try:
+            rest, self.overrides = split_overrides(argv[1:])
+            return flags.FLAGS([argv[0], *rest])
+        except (flags.Error, CommandLineError) as e:
+            fail(str(e), code=2)
+
+    def _run(self, argv: list[str]) -> None:
+        from absl import flags
+        from absl import logging as absl_logging
+
+        if not flags.FLAGS["verbosity"].present:
+            # orbax logs every save at INFO; keep the terminal for progress bars and errors.
+            absl_logging.set_verbosity(absl_logging.WARNING)
+        try:
+            self._main(argv, self.overrides)
+        except CommandLineError as e:
+            fail(str(e), code=2)
+        except self._expected as e:
+            fail(str(e))
+
+    def run(self) -> None:
+        from absl import app
+
+        self._define_flags()
+        app.run(self._run, flags_parser=self._parse)
