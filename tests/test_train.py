@@ -611,6 +611,19 @@ def test_resume_after_a_lost_checkpoint_keeps_one_metrics_row_per_step(tmp_path)
     assert run_log.read_events(second)[1]["session_start"]
 
 
+def test_workdir_of_another_model_is_refused_in_one_message_naming_the_keys(tmp_path):
+    config = get_config()
+    config.optim.steps = 2
+    run(config, tmp_path)
+    config.model.width = 16  # another architecture: trained weights of other shapes
+    with pytest.raises(train_lib.ConfigMismatch, match=r"config\.model\.width: 8 -> 16"):
+        run(config, tmp_path)
+    # Even a deliberate continuation cannot load weights of other shapes: said plainly, before
+    # orbax is asked (whose advice would be partial_restore=True).
+    with pytest.raises(train_lib.ConfigMismatch, match=r"checkpoint of a different model.*shape"):
+        run(config, tmp_path, allow_config_change=True)
+
+
 def test_corrupt_file_mid_run_saves_the_step_and_the_rerun_resumes_there(tmp_path):
     from zsad_jax.data.decode import DataError
 

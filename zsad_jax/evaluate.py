@@ -328,6 +328,7 @@ def evaluate(
     set_classes: bool = True,
     few_shot: int = 0,
     few_shot_seed: int = 0,
+    vis_threshold: float | None = None,
 ) -> dict[str, Any]:
     """Evaluates ``model`` on the test set of ``config`` (or on ``source``/``records``).
 
@@ -344,6 +345,8 @@ def evaluate(
       model_kwargs: extra keyword arrays for the model call (AF-CLIP+'s ``memory``).
       aupro_method: ``exact`` | ``anomalyclip`` | ``af_clip`` (``zsad_jax.metrics.aupro``).
       vis_dir: write heatmap panels for ``num_vis`` images per category here (None = none).
+      vis_threshold: the image threshold the panels show decisions for (the checkpoint's stored
+        one; this evaluation's own is only known at its end); None = "no threshold".
       num_vis: default ``config.eval.num_vis``.
       progress: show a tqdm bar (process 0).
       keep_outputs: also return every map/score/label under ``"outputs"`` (NumPy; tests, notebooks).
@@ -387,6 +390,7 @@ def evaluate(
         num_vis=num_vis,
         transform_name=transform_name,
         keep_outputs=keep_outputs,
+        vis_threshold=vis_threshold,
     )
     # One pass over the whole source (zero-shot), or one per category with its own memory bank.
     passes: list[tuple[Any, Mapping[str, Any] | None]] = [(source, None)]
@@ -470,12 +474,13 @@ class _Collector:
         num_vis: int,
         transform_name: str,
         keep_outputs: bool,
+        vis_threshold: float | None = None,
     ):
         self.class_names = list(source.class_names)
         self.expected = _expected_counts(source) or {}
         self.map_dtype, self.aupro_method = map_dtype, aupro_method
         self.vis_dir, self.num_vis, self.transform_name = vis_dir, num_vis, transform_name
-        self.keep_outputs = keep_outputs
+        self.keep_outputs, self.vis_threshold = keep_outputs, vis_threshold
         self.primary = jax.process_index() == 0
         self.categories: dict[str, _Category] = {}
         self.kept: dict[str, list[np.ndarray]] = {}
@@ -527,7 +532,7 @@ class _Collector:
                 ):
                     image = transforms.denormalize(images[row], self.transform_name)
                     _write_vis(self.vis_dir, name, source.describe(index), index, label, image,
-                               amap, mask, score)  # fmt: skip
+                               amap, mask, score, self.vis_threshold)  # fmt: skip
             if cat.expected is not None and cat.seen == cat.expected:
                 _finish(cat, self.aupro_method)
 
@@ -827,6 +832,8 @@ def run(
         progress=progress,
         few_shot=few_shot,
         few_shot_seed=few_shot_seed,
+        # The stored threshold was chosen on zero-shot scores; few-shot scores have another scale.
+        vis_threshold=None if few_shot else stored_threshold,
     )
     result["aupro_method"] = aupro_method
     if primary:
