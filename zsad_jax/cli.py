@@ -264,6 +264,23 @@ def build_config(
     return config
 
 
+def config_from_flags(overrides: Sequence[tuple[str, str]]) -> ml_collections.ConfigDict:
+    """What every command does first: join the other processes (multi-host flags; before anything
+    touches a JAX backend), then build the config from ``--config`` / ``--checkpoint`` (where the
+    command has it) and the overrides."""
+    from absl import flags
+
+    f = flags.FLAGS
+    initialize_from_flags()
+    has = set(f)
+    return build_config(
+        config_file=f.config,
+        overrides=overrides,
+        checkpoint=f.checkpoint if "checkpoint" in has else None,
+        step=f.step if "step" in has else None,
+    )
+
+
 # ----------------------------------------------------------------------------------------------
 # Paths.
 

@@ -905,8 +905,7 @@ def main(argv: Sequence[str], overrides: Sequence[tuple[str, str]]) -> None:
     if len(argv) > 1:
         raise cli.CommandLineError(f"unexpected arguments {list(argv[1:])}")
     f = flags.FLAGS
-    cli.initialize_from_flags()  # before anything touches a JAX backend
-    config = cli.build_config(config_file=f.config, overrides=overrides)
+    config = cli.config_from_flags(overrides)
     result = train(
         config, f.workdir, progress=f.progress, allow_config_change=f.allow_config_change
     )
