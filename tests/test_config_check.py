@@ -10,19 +10,22 @@ import json
 import ml_collections
 import pytest
 
+from configs import dlvp_clip
 from configs.common import base_config
 from zsad_jax import config_check
 from zsad_jax.config_check import ConfigError, check, problems
 
 N_GROUPS = ("2", "3", "4", "6")
-ABLATIONS = ("none", "slfs", "mlop", "no_hfd", "sobel", "full")
+ABLATIONS = tuple(dlvp_clip.ABLATIONS)
 VARIANTS = {
     "af_clip": [None, "tiny", "small", "clean", "tiny,clean", "small,clean", "train_set=visa",
                 "train_set=visa,test_set=mvtec_ad", "train_set=visa,tiny", "test_set=btad"],
     "acd_clip": [None, "tiny", "domain=medical", "domain=industrial", "train_set=visa",
                  *(f"n_groups={n}" for n in N_GROUPS), *(f"tiny,n_groups={n}" for n in N_GROUPS)],
     "dlvp_clip": [None, "tiny", "train_set=visa", *(f"ablation={a}" for a in ABLATIONS),
-                  *(f"tiny,ablation={a}" for a in ABLATIONS)],
+                  *(f"tiny,ablation={a}" for a in ABLATIONS),
+                  *(f"top_k={k}" for k in dlvp_clip.TOP_K), "dpam", "seg_weight=4", "anomalyclip",
+                  *(f"backbone={b}" for b in dlvp_clip.BACKBONES)],
     "ava_dino": [None, "tiny", "small", "paper", "fc2", "paper,fc2", "tiny,paper",
                  "train_set=visa", "small,train_set=visa"],
     "demo": [None, "tiny", "paper", "fc2", "train_set=visa"],

@@ -320,6 +320,8 @@ RECIPE = [
     _recipe("dlvp_clip", "optim.lr", 1.5e-4, "§4 Adam lr 1.5e-4"),
     _recipe("dlvp_clip", "optim.name", "adam", "§4 Adam"),
     _recipe("dlvp_clip", "model.top_k", 4, "§4 / §9 K = M = 4"),
+    _recipe("dlvp_clip", "model.local_prompts", 4, "§4 / §9 K = M = 4 (4 local prompts)"),
+    _recipe("dlvp_clip", "model.local_prompts", 4, "§4 4 local prompts at any K", arg="top_k=2"),
     _recipe("dlvp_clip", "model.text_prompt_len", 4, "§4 4 local prompts (t_n_ctx=4)"),
     _recipe("dlvp_clip", "model.prompt_depth", 9, "§4 prompt depth 9"),
     _recipe("dlvp_clip", "model.slfs_attn_layer", 24, "§4 / §9 SLFS uses the last layer"),
@@ -331,21 +333,20 @@ RECIPE = [
     _recipe("dlvp_clip", "optim.b2", 0.999, "§4 suggested: betas (0.5, 0.999)"),
     _recipe("dlvp_clip", "model.sigma", 4.0, "§4 suggested: AnomalyCLIP sigma 4"),
     _recipe("dlvp_clip", "data.train_split", "test", "§4 / §5 AnomalyCLIP protocol"),
+    _recipe("dlvp_clip", "data.mask_resize", "bilinear_threshold", "§5 bilinear, threshold 0.5"),
+    _recipe(
+        "dlvp_clip", "data.train_mask_resize", "bilinear_threshold", "§5 bilinear, threshold 0.5"
+    ),
+    _recipe("dlvp_clip", "model.backbone.preset", "vit_l14_336", "§4 suggested: OpenAI L/14@336"),
+    _recipe("dlvp_clip", "model.act", "quick_gelu", "§0 OpenAI weights, OpenAI clip code"),
+    _recipe("dlvp_clip", "model.pos_resize", "bilinear", "§0 AnomalyCLIP pos-embed resize"),
+    _recipe("dlvp_clip", "compute_dtype", "float32", "§0 precision"),
     _recipe("dlvp_clip", "loss.cls_weight", 1.0, "§9 L_total = L_cls + sum_l L_seg"),
-    _recipe(
-        "dlvp_clip",
-        "loss.seg_weight",
-        1.0,
-        "§9 weight 1, not AnomalyCLIP's 4",
-        marks=_disagrees("loss.seg_weight is 4.0"),
-    ),
-    _recipe(
-        "dlvp_clip",
-        "model.dpam_layers",
-        1,
-        "§9 DPAM a switch, off by default (1 = no DPAM)",
-        marks=_disagrees("model.dpam_layers is 20 (DPAM on)"),
-    ),
+    _recipe("dlvp_clip", "loss.seg_weight", 1.0, "§9 weight 1, not AnomalyCLIP's 4"),
+    _recipe("dlvp_clip", "loss.seg_weight", 4.0, "§4 AnomalyCLIP's seg x 4", arg="seg_weight=4"),
+    _recipe("dlvp_clip", "model.dpam_layers", 1, "§9 DPAM a switch, off by default (1 = no DPAM)"),
+    _recipe("dlvp_clip", "model.dpam_layers", 20, "§4 AnomalyCLIP DPAM_layer=20", arg="dpam"),
+    _recipe("dlvp_clip", "model.act", "gelu", "§0 open_clip GELU", arg="backbone=openai_gelu"),
 ]
 
 

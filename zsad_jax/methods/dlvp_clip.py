@@ -1,32 +1,40 @@
 """DLVP-CLIP (CVPR 2026): dynamic local visual prompts + wavelet high/low frequency decomposition.
 
-No official code exists; this follows the paper (methods.md §4, papers/DLVP-CLIP.txt) and, for
-everything the paper leaves open, AnomalyCLIP (zqhang/AnomalyCLIP), which the paper says it follows.
-Every open choice is a field of ``config.model`` documented in ``configs/dlvp_clip.py``.
+No official code exists. This implements the paper (methods.md §4, papers/DLVP-CLIP.txt); the paper
+follows AnomalyCLIP's training *protocol*, not its method (it argues against AnomalyCLIP's static
+prompts), so AnomalyCLIP (zqhang/AnomalyCLIP) only fills gaps the paper leaves, each as a field of
+``config.model`` documented in ``configs/dlvp_clip.py`` (its mechanisms the paper never mentions,
+such as DPAM, are off there by default).
 
 Forward for images (B, H, W, 3) on a frozen CLIP ViT with an (h, w) patch grid, N = h*w:
 
-1. **SLFS** (no parameters): a plain CLIP pass gives block ``slfs_attn_layer``'s attention; its CLS
-   row over the patches (heads averaged) picks the top-K patches T; ``P = V[T]`` (B, K, D) with V
-   the patch tokens after block ``slfs_feature_layer`` (through the frozen ``ln_post`` when
-   ``slfs_ln_post``). Without SLFS the prompt source is the global CLS token, repeated K times
-   (the paper's "Global token" comparison).
-2. **MLoP**: ``P' = visual_prompt_proj(P)`` (B, K, D) is appended to the token sequence of a second
-   CLIP pass. Blocks 1 .. J+1 get P' afresh at their input (the outputs of blocks 1..J at those
-   positions are discarded); from block J+2 on the prompt tokens evolve with the sequence. On the
-   text side the deep prompts of blocks 2 .. depth are ``F_theta(P') + E_j`` (per image), with
-   AnomalyCLIP's object-agnostic prompts ("X x n_ctx object." / "X x n_ctx damaged object.").
-   The second pass may run AnomalyCLIP's DPAM (V-V attention, dual path) on its last blocks.
+1. **Prompt source** (no parameters), on a plain CLIP pass. SLFS (``use_slfs``): block
+   ``slfs_attn_layer``'s attention, its CLS row over the patches (heads averaged) picks the top-K
+   patches T; ``P = V[T]`` (B, K, D) with V the patch tokens after block ``slfs_feature_layer``
+   (through the frozen ``ln_post`` when ``slfs_ln_post``). Without SLFS but with MLoP the source
+   is the pass's global token (last block, same ``ln_post`` rule) in each of the M prompt slots
+   (the paper's "Global token" comparison): no attention, no top-K. Neither: no plain pass.
+2. **Prompts**: ``P' = visual_prompt_proj(P)`` (B, M, D), M = ``local_prompts``; with K != M a
+   learnt ``Linear(K, M)`` over the token axis maps P to M tokens first. P' is appended to the
+   token sequence of the prompted CLIP pass. Blocks 1 .. J+1 get P' afresh at their input (the
+   outputs of blocks 1..J at those positions are discarded); from block J+2 on the prompt tokens
+   evolve with the sequence. With MLoP the text deep prompts of blocks 2 .. depth are
+   ``F_theta(P') + E_j`` (per image), else the static ``E_j``, in AnomalyCLIP's object-agnostic
+   prompts ("X x n_ctx object." / "X x n_ctx damaged object."), replacing positions 1..M (the
+   paper's "appended": after the sentence they would be hidden from EOT by the causal mask).
+   The prompted pass runs AnomalyCLIP's DPAM (V-V attention, dual path) on its last
+   ``dpam_layers - 1`` blocks only when asked (``dpam_layers > 1``).
 3. **HFD** on each tapped layer's patch grid: ``F~ = F_v(F)``; Haar DWT; ``low`` on LL, ``high`` on
    each of LH, HL, HH; inverse DWT; ``F + F^D``. ``hfd_kind="sobel"``: ``F^D = low(F~) +
-   high(|Sobel(F~)|)``.
+   high(|Sobel(F~)|)``. ``hfd_init="zero"`` starts ``low`` and ``high`` at zero (``F^D = 0``).
 4. Maps: per layer l, ``softmax(<f_l, t_s> / T)`` over s in (normal, abnormal), bilinearly
    upsampled; ``M = mean_l (M^a_l + 1 - M^n_l) / 2`` (Gaussian-smoothed at test time). Image
    score: ``X = X_p + X_c`` (``X_p`` = linear compression of the per-layer GAP of the patch
    features, ``X_c`` the global feature), ``S_p = softmax(<X~, t~> / T)``.
 
 Loss (paper §Loss): ``cls_weight * BCE(S_p, y) + seg_weight * sum_l [Dice(M^a_l, S) +
-Dice(M^n_l, 1 - S) + Focal(M_l, S)]`` (AnomalyCLIP's two-class focal loss and Dice).
+Dice(M^n_l, 1 - S) + Focal(M_l, S)]`` (AnomalyCLIP's two-class focal loss and Dice; the paper's
+weights are 1 and 1).
 """
 
 from __future__ import annotations
@@ -55,6 +63,9 @@ from zsad_jax.prompts import OBJECT_AGNOSTIC_PLACEHOLDER, object_agnostic_prompt
 _HERE = "zsad_jax/methods/dlvp_clip.py"
 HFD_KINDS = ("haar", "sobel")
 HFD_SPACES = ("projected", "residual")
+# "torch": every HFD linear as a fresh nn.Linear; "zero": ``low`` and ``high`` start at zero, so
+# F^D = 0 and HFD starts as the identity (the paper gives no init).
+HFD_INITS = ("torch", "zero")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -75,19 +86,30 @@ def torch_linear(d_in: int, d_out: int, *, rngs: nnx.Rngs) -> nnx.Linear:
     )
 
 
+def _zero(linear: nnx.Linear) -> None:
+    linear.kernel[...] = jnp.zeros_like(linear.kernel[...])
+    linear.bias[...] = jnp.zeros_like(linear.bias[...])
+
+
 class HighLowFrequencyDecomposition(nnx.Module):
     """HFD: ``F + IDWT(low(LL), high(LH), high(HL), high(HH))`` of ``F~ = spatial(F)``.
 
     ``kind="sobel"`` is the paper's comparison: ``F + low(F~) + high(sqrt(gx^2 + gy^2))``.
+    ``init="zero"`` zeroes ``low`` and ``high`` (identity at the start; ``HFD_INITS``).
     """
 
-    def __init__(self, width: int, *, kind: str = "haar", rngs: nnx.Rngs):
+    def __init__(self, width: int, *, kind: str = "haar", init: str = "torch", rngs: nnx.Rngs):
         if kind not in HFD_KINDS:
             raise ValueError(f"config.model.hfd_kind={kind!r}: use one of {list(HFD_KINDS)}")
+        if init not in HFD_INITS:
+            raise ValueError(f"config.model.hfd_init={init!r}: use one of {list(HFD_INITS)}")
         self.kind = kind
         self.spatial = torch_linear(width, width, rngs=rngs)  # F_v
         self.low = torch_linear(width, width, rngs=rngs)
         self.high = torch_linear(width, width, rngs=rngs)  # shared by the three detail bands
+        if init == "zero":
+            _zero(self.low)
+            _zero(self.high)
 
     def __call__(self, grid: jax.Array) -> jax.Array:
         """grid (B, h, w, C) float32 -> (B, h, w, C); odd h, w are handled by ``haar_dwt2``'s
@@ -168,6 +190,13 @@ class DlvpClip(AnomalyModel):
         self.use_mlop = bool(m.use_mlop)
         self.use_hfd = bool(m.use_hfd)
         self.top_k = int(m.top_k)
+        # M; configs written before M was its own field had M = K.
+        self.local_prompts = int(m.get("local_prompts", m.top_k))
+        if self.top_k < 1 or self.local_prompts < 1:
+            raise ValueError(
+                f"config.model.top_k={self.top_k} and config.model.local_prompts="
+                f"{self.local_prompts} must both be >= 1"
+            )
         self.slfs_attn_layer = _check_layer("slfs_attn_layer", m.slfs_attn_layer, depth)
         self.slfs_feature_layer = _check_layer("slfs_feature_layer", m.slfs_feature_layer, depth)
         self.slfs_ln_post = bool(m.slfs_ln_post)
@@ -195,10 +224,10 @@ class DlvpClip(AnomalyModel):
                 f"config.model.text_prompt_len={self.text_prompt_len} must be in 1..n_ctx "
                 f"({self.n_ctx}): deep prompts replace the first context tokens"
             )
-        if self.use_mlop and self.text_prompt_len != self.top_k:
+        if self.use_mlop and self.text_prompt_len != self.local_prompts:
             raise ValueError(
-                f"config.model.text_prompt_len={self.text_prompt_len} must equal top_k="
-                f"{self.top_k} with use_mlop: the text prompts are F_theta(P') + E_j"
+                f"config.model.text_prompt_len={self.text_prompt_len} must equal local_prompts="
+                f"{self.local_prompts} with use_mlop: the text prompts are F_theta(P') + E_j"
             )
         self.temperature = float(m.temperature)
         self.sigma = float(m.sigma)
@@ -224,6 +253,12 @@ class DlvpClip(AnomalyModel):
         self.visual_prompt_proj = (
             torch_linear(width, width, rngs=rngs) if self.visual_prompts_on else None
         )
+        # K selected patches -> M prompt tokens, only where they differ (the Top-K ablation).
+        self.prompt_token_proj = (
+            torch_linear(self.top_k, self.local_prompts, rngs=rngs)
+            if self.use_slfs and self.top_k != self.local_prompts
+            else None
+        )
         self.text_prompt_proj = (  # F_theta
             torch_linear(width, text_width, rngs=rngs) if self.use_mlop else None
         )
@@ -231,7 +266,9 @@ class DlvpClip(AnomalyModel):
         self.hfd = (
             nnx.List(
                 [
-                    HighLowFrequencyDecomposition(hfd_width, kind=m.hfd_kind, rngs=rngs)
+                    HighLowFrequencyDecomposition(
+                        hfd_width, kind=m.hfd_kind, init=str(m.get("hfd_init", "torch")), rngs=rngs
+                    )
                     for _ in self.layers
                 ]
             )
@@ -251,7 +288,8 @@ class DlvpClip(AnomalyModel):
 
     @property
     def visual_prompts_on(self) -> bool:
-        """Local prompts reach the vision tower in every variant that has SLFS or MLoP."""
+        """Prompts reach the vision tower in every variant that has SLFS or MLoP (SLFS alone: the
+        vision tower only; MLoP without SLFS: the global token as the source)."""
         return self.use_slfs or self.use_mlop
 
     # -- text ----------------------------------------------------------------------------------
@@ -276,7 +314,7 @@ class DlvpClip(AnomalyModel):
         self.prompt_ids[...] = jnp.asarray(ids, jnp.int32)
 
     def encode_text(self, prompts: jax.Array | None) -> jax.Array:
-        """Visual prompts P' (B, K, D_vision) or None -> L2-normalised text features (B or 1, 2,
+        """Visual prompts P' (B, M, D_vision) or None -> L2-normalised text features (B or 1, 2,
         E) in (normal, abnormal) order."""
         text = self.clip.text
         ids = self.prompt_ids[...]
@@ -290,7 +328,7 @@ class DlvpClip(AnomalyModel):
             feats = feats[None]  # (1, 2, E)
         else:
             b = prompts.shape[0]
-            shared = self.text_prompt_proj(prompts)  # F_theta(P') (B, K, Dt)
+            shared = self.text_prompt_proj(prompts)  # F_theta(P') (B, M, Dt)
             # Sequence b * 2 + s is image b's state s.
             deep = [jnp.repeat(shared + e, 2, axis=0) for e in static]
             emb = jnp.tile(emb, (b, 1, 1))
@@ -302,32 +340,62 @@ class DlvpClip(AnomalyModel):
 
     # -- vision --------------------------------------------------------------------------------
 
-    def select_local_features(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """SLFS on a plain CLIP pass: images (B, H, W, 3) -> (P (B, K, D), indices (B, K) of the
-        top-K patches by heads-averaged CLS attention, descending; -1 for the global source)."""
+    def _plain_pass(
+        self, images: jax.Array, feature_layer: int, attn_layer: int | None = None
+    ) -> tuple[jax.Array, jax.Array | None]:
+        """The original CLIP encoder up to block max(feature_layer, attn_layer): (tokens after
+        ``feature_layer`` (B, 1+N, D), attention probabilities of ``attn_layer`` (B, heads, 1+N,
+        1+N) or None when no attention is asked for)."""
         vision = self.clip.vision
         x = vision.embed(images)
         attn = features = None
+        last = max(feature_layer, attn_layer or 0)
         for i, block in enumerate(vision.blocks, start=1):
-            if i == self.slfs_attn_layer:
+            if i == attn_layer:
                 x, attn = block(x, return_attn=True)
             else:
                 x = block(x)
-            if i == self.slfs_feature_layer:
+            if i == feature_layer:
                 features = x
-            if i >= max(self.slfs_attn_layer, self.slfs_feature_layer):
+            if i >= last:
                 break
-        if self.use_slfs:
-            scores = attn.astype(jnp.float32).mean(axis=1)[:, 0, 1:]  # (B, N)
-            _, indices = jax.lax.top_k(scores, self.top_k)
-            local = jnp.take_along_axis(features[:, 1:], indices[..., None], axis=1)
-        else:
-            indices = jnp.full((images.shape[0], self.top_k), -1, jnp.int32)
-            local = jnp.repeat(features[:, :1], self.top_k, axis=1)
-        local = local.astype(jnp.float32)
+        return features, attn
+
+    def _source_tokens(self, tokens: jax.Array) -> jax.Array:
+        """(B, T, D) plain-pass tokens -> float32, through ``ln_post`` when ``slfs_ln_post``,
+        without gradient (the source is the frozen encoder's)."""
+        tokens = tokens.astype(jnp.float32)
         if self.slfs_ln_post:
-            local = vision.ln_post(local)
-        return jax.lax.stop_gradient(local), indices
+            tokens = self.clip.vision.ln_post(tokens)
+        return jax.lax.stop_gradient(tokens)
+
+    def select_local_features(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """SLFS on a plain CLIP pass: images (B, H, W, 3) -> (P (B, K, D), indices (B, K) of the
+        top-K patches by heads-averaged CLS attention, descending)."""
+        features, attn = self._plain_pass(
+            images, self.slfs_feature_layer, attn_layer=self.slfs_attn_layer
+        )
+        scores = attn.astype(jnp.float32).mean(axis=1)[:, 0, 1:]  # (B, N)
+        _, indices = jax.lax.top_k(scores, self.top_k)
+        local = jnp.take_along_axis(features[:, 1:], indices[..., None], axis=1)
+        return self._source_tokens(local), indices
+
+    def global_token_source(self, images: jax.Array) -> jax.Array:
+        """The "Global token" source (MLoP without SLFS): the plain pass's CLS token after the
+        last block, in each of the M prompt slots -> (B, M, D). No attention, no top-K."""
+        features, _ = self._plain_pass(images, len(self.clip.vision.blocks))
+        cls = self._source_tokens(features[:, :1])
+        return jnp.repeat(cls, self.local_prompts, axis=1)
+
+    def visual_prompts(self, images: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+        """P' (B, M, D) for the prompted pass and the SLFS indices (B, K) (None without SLFS)."""
+        if self.use_slfs:
+            source, indices = self.select_local_features(images)  # (B, K, D)
+            if self.prompt_token_proj is not None:  # K tokens -> M tokens
+                source = jnp.swapaxes(self.prompt_token_proj(jnp.swapaxes(source, 1, 2)), 1, 2)
+        else:
+            source, indices = self.global_token_source(images), None
+        return self.visual_prompt_proj(source), indices
 
     def encode_image(
         self, images: jax.Array, prompts: jax.Array | None
@@ -391,15 +459,14 @@ class DlvpClip(AnomalyModel):
         p = vision.config.patch_size
         grid_hw = (height // p, width // p)
         n_patches = grid_hw[0] * grid_hw[1]
-        if self.top_k > n_patches:
+        if self.use_slfs and self.top_k > n_patches:
             raise ValueError(
                 f"config.model.top_k={self.top_k} exceeds the {n_patches} patches of "
                 f"{height}x{width} images"
             )
         prompts = indices = None
         if self.visual_prompts_on:
-            local, indices = self.select_local_features(images)
-            prompts = self.visual_prompt_proj(local)  # P' (B, K, D)
+            prompts, indices = self.visual_prompts(images)  # P' (B, M, D)
         taps, global_token = self.encode_image(images, prompts)
         text = self.encode_text(prompts)  # (B or 1, 2, E)
 
@@ -418,7 +485,7 @@ class DlvpClip(AnomalyModel):
         global_token = global_token.astype(jnp.float32)
         if self.global_ln_post:
             image_feat = vision.head(global_token)
-        else:  # AnomalyCLIP: x_ori[0] @ proj, without ln_post
+        else:  # AnomalyCLIP's quirk: x_ori[0] @ proj, without ln_post
             image_feat = global_token @ vision.proj[...]
         if self.local_compress is not None:
             pooled = jnp.concatenate(list(feats.mean(axis=2)), axis=-1)  # (B, L * E)
@@ -432,7 +499,7 @@ class DlvpClip(AnomalyModel):
             "image_logits": image_logits,
             "layer_probs": probs,
         }
-        if indices is not None and self.use_slfs:
+        if indices is not None:
             out["local_indices"] = indices
         return out
 
