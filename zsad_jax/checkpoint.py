@@ -35,6 +35,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from zsad_jax.nn import Trainable
+from zsad_jax.state import data_to_keys, flat_arrays, is_key, keys_to_data, path_str
 
 FORMAT = "zsad_jax.train/1"
 CHECKPOINT_SUBDIR = "checkpoints"
@@ -111,38 +112,9 @@ def build_model(config: Any, *, load_weights: bool = True) -> nnx.Module:
     return cls(config, rngs=nnx.Rngs(int(config.seed)), load_weights=load_weights)
 
 
-# ----------------------------------------------------------------------------------------------
-# Flat state dicts.
-
-
-def path_str(path: tuple) -> str:
-    return ".".join(str(p) for p in path)
-
-
-def flat_arrays(state: nnx.State) -> dict[str, Any]:
-    """``{dotted path: array}`` of an ``nnx.State``."""
-    return {path_str(p): v.get_value() for p, v in nnx.to_flat_state(state)}
-
-
-def _is_key(x: Any) -> bool:
-    return jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key)
-
-
-def keys_to_data(tree: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
-    """Typed PRNG keys -> uint32 key data (orbax stores plain arrays) and their impl names."""
-    impls = {k: str(jax.random.key_impl(v)) for k, v in tree.items() if _is_key(v)}
-    return {k: jax.random.key_data(v) if k in impls else v for k, v in tree.items()}, impls
-
-
-def data_to_keys(tree: Mapping[str, Any], impls: Mapping[str, str]) -> dict[str, Any]:
-    return {
-        k: jax.random.wrap_key_data(v, impl=impls[k]) if k in impls else v for k, v in tree.items()
-    }
-
-
 def _abstract(tree: Any) -> Any:
     def one(x):
-        if _is_key(x):
+        if is_key(x):
             x = jax.random.key_data(x)
         return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=getattr(x, "sharding", None))
 

@@ -65,12 +65,8 @@ from zsad_jax import cli, run_log
 from zsad_jax import optim as optim_lib
 from zsad_jax import sharding as shard_lib
 from zsad_jax.data.decode import DataError
-from zsad_jax.nn import Trainable
+from zsad_jax.state import SplitModel
 
-# Variables a training step updates besides the trained weights: dropout/noise RNG streams and
-# running statistics. Everything else (backbone weights, Buffers such as cached text embeddings) is
-# constant during training.
-MUTABLE = (nnx.RngState, nnx.BatchStat)
 PREEMPTED_EXIT_CODE = 128 + signal.SIGTERM
 
 
@@ -233,56 +229,6 @@ def _decode_state(state: Any) -> Any:
     if isinstance(state, dict) and set(state) == {"__bytes__"}:
         return state["__bytes__"].encode("latin-1")
     return state
-
-
-# ----------------------------------------------------------------------------------------------
-# The model as flat dicts of arrays.
-
-
-class SplitModel:
-    """A model as three flat ``{dotted path: array}`` dicts: ``params`` (``Trainable``),
-    ``mutable`` (RNG streams, batch statistics) and ``frozen`` (the rest), plus the structure to
-    merge them back.
-
-    Only abstract shapes are kept here, so the arrays live once: in the dicts the loop passes.
-    """
-
-    def __init__(self, model: nnx.Module):
-        self.graphdef, *states = nnx.split(model, Trainable, MUTABLE, ...)
-        self._templates = [
-            [
-                (p, v.replace(jax.ShapeDtypeStruct(np.shape(v.get_value()), v.get_value().dtype)))
-                for p, v in nnx.to_flat_state(s)
-            ]
-            for s in states
-        ]
-        self._initial = [ckpt_lib.flat_arrays(s) for s in states]
-
-    def take_arrays(self) -> tuple[dict, dict, dict]:
-        """``(params, mutable, frozen)`` of the model it was built from (handed over once)."""
-        arrays, self._initial = self._initial, None
-        if arrays is None:
-            raise RuntimeError("SplitModel.take_arrays() was already called")
-        return tuple(arrays)
-
-    @staticmethod
-    def _state(template, arrays):
-        return nnx.from_flat_state(
-            [(p, v.replace(arrays[ckpt_lib.path_str(p)])) for p, v in template]
-        )
-
-    def merge(self, params: Mapping, mutable: Mapping, frozen: Mapping) -> nnx.Module:
-        return nnx.merge(
-            self.graphdef,
-            *(
-                self._state(t, a)
-                for t, a in zip(self._templates, (params, mutable, frozen), strict=True)
-            ),
-        )
-
-    @staticmethod
-    def mutable_of(model: nnx.Module) -> dict[str, Any]:
-        return ckpt_lib.flat_arrays(nnx.state(model, MUTABLE))
 
 
 # ----------------------------------------------------------------------------------------------
