@@ -124,3 +124,17 @@ def apply_name_table(
         lines.append("  Is this the right model family/size for this converter?")
         raise ValueError("\n".join(lines))
     return out
+
+
+def flatten_nested(tree: dict, prefix: str = "") -> dict[str, object]:
+    """``{"a": {"b": x}, "c": y}`` -> ``{"a.b": x, "c": y}``: a dict of state dicts (the
+    checkpoints official training scripts save) as one dotted state dict. Leaves are kept as they
+    are (arrays, and plain values such as an ``epoch`` counter)."""
+    out: dict[str, object] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten_nested(value, f"{name}."))
+        else:
+            out[name] = value
+    return out

@@ -225,3 +225,152 @@ def _read_text(archive: zipfile.ZipFile, name: str) -> str | None:
         return archive.read(name).decode().strip()
     except KeyError:
         return None
+
+
+# ----------------------------------------------------------------------------------------------
+# ``torch.save`` archives: tensors, state dicts and whole pickled ``nn.Module`` objects, as data.
+#
+# ``torch.save(module)`` pickles the module's class by name (``clip.adaptor.Adaptor``), so
+# ``torch.load`` must import the code that defined it (and, without ``weights_only``, may run
+# anything the pickle names). ``read_saved`` reads the same zip archive (``<name>/data.pkl`` plus
+# ``<name>/data/<key>`` storages, the layout ``torch.save`` writes since torch 1.6) with the
+# unpickler above, extended by: ``torch._utils._rebuild_parameter`` (a Parameter is its array),
+# ``set`` (a module's ``_non_persistent_buffers_set``), the classes of ``torch.nn.modules`` and the
+# foreign classes the caller names, all as inert ``SavedModule`` holders of their attributes. No
+# class is imported and nothing the file names is called except those rebuild functions.
+
+
+class SavedModule:
+    """A pickled ``nn.Module`` read as data: its class name (``qualname``) and attributes."""
+
+    qualname = ""
+    state: dict[str, Any] = {}  # read only here; BUILD gives each instance its own
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = dict(state) if isinstance(state, dict) else {}
+
+    def __repr__(self) -> str:
+        return f"<pickled {self.qualname}>"
+
+    def children(self) -> dict[str, SavedModule]:
+        """``_modules`` (submodules by name; ``None`` entries left out, as ``state_dict`` does)."""
+        modules = self.state.get("_modules") or {}
+        return {k: v for k, v in modules.items() if isinstance(v, SavedModule)}
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """``nn.Module.state_dict()``'s keys and arrays: own parameters, persistent buffers, then
+        every submodule's under ``<name>.``."""
+        out: dict[str, np.ndarray] = {}
+        self._collect("", out, frozenset())
+        return out
+
+    def _collect(self, prefix: str, out: dict[str, np.ndarray], above: frozenset) -> None:
+        if id(self) in above:  # a crafted pickle can make a module its own descendant
+            raise ValueError(f"module {prefix or 'root'} contains itself")
+        above = above | {id(self)}
+        skip = self.state.get("_non_persistent_buffers_set") or set()
+        for group in ("_parameters", "_buffers"):
+            for name, value in (self.state.get(group) or {}).items():
+                if value is None or (group == "_buffers" and name in skip):
+                    continue
+                if not isinstance(value, np.ndarray):
+                    raise ValueError(f"{prefix}{name} is {type(value).__name__}, not a tensor")
+                out[prefix + name] = value
+        for name, child in self.children().items():
+            child._collect(f"{prefix}{name}.", out, above)
+
+    def modules(self, prefix: str = "") -> dict[str, SavedModule]:
+        """``named_modules()``: ``{dotted path ('' = this one): module}``."""
+        found = {prefix.rstrip("."): self}
+        for name, child in self.children().items():
+            found.update(child.modules(f"{prefix}{name}."))
+        return found
+
+
+def _rebuild_parameter(data, _requires_grad=None, _hooks=None, *_state):
+    """torch._utils._rebuild_parameter(_with_state): a Parameter is its tensor here."""
+    if not isinstance(data, np.ndarray):
+        raise pickle.UnpicklingError(f"a Parameter of {type(data).__name__}, not of a tensor")
+    return data
+
+
+class _SavedUnpickler(_Unpickler):
+    def __init__(self, archive: zipfile.ZipFile, prefix: str, classes: dict[str, set[str]]):
+        super().__init__(archive, prefix)
+        self.allowed = classes
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "torch._utils" and name in (
+            "_rebuild_parameter",
+            "_rebuild_parameter_with_state",
+        ):
+            return _rebuild_parameter
+        if module in ("builtins", "__builtin__") and name == "set":
+            return set
+        if module.startswith("torch.nn.modules.") or name in self.allowed.get(module, ()):
+            key = f"{module}.{name}"
+            if key not in self.classes:  # a fresh inert class per pickled class
+                self.classes[key] = type(name, (SavedModule,), {"qualname": key})
+            return self.classes[key]
+        if not module.startswith("__torch__"):  # TorchScript classes: not in a torch.save file
+            try:
+                return super().find_class(module, name)
+            except pickle.UnpicklingError:
+                pass
+        raise pickle.UnpicklingError(
+            f"it refers to {module}.{name}, which this code-free reader does not allow (only "
+            "tensors, containers, torch.nn modules and the expected module classes)"
+        )
+
+
+def is_saved_archive(path: str | os.PathLike) -> bool:
+    """A zip with one ``<name>/data.pkl`` and no TorchScript ``constants.pkl``: a ``torch.save``
+    file (torch >= 1.6 format)."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        names = archive.namelist()
+    return any(n.endswith("/data.pkl") for n in names) and not any(
+        PurePosixPath(n).name == "constants.pkl" for n in names
+    )
+
+
+def read_saved(path: str | os.PathLike, *, classes: dict[str, Any] | None = None) -> Any:
+    """The object ``torch.save`` wrote to ``path``, as data: tensors and Parameters as NumPy arrays
+    (bfloat16 as float32), containers as themselves, modules as ``SavedModule``.
+
+    ``classes`` names the foreign module classes the pickle may use, ``{"clip.adaptor":
+    {"Adaptor", ...}}``; any other global is refused (naming it) before anything is built.
+
+    Raises:
+      ValueError: not a ``torch.save`` zip archive (the legacy pre-1.6 format included), a damaged
+        one, or one naming a global this reader does not allow; the message names the file.
+    """
+    allowed = {str(k): {str(n) for n in v} for k, v in (classes or {}).items()}
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as e:
+        raise ValueError(
+            f"{path}: not a torch.save zip archive ({e}); files in the legacy format of "
+            "torch < 1.6 must be re-saved with a newer torch first"
+        ) from None
+    with archive:
+        names = archive.namelist()
+        if any(PurePosixPath(n).name == "constants.pkl" for n in names):
+            raise ValueError(
+                f"{path}: a TorchScript archive (torch.jit.save), not a torch.save file"
+            )
+        prefix = _prefix(archive, path)
+        try:
+            return _SavedUnpickler(archive, prefix, allowed).load()
+        except (
+            pickle.UnpicklingError,
+            zipfile.BadZipFile,
+            KeyError,
+            ValueError,
+            TypeError,
+            EOFError,
+            AttributeError,
+            IndexError,
+        ) as e:
+            raise ValueError(f"{path}: unreadable torch.save data.pkl ({e})") from None
