@@ -624,6 +624,19 @@ def test_workdir_of_another_model_is_refused_in_one_message_naming_the_keys(tmp_
         run(config, tmp_path, allow_config_change=True)
 
 
+def test_converted_heads_are_not_resumed_as_a_training_run(tmp_path):
+    """A workdir written by ``python -m convert.heads`` has weights but no optimiser/data state."""
+    config = get_config()
+    model = ToyModel(config, rngs=nnx.Rngs(config.seed))
+    params = ckpt_lib.flat_arrays(nnx.state(model, Trainable))
+    checkpointer = ckpt_lib.TrainCheckpointer(tmp_path / "checkpoints", async_save=False)
+    meta = {"step": 0, "config": train_lib._config_json(config), "threshold": None}
+    checkpointer.save(0, params=params, opt_state={"none": np.zeros(())}, mutable={}, meta=meta)
+    checkpointer.close()
+    with pytest.raises(train_lib.ConfigMismatch, match=r"converted heads.*new --workdir"):
+        run(config, tmp_path)
+
+
 def test_corrupt_file_mid_run_saves_the_step_and_the_rerun_resumes_there(tmp_path):
     from zsad_jax.data.decode import DataError
 

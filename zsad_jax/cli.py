@@ -58,7 +58,11 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
     path, _, arg = spec.partition(":")
     if not Path(path).is_file():
         raise CommandLineError(f"--config={spec}: no such config file {path}")
-    # A unique module name per file, so a config file may import its siblings (configs/...).
+    # The project's config files import their siblings as ``configs.common``: make the folder that
+    # holds ``configs/`` importable, so the file also loads when given from elsewhere.
+    folder = Path(path).absolute().parent
+    if folder.name == "configs" and str(folder.parent) not in sys.path:
+        sys.path.insert(0, str(folder.parent))
     name = "zsad_config_" + "".join(c if c.isalnum() else "_" for c in str(Path(path).absolute()))
     module_spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(module_spec)

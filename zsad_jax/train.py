@@ -378,6 +378,11 @@ def _check_resumable(
     config (unless ``allow_config_change``) and, in any case, trained weights of the same
     structure. Raises ``ConfigMismatch`` naming what differs."""
     meta = ckpt_lib.read_meta(step_dir)
+    if "data_state" not in meta:
+        raise ConfigMismatch(
+            f"{workdir} holds converted heads (python -m convert.heads), not a training run: "
+            "there is no optimiser or data state to resume; train into a new --workdir"
+        )
     changed = config_differences(meta["config"], config_json)
     if changed and not allow_config_change:
         raise ConfigMismatch(
