@@ -169,20 +169,14 @@ def test_parse_variants_helper():
 
 # ----------------------------------------------------------------------------------------------
 # Recipe constants: each default config against the numbers of /work/shared/spec/methods.md (the
-# section is cited per row). A row marked ``_DISAGREES`` is a config value that differs from
-# methods.md today: it is reported, not changed here (strict xfail, so the row turns red once the
-# config is brought in line and the mark must be dropped).
+# section is cited per row).
 
 
-def _disagrees(reason: str):
-    return pytest.mark.xfail(strict=True, reason=f"config disagrees with methods.md: {reason}")
-
-
-def _recipe(name, key, expected, section, arg=None, marks=()):
+def _recipe(name, key, expected, section, arg=None):
     """One row: ``config.<key>`` of ``configs/<name>.py[:arg]`` must equal ``expected``, the number
     of methods.md ``section``."""
     return pytest.param(
-        name, arg, key, expected, section, id=f"{name}{':' + arg if arg else ''}:{key}", marks=marks
+        name, arg, key, expected, section, id=f"{name}{':' + arg if arg else ''}:{key}"
     )
 
 
@@ -226,7 +220,6 @@ RECIPE = [
         "data.mask_resize",
         "bicubic_threshold",
         "§1.7 / §9: test masks Resize(518, BICUBIC) then > 0.5",
-        marks=_disagrees("data.mask_resize is 'nearest'"),
     ),
     # --- AVA-DINO (methods.md §2) ---
     _recipe("ava_dino", "model.backbone.kind", "dinov3", "§2.1 DINOv3"),

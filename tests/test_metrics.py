@@ -99,12 +99,13 @@ def sorted_aupro(maps, masks, limit, connectivity=8):
 
 def peer_aupro(maps, masks, variant, num_thresholds=200, expect_fpr=0.3):
     """AnomalyCLIP cal_pro_score / AF-CLIP compute_pro, loop for loop (NumPy 1.x promotion)."""
-    low, high = maps.min(), maps.max()
+    low, high = maps.min(), maps.max()  # scalars of the map dtype, as theirs
     step = np.float64(high - low) / num_thresholds  # float32 difference, float64 division
     regions = regions_of(masks, 8)
     normal = ~masks
     pros, fprs = [], []
-    for threshold in np.arange(np.float64(low), np.float64(high), step):
+    # Their np.arange(min_th, max_th, delta) on those scalars: the length from the float32 range.
+    for threshold in np.arange(low, high, step):
         binary = maps > maps.dtype.type(threshold)  # NumPy 1.x: array dtype wins the comparison
         pros.append(np.mean([binary[i][region].sum() / region.sum() for i, region in regions]))
         fprs.append(np.logical_and(normal, binary).sum() / normal.sum())
@@ -427,6 +428,59 @@ def test_peer_grid_rounds_thresholds_to_the_map_dtype():
     keep = fprs < 0.3
     unrounded = auc((fprs[keep] - fprs[keep].min()) / np.ptp(fprs[keep]), pros[keep])
     assert abs(unrounded - expected) > 1e-6
+
+
+def _grid_lengths(low, high, num_thresholds=200):
+    """(the peers' grid length, a float64 arange's length) for float32 scalars low < high."""
+    step = np.float64(high - low) / num_thresholds
+    return len(np.arange(low, high, step)), len(np.arange(np.float64(low), np.float64(high), step))
+
+
+def test_peer_grid_length_comes_from_the_float32_range():
+    """np.arange(min, max, delta) on float32 scalars takes ceil((max - min) / delta) with max - min
+    in float32: for many (min, max) pairs of float32 maps (here ~43 %) the grid is one longer or
+    shorter than a float64 arange's. Maps spanning such pairs give the peers' numbers."""
+    rng = np.random.default_rng(7)
+    pairs = [(np.float32(rng.uniform(0, 0.1)), np.float32(rng.uniform(0.5, 1))) for _ in range(400)]
+    lengths = [_grid_lengths(lo, hi) for lo, hi in pairs]
+    differ = [p for p, (peer, wide) in zip(pairs, lengths, strict=True) if peer != wide]
+    assert 0.2 < len(differ) / len(pairs) < 0.6
+    assert {peer - wide for peer, wide in lengths} == {-1, 0, 1}
+
+    masks = blob_masks(np.random.default_rng(8), 6, 16, 16)
+    moved = 0
+    for lo, hi in differ[:4]:
+        unit = np.clip((noisy_maps(rng, masks, None, np.float64) + 0.8) / 1.6, 0.0, 1.0)
+        maps = (np.float64(lo) + unit * (np.float64(hi) - np.float64(lo))).astype(np.float32)
+        maps = with_hot_normal_pixels(maps, masks)
+        maps.reshape(-1)[[0, 1]] = [lo, hi]
+        assert (maps.min(), maps.max()) == (lo, hi)
+        for variant in ("anomalyclip", "af_clip"):
+            expected = peer_aupro(maps, masks, variant)
+            got = metrics.aupro(maps, masks, method=variant)
+            assert got == pytest.approx(expected, abs=1e-12), (lo, hi, variant)
+            # The float64-length grid (the previous implementation) gives another number here.
+            step = np.float64(hi - lo) / 200
+            wide = np.arange(np.float64(lo), np.float64(hi), step).astype(np.float32)
+            moved += abs(_auc_on_grid(maps, masks, wide, variant) - expected) > 1e-9
+    assert moved >= 1
+
+
+def _auc_on_grid(maps, masks, grid, variant, expect_fpr=0.3):
+    regions, normal = regions_of(masks, 8), ~masks
+    pros, fprs = [], []
+    for threshold in grid:
+        binary = maps > threshold
+        pros.append(np.mean([binary[i][region].sum() / region.sum() for i, region in regions]))
+        fprs.append(np.logical_and(normal, binary).sum() / normal.sum())
+    pros, fprs = np.array(pros), np.array(fprs)
+    keep = fprs < expect_fpr
+    fprs, pros = fprs[keep], pros[keep]
+    if variant == "anomalyclip":
+        fprs = (fprs - fprs.min()) / (fprs.max() - fprs.min())
+    else:
+        fprs = fprs / fprs.max()
+    return auc(fprs, pros)
 
 
 # ---------------------------------------------------------------------------------------------
