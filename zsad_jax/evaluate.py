@@ -31,22 +31,40 @@ truth; a category without any (image-level labels only) gets NaN pixel metrics, 
 Outputs in ``--workdir``: ``metrics.json`` (mean, per category, exclusions, the F1-optimal image
 threshold), ``metrics.csv``, ``metrics.md``, ``vis/<category>/*.png`` for ``config.eval.num_vis``
 images per category (image | heatmap overlay on [0, 1] | overlay min-max scaled per image | mask),
-``config.json`` and ``run.json`` (checkpoint, step, time, devices). The last line printed is JSON
-with the mean metrics.
+``config.json`` and ``run.json`` (checkpoint, step, time, devices), each written whole (a temporary
+file renamed into place) and ``run.json`` last. The last line printed is JSON with the mean metrics.
 
 How it runs: one ``jax.jit`` forward over the model split into flat arrays (state replicated on the
 mesh of ``config.mesh``, batches split over its data axes), padded batches from
 ``zsad_jax.data.pipeline.eval_batches`` whose ``valid`` mask drops padding, a tqdm bar over batches.
 Maps come back to the host as float32 (a config field ``eval.map_dtype="float16"``, where present,
 halves host memory at the cost of ties) and a category's pixel metrics are computed as soon as all
-its images are in, so host memory holds one category's maps at a time (the data readers list
-categories contiguously).
+its images are in, so host memory holds one category's maps at a time (the data readers and TFDS
+builds list categories contiguously; a source with a record list is followed by its counts, one
+without, such as TFDS, by the first image of the next category).
+
+Several processes (``--distributed`` or ``--coordinator_address/--num_processes/--process_id``, the
+``train`` flags; ``config.data.tfds_dir`` reads a TFDS build as training does): every process runs
+the same command, reads and scores only its slice of each global batch, and receives the batch's
+maps and scores (the forward's all-gather) with the labels and masks of every row. The k-th
+category met belongs to process ``k % P``: only it keeps that category's maps and masks and computes
+its metrics (so no process holds more than the one category it is collecting, and the metric work
+is spread over the processes); the per-category results, small, are then gathered by every process,
+which all compute the same means and threshold and return (and print) process 0's result. Panels
+are drawn and files written by process 0 alone (panel images are the only pixels it gathers, just
+those rows). Few-shot memory banks are built on every process and process 0's is used by all.
+
+A process that dies or is preempted takes the job down with it (a collective fails). Evaluation
+keeps no partial state: run the same command again and it starts over, giving the same metrics.
+An evaluation removes its workdir's earlier ``run.json``/``metrics.*``/``config.json`` first, so a
+killed one leaves no result files at all rather than an earlier or a half-written one.
 """
 
 from __future__ import annotations
 
 import csv
 import datetime
+import io
 import json
 import math
 import os
@@ -59,6 +77,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from absl import logging
 from flax import nnx
 
 from zsad_jax import metrics as metrics_lib
@@ -121,8 +140,11 @@ def _place(x: Any, sharding) -> Any:
     """An array on ``sharding``; arrays already there (the training loop's state) are not copied."""
     if isinstance(x, jax.Array) and x.sharding == sharding:
         return x
-    if isinstance(x, jax.Array) and x.is_fully_addressable:
-        return jax.device_put(x, sharding)
+    if isinstance(x, jax.Array) and (not x.is_fully_addressable or jax.process_count() == 1):
+        return jax.device_put(x, sharding)  # within one process, or a global array resharded
+    # A value every process holds (e.g. weights each read from the checkpoint onto its own first
+    # device): each device takes its part of the host copy; device_put would be a cross-host
+    # transfer there.
     return shard_lib.put_state(x, sharding)
 
 
@@ -145,7 +167,7 @@ class BatchedInference:
         *,
         model_kwargs: Mapping[str, Any] | None = None,
     ):
-        from zsad_jax.train import SplitModel  # the training loop's flat-state split
+        from zsad_jax.state import SplitModel  # the training loop's flat-state split
 
         self.mesh = shard_lib.make_mesh() if mesh is None else mesh
         split = SplitModel(model)
@@ -165,15 +187,21 @@ class BatchedInference:
         return int(self.mesh.devices.size)
 
     def __call__(
-        self, batch: Mapping[str, np.ndarray], model_kwargs: Mapping[str, Any] | None = None
+        self,
+        batch: Mapping[str, np.ndarray],
+        model_kwargs: Mapping[str, Any] | None = None,
+        *,
+        local: bool = False,
     ) -> dict[str, np.ndarray]:
-        """Host batch -> host outputs; ``model_kwargs`` replace the constructor's for this call."""
+        """Host batch (this process's rows) -> host outputs of the global batch on every process,
+        or with ``local`` only this process's rows (no collective: prediction writes each image's
+        outputs where it was read). ``model_kwargs`` replace the constructor's for this call."""
         inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
         device_batch = shard_lib.global_batch_from_local(inputs, self.mesh)
         kwargs = self._kwargs if model_kwargs is None else self._placed(dict(model_kwargs))
         with jax.set_mesh(self.mesh):
             outputs = self._forward(*self._state, kwargs, device_batch)
-        return _to_host(outputs)
+        return shard_lib.local_rows(outputs) if local else _to_host(outputs)
 
 
 # Jitted forwards by (model structure, output sharding): the training loop's periodic evaluations
@@ -210,17 +238,6 @@ def _to_host(tree: Any) -> Any:
     return multihost_utils.process_allgather(tree, tiled=True)
 
 
-def _gather_local(values: np.ndarray) -> np.ndarray:
-    """This process's rows of a host field -> the global rows (in process order)."""
-    if jax.process_count() == 1:
-        return np.asarray(values)
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(np.asarray(values), tiled=False)).reshape(
-        -1, *np.shape(values)[1:]
-    )
-
-
 def padded_batch_size(batch_size: int, num_devices: int) -> int:
     """The evaluation batch rounded up to a multiple of the device count (padding is masked)."""
     return max(num_devices, -(-int(batch_size) // num_devices) * num_devices)
@@ -231,11 +248,13 @@ def padded_batch_size(batch_size: int, num_devices: int) -> int:
 
 
 class _Category:
-    """Maps, masks and scores of one category, collected until the category is complete."""
+    """One category's scores and labels (every process) and maps and masks (its owner only),
+    collected until the category is complete."""
 
-    def __init__(self, name: str, expected: int | None):
-        self.name, self.expected = name, expected
+    def __init__(self, name: str, expected: int | None, owned: bool):
+        self.name, self.expected, self.owned = name, expected, owned
         self.seen = 0
+        self.finished = False
         self.scores: list[float] = []
         self.labels: list[int] = []
         self.maps: list[np.ndarray] = []
@@ -349,7 +368,8 @@ def evaluate(
         one; this evaluation's own is only known at its end); None = "no threshold".
       num_vis: default ``config.eval.num_vis``.
       progress: show a tqdm bar (process 0).
-      keep_outputs: also return every map/score/label under ``"outputs"`` (NumPy; tests, notebooks).
+      keep_outputs: also return every map/score/label under ``"outputs"`` (NumPy; tests, notebooks;
+        every process keeps every row then, so not for large test sets on many hosts).
       set_classes: call ``model.set_classes(source.class_names)`` first.
       few_shot: k > 0 evaluates the method's few-shot mode (AF-CLIP+): per category, k normal
         images drawn (``few_shot_seed``) from the ``train`` split of the test dataset fill the
@@ -360,7 +380,8 @@ def evaluate(
       The mean over categories of ``METRIC_NAMES`` (NaN categories left out), ``threshold`` (the
       F1-optimal image threshold over all test images, see ``choose_threshold``), ``per_category``
       ({category: metrics and counts}), ``excluded`` ({metric: categories left out of its mean}),
-      ``num_images``, ``skipped_files`` (unreadable files with ``data.skip_corrupt``), ``seconds``.
+      ``num_images``, ``skipped_files`` (unreadable files with ``data.skip_corrupt``), ``seconds``;
+      the same on every process of a multi-process run (call it on all of them, as training does).
     """
     from zsad_jax.data import pipeline, transforms
 
@@ -396,8 +417,6 @@ def evaluate(
     passes: list[tuple[Any, Mapping[str, Any] | None]] = [(source, None)]
     if few_shot:
         passes = _few_shot_passes(model, config, source, transform, few_shot, few_shot_seed)
-    skipped: list[str] = []
-    primary = jax.process_index() == 0
     bars = [
         pipeline.eval_batches(
             part,
@@ -410,22 +429,34 @@ def evaluate(
         )
         for part, _ in passes
     ]
-    bar = progress_bar(sum(len(b) for b in bars), enabled=progress and primary)
+    bar = progress_bar(sum(len(b) for b in bars), enabled=progress and jax.process_index() == 0)
+    skipped: list[str] = []
     try:
         for (part, kwargs), batches in zip(passes, bars, strict=True):
+            unreadable: list[int] = []
             for local in batches:
                 collector.add(part, local, infer(local, kwargs))
+                unreadable += _unreadable_rows(local)
                 bar.update(1)
-            skipped += batches.skipped
+            skipped += _skipped_in_order(unreadable, batches.skipped)
     finally:
         bar.close()
-    categories = collector.categories
-    kept = collector.kept
-    for cat in categories.values():
-        if cat.result is None:
-            _finish(cat, aupro_method)
+    collector.finish_all()
+    result = _summary(collector.results(), collector.categories.values())
+    if few_shot:
+        result["few_shot"] = {"shots": int(few_shot), "seed": int(few_shot_seed)}
+    result.update(skipped_files=skipped, seconds=round(time.time() - start, 3))
+    if jax.process_count() > 1:
+        # Every process computed the same from the same gathered values; process 0's copy makes
+        # that a guarantee (and its timing the one reported).
+        result = shard_lib.broadcast_json(result)
+    if keep_outputs:
+        result["outputs"] = {k: np.stack(v) for k, v in collector.kept.items()}
+    return result
 
-    per_category = {name: cat.result for name, cat in categories.items()}
+
+def _summary(per_category: dict[str, dict[str, Any]], categories: Any) -> dict[str, Any]:
+    """Means over categories (NaN ones left out and listed) and the threshold over all images."""
     result: dict[str, Any] = {}
     excluded: dict[str, list[str]] = {}
     with warnings.catch_warnings():
@@ -435,14 +466,10 @@ def evaluate(
             result[metric] = mean.mean
             if mean.excluded:
                 excluded[metric] = list(mean.excluded)
-    all_scores = np.concatenate([np.asarray(c.scores) for c in categories.values()] or [[]])
-    all_labels = np.concatenate([np.asarray(c.labels) for c in categories.values()] or [[]])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", metrics_lib.UndefinedMetricWarning)
+        all_scores = np.concatenate([np.asarray(c.scores) for c in categories] or [[]])
+        all_labels = np.concatenate([np.asarray(c.labels) for c in categories] or [[]])
         threshold = choose_threshold(all_scores, all_labels) if all_scores.size else math.nan
-    if few_shot:
-        result["few_shot"] = {"shots": int(few_shot), "seed": int(few_shot_seed)}
-    if excluded and primary:
+    if excluded and jax.process_index() == 0:
         for metric, names in excluded.items():
             print(
                 f"note: {metric} is NaN for {', '.join(names)} (left out of the mean)",
@@ -453,16 +480,35 @@ def evaluate(
         per_category=per_category,
         excluded=excluded,
         num_images=int(all_scores.size),
-        skipped_files=skipped,
-        seconds=round(time.time() - start, 3),
     )
-    if keep_outputs:
-        result["outputs"] = {k: np.stack(v) for k, v in kept.items()}
     return result
 
 
+def _unreadable_rows(local: Mapping[str, np.ndarray]) -> list[int]:
+    """Source indices of this process's rows that are unreadable files (not padding)."""
+    index, valid = np.asarray(local["index"]), np.asarray(local["valid"])
+    return [int(i) for i in index[~valid & (index >= 0)]]
+
+
+def _skipped_in_order(indices: Sequence[int], paths: Sequence[str]) -> list[str]:
+    """Every process's skipped files (its ``indices`` and ``paths``, in step) in source order."""
+    pairs = [[i, p] for i, p in zip(indices, paths, strict=True)]
+    merged = sorted(pair for part in shard_lib.allgather_json(pairs) for pair in part)
+    return [path for _, path in merged]
+
+
+# The per-row fields every process gathers from every batch (maps and scores come from the
+# forward): small, so each process can follow every category and agree on who does what.
+ROW_FIELDS = ("gt_label", "has_mask", "class_id", "index", "valid", "gt_mask")
+
+
 class _Collector:
-    """Host side of evaluation: per-category accumulation, visualisations, kept outputs."""
+    """Host side of evaluation: per-category accumulation, visualisations, kept outputs.
+
+    Every process sees every row's labels and scores (for the threshold and the bookkeeping); the
+    maps and masks of a category are kept only by its owner, process ``k % P`` for the k-th
+    category met, which computes that category's metrics once (``results`` shares them).
+    """
 
     def __init__(
         self,
@@ -481,64 +527,146 @@ class _Collector:
         self.map_dtype, self.aupro_method = map_dtype, aupro_method
         self.vis_dir, self.num_vis, self.transform_name = vis_dir, num_vis, transform_name
         self.keep_outputs, self.vis_threshold = keep_outputs, vis_threshold
-        self.primary = jax.process_index() == 0
-        self.categories: dict[str, _Category] = {}
+        self.process_index, self.process_count = jax.process_index(), jax.process_count()
+        self.categories: dict[str, _Category] = {}  # in the order met
         self.kept: dict[str, list[np.ndarray]] = {}
         self._vis_picked: dict[str, list[int]] = {}
 
     def add(self, source: Any, local: Mapping[str, np.ndarray], outputs: Mapping[str, Any]):
         """One padded batch (this process's rows) and the model's (global) outputs for it."""
+        fields = {k: np.asarray(local[k]) for k in ROW_FIELDS}
+        fields["gt_mask"] = fields["gt_mask"] > 0.5  # masks travel as bytes, not float32
+        rows = shard_lib.gather_rows(fields)
+        picks = []
+        for row in range(rows["index"].shape[0]):
+            if rows["index"][row] < 0:
+                continue  # padding
+            name = self._name(source, rows, row)
+            if name is None:
+                continue  # an unreadable file of a source without a record list: no category
+            cat = self._category(name)
+            cat.seen += 1
+            if rows["valid"][row] and self._take(cat, source, rows, row, outputs):
+                picks.append(row)
+            if cat.expected is not None and cat.seen == cat.expected:
+                self._finish(cat)
+        if picks:
+            self._draw(source, local["image"], rows, outputs, picks)
+
+    def _name(self, source: Any, rows: Mapping[str, np.ndarray], row: int) -> str | None:
+        if rows["valid"][row]:
+            return self.class_names[int(rows["class_id"][row])]
+        # An unreadable file (skip_corrupt) has a padding class_id; only a record list knows more.
+        records = getattr(source, "records", None)
+        return records[int(rows["index"][row])].category if records is not None else None
+
+    def _category(self, name: str) -> _Category:
+        cat = self.categories.get(name)
+        if cat is not None and not cat.finished:
+            return cat
+        if cat is not None:
+            raise ValueError(
+                f"evaluation: images of category {name!r} come after those of another category "
+                "that followed it; the test source must list each category's images together "
+                "(the dataset readers and TFDS builds do)"
+            )
+        # Without a record list (TFDS) there are no counts: the source lists each category's
+        # images together, so the first image of another category completes the open ones.
+        for other in self.categories.values():
+            if other.expected is None and not other.finished:
+                self._finish(other)
+        owner = len(self.categories) % self.process_count
+        cat = _Category(name, self.expected.get(name), owned=owner == self.process_index)
+        self.categories[name] = cat
+        return cat
+
+    def _take(self, cat: _Category, source: Any, rows, row: int, outputs) -> bool:
+        """Adds one scored image to its category; True when it is one to draw a panel of."""
+        label = int(rows["gt_label"][row])
+        score = float(outputs["pred_score"][row])
+        has_mask = bool(rows["has_mask"][row])
+        cat.scores.append(score)
+        cat.labels.append(label)
+        if label and not has_mask:
+            cat.anomalous_without_mask += 1
+        if has_mask and cat.owned:
+            cat.maps.append(np.asarray(outputs["anomaly_map"][row], self.map_dtype))
+            cat.masks.append(rows["gt_mask"][row] > 0.5)
+        if self.keep_outputs:
+            index = int(rows["index"][row])
+            self._keep(
+                anomaly_map=np.asarray(outputs["anomaly_map"][row], self.map_dtype),
+                pred_score=score, gt_label=label, gt_mask=rows["gt_mask"][row] > 0.5,
+                has_mask=has_mask, path=source.describe(index), category=cat.name,
+            )  # fmt: skip
+        # Decided on every process alike: all of them take part in gathering the panels' images.
+        return self.vis_dir is not None and _vis_pick(self.num_vis, cat, label, self._vis_picked)
+
+    def _draw(self, source: Any, local_images: np.ndarray, rows, outputs, picks: list[int]):
+        """Panels of the picked rows, drawn by process 0; only their images are gathered."""
         from zsad_jax.data import transforms
 
-        fields = {
-            k: _gather_local(local[k])
-            for k in ("gt_label", "gt_mask", "has_mask", "class_id", "index", "valid")
-        }
-        images = _gather_local(local["image"]) if self.vis_dir is not None else None
-        for row in range(fields["valid"].shape[0]):
-            index = int(fields["index"][row])
-            if index < 0:
-                continue  # padding
-            name = self.class_names[int(fields["class_id"][row])]
-            if not fields["valid"][row]:
-                # An unreadable file (skip_corrupt): its class_id is padding, find it by index.
-                name = _category_of(source, index, name)
-            cat = self.categories.get(name)
-            if cat is None:
-                cat = self.categories[name] = _Category(name, self.expected.get(name))
-            cat.seen += 1
-            if fields["valid"][row]:
-                label = int(fields["gt_label"][row])
-                score = float(outputs["pred_score"][row])
-                amap = np.asarray(outputs["anomaly_map"][row], self.map_dtype)
-                mask = fields["gt_mask"][row] > 0.5 if fields["has_mask"][row] else None
-                cat.scores.append(score)
-                cat.labels.append(label)
-                if mask is not None:
-                    cat.maps.append(amap)
-                    cat.masks.append(mask)
-                elif label:
-                    cat.anomalous_without_mask += 1
-                if self.keep_outputs:
-                    self._keep(
-                        anomaly_map=amap, pred_score=score, gt_label=label,
-                        gt_mask=fields["gt_mask"][row] > 0.5, has_mask=mask is not None,
-                        path=source.describe(index), category=name,
-                    )  # fmt: skip
-                if (
-                    images is not None
-                    and self.primary
-                    and _vis_pick(self.num_vis, cat, label, self._vis_picked)
-                ):
-                    image = transforms.denormalize(images[row], self.transform_name)
-                    _write_vis(self.vis_dir, name, source.describe(index), index, label, image,
-                               amap, mask, score, self.vis_threshold)  # fmt: skip
-            if cat.expected is not None and cat.seen == cat.expected:
-                _finish(cat, self.aupro_method)
+        images = _gather_picked(np.asarray(local_images), picks)
+        if self.process_index != 0:
+            return
+        for row in picks:
+            index, label = int(rows["index"][row]), int(rows["gt_label"][row])
+            name = self.class_names[int(rows["class_id"][row])]
+            mask = rows["gt_mask"][row] > 0.5 if rows["has_mask"][row] else None
+            image = transforms.denormalize(images[row], self.transform_name)
+            _write_vis(self.vis_dir, name, source.describe(index), index, label, image,
+                       outputs["anomaly_map"][row], mask, float(outputs["pred_score"][row]),
+                       self.vis_threshold)  # fmt: skip
+
+    def _finish(self, cat: _Category) -> None:
+        cat.finished = True
+        if cat.owned:
+            cat.result = _category_metrics(cat, self.aupro_method)
+            # Where each category's metrics were computed (shown with --verbosity=0).
+            logging.info(
+                "evaluate: metrics of %s (%d images) computed on process %d of %d",
+                cat.name, len(cat.scores), self.process_index, self.process_count,
+            )  # fmt: skip
+        cat.maps, cat.masks = [], []  # free the category's maps before the next one arrives
+
+    def finish_all(self) -> None:
+        """Completes the categories still open (those of a source without counts, at its end)."""
+        for cat in self.categories.values():
+            if not cat.finished:
+                self._finish(cat)
+
+    def results(self) -> dict[str, dict[str, Any]]:
+        """Every category's metrics, on every process, in the order met: each owner's, gathered."""
+        merged: dict[str, dict[str, Any]] = {}
+        owned = {name: cat.result for name, cat in self.categories.items() if cat.owned}
+        for part in shard_lib.allgather_json(owned):
+            merged.update(part)
+        return {name: merged[name] for name in self.categories}
 
     def _keep(self, **values: Any) -> None:
         for key, value in values.items():
             self.kept.setdefault(key, []).append(np.asarray(value))
+
+
+def _gather_picked(local_images: np.ndarray, picks: Sequence[int]) -> dict[int, np.ndarray]:
+    """``{global row: image}`` for the picked rows of a batch, on every process.
+
+    Each process sends only its picked rows (padded to the most any process has), not its whole
+    part of the batch: a panel needs a few images, and a pod's global batch is large.
+    """
+    per_process = local_images.shape[0]
+    count = jax.process_count()
+    by_process = [[row for row in picks if row // per_process == p] for p in range(count)]
+    most = max(len(rows) for rows in by_process)
+    mine = [row % per_process for row in by_process[jax.process_index()]]
+    sent = np.zeros((most, *local_images.shape[1:]), local_images.dtype)
+    sent[: len(mine)] = local_images[mine]
+    gathered = shard_lib.gather_rows(sent)
+    return {
+        row: gathered[p * most + i]
+        for p, rows in enumerate(by_process)
+        for i, row in enumerate(rows)
+    }
 
 
 def _few_shot_passes(
@@ -570,7 +698,9 @@ def _few_shot_passes(
         normals = _few_shot_references(config, name, scored, shots)
         chosen = np.random.default_rng(seed).choice(len(normals), size=shots, replace=False)
         images = np.stack([transform(load(normals[i]))["image"] for i in sorted(chosen)])
-        memory = jax.device_get(build(model, jax.numpy.asarray(images)))
+        # Every process builds the bank from the same images; process 0's is used by all, so the
+        # references are the same everywhere whatever each host's arithmetic.
+        memory = shard_lib.broadcast_arrays(jax.device_get(build(model, jax.numpy.asarray(images))))
         part = pipeline.RecordSource(scored, class_names=source.class_names, load=load)
         passes.append((part, {"memory": memory}))
     return passes
@@ -606,16 +736,6 @@ def _few_shot_references(config: Any, name: str, scored: Sequence[Any], shots: i
             file=sys.stderr,
         )
     return held_out
-
-
-def _category_of(source: Any, index: int, fallback: str) -> str:
-    records = getattr(source, "records", None)
-    return records[index].category if records is not None else fallback
-
-
-def _finish(cat: _Category, aupro_method: str) -> None:
-    cat.result = _category_metrics(cat, aupro_method)
-    cat.maps, cat.masks = [], []  # free the category's maps before the next one arrives
 
 
 def _write_vis(
@@ -711,18 +831,18 @@ def write_results(result: Mapping[str, Any], workdir: str | os.PathLike) -> dict
     }
     paths = {"json": str(workdir / "metrics.json"), "csv": str(workdir / "metrics.csv"),
              "md": str(workdir / "metrics.md")}  # fmt: skip
-    with open(paths["json"], "w") as f:
-        json.dump(json_ready(doc), f, indent=1, allow_nan=False)
-    with open(paths["csv"], "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["category", *METRIC_NAMES, "num_images", "num_anomalous"])
-        for name, values in per_category.items():
-            writer.writerow(
-                [name, *(repr(float(values[m])) for m in METRIC_NAMES),
-                 values["num_images"], values["num_anomalous"]]
-            )  # fmt: skip
-        writer.writerow(["mean", *(repr(float(mean[m])) for m in METRIC_NAMES),
-                         result.get("num_images", ""), ""])  # fmt: skip
+    write_text(paths["json"], json.dumps(json_ready(doc), indent=1, allow_nan=False))
+    table = io.StringIO(newline="")
+    writer = csv.writer(table)
+    writer.writerow(["category", *METRIC_NAMES, "num_images", "num_anomalous"])
+    for name, values in per_category.items():
+        writer.writerow(
+            [name, *(repr(float(values[m])) for m in METRIC_NAMES),
+             values["num_images"], values["num_anomalous"]]
+        )  # fmt: skip
+    writer.writerow(["mean", *(repr(float(mean[m])) for m in METRIC_NAMES),
+                     result.get("num_images", ""), ""])  # fmt: skip
+    write_text(paths["csv"], table.getvalue())
     lines = [
         "| category | " + " | ".join(METRIC_NAMES) + " |",
         "|---" * (len(METRIC_NAMES) + 1) + "|",
@@ -740,9 +860,18 @@ def write_results(result: Mapping[str, Any], workdir: str | os.PathLike) -> dict
     threshold = result.get("threshold")
     if threshold is not None and math.isfinite(float(threshold)):
         lines.append(f"- F1-optimal image threshold: {float(threshold):.6g}.")
-    with open(paths["md"], "w") as f:
-        f.write("\n".join(lines) + "\n")
+    write_text(paths["md"], "\n".join(lines) + "\n")
     return paths
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Writes ``path`` whole or not at all (a temporary file renamed over it), so that a process
+    killed while writing never leaves a half-written result that looks finished."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(temporary, "w", newline="") as f:
+        f.write(text)
+    os.replace(temporary, path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -811,7 +940,12 @@ def run(
     few_shot_seed: int = 0,
     allow_custom_code: bool = False,
 ) -> dict[str, Any]:
-    """What the command does; returns the ``evaluate`` result (files written by process 0)."""
+    """What the command does; returns the ``evaluate`` result (files written by process 0).
+
+    In a multi-process run every process calls it and returns the same result; it returns once
+    process 0 has written the files. A run killed part-way leaves no result files (those of an
+    earlier evaluation in ``workdir`` are removed first): run it again, it starts over.
+    """
     from zsad_jax import cli
 
     start = time.time()
@@ -821,6 +955,7 @@ def run(
     primary = jax.process_index() == 0
     if primary:
         cli.ensure_writable(workdir, "--workdir")
+        _remove_results(workdir)
     model, config, stored_threshold, info = load_model(
         checkpoint, config, step=step, allow_custom_code=allow_custom_code
     )
@@ -838,8 +973,8 @@ def run(
     result["aupro_method"] = aupro_method
     if primary:
         write_results(result, workdir)
-        with open(workdir / "config.json", "w") as f:
-            json.dump(_config_json(config), f, indent=1, sort_keys=True)
+        write_text(workdir / "config.json",
+                   json.dumps(_config_json(config), indent=1, sort_keys=True))  # fmt: skip
         run_info = {
             **info,
             "stored_threshold": stored_threshold,
@@ -853,13 +988,23 @@ def run(
             "aupro_method": aupro_method,
             "few_shot": result.get("few_shot"),
         }
-        with open(workdir / "run.json", "w") as f:
-            json.dump(json_ready(run_info), f, indent=1)
+        # Last: run.json is the record of a finished evaluation.
+        write_text(workdir / "run.json", json.dumps(json_ready(run_info), indent=1))
         if store_threshold and info["checkpoint"] and math.isfinite(result["threshold"]):
             from zsad_jax import checkpoint as ckpt_lib
 
             ckpt_lib.save_threshold(info["checkpoint"], result["threshold"])
+    shard_lib.sync("zsad_jax.evaluate: results written")
     return result
+
+
+# What ``run`` writes besides the panels; an evaluation starting in a workdir removes them first.
+RESULT_FILES = ("run.json", "metrics.json", "metrics.csv", "metrics.md", "config.json")
+
+
+def _remove_results(workdir: Path) -> None:
+    for name in RESULT_FILES:
+        (workdir / name).unlink(missing_ok=True)
 
 
 def summary_line(result: Mapping[str, Any]) -> str:
@@ -910,10 +1055,7 @@ def main(argv: Sequence[str], overrides: Sequence[tuple[str, str]]) -> None:
     if len(argv) > 1:
         raise cli.CommandLineError(f"unexpected arguments {list(argv[1:])}")
     f = flags.FLAGS
-    cli.initialize_from_flags()
-    config = cli.build_config(
-        config_file=f.config, overrides=overrides, checkpoint=f.checkpoint, step=f.step
-    )
+    config = cli.config_from_flags(overrides)
     result = run(
         workdir=f.workdir,
         checkpoint=f.checkpoint,
@@ -928,7 +1070,8 @@ def main(argv: Sequence[str], overrides: Sequence[tuple[str, str]]) -> None:
     )
     if jax.process_index() == 0:
         print(f"results in {f.workdir}: metrics.json/.csv/.md, vis/", file=sys.stderr)
-        print(summary_line(result), flush=True)
+    # Every process ends with the same line (the result is shared): any host's log has it.
+    print(summary_line(result), flush=True)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,16 @@ Few-shot (AF-CLIP+): ``--reference=DIR`` of normal images of the same product fi
 memory bank (``config.model.few_shot.shots`` images drawn from DIR with ``--seed``; ``--shots=0``
 uses all of them). Methods without a memory bank stop with an error saying so.
 
+Several processes (``--distributed`` or ``--coordinator_address/--num_processes/--process_id``, the
+``train`` flags): every process runs the same command and lists the same inputs (folders sorted);
+pass ``s`` covers inputs ``[s*B, (s+1)*B)`` of the global batch B and process ``p`` takes its
+``p``-th slice (``shard_items``), as evaluation batches are split. Each process decodes and scores
+only its own images and writes their ``.npy`` and overlay (every output file is written once, by
+one process); at the end process 0 gathers every record and writes the one ``predictions.jsonl``,
+in input order, and prints its lines. ``--out`` should be a folder every host sees (the lines name
+the files of all of them). An unreadable image stops every process with the same error. Inputs are
+files only (``config.data.tfds_dir`` does not apply); ``--export`` is written by process 0.
+
 Deployment: ``--export=PATH.stablehlo`` writes the jitted inference function for a fixed batch
 (``--export_batch``) and input size with ``jax.export``: ``PATH.stablehlo`` (``Exported.serialize``:
 the StableHLO module and its calling convention), ``PATH.weights.npz`` (its array arguments: trained
@@ -60,6 +70,8 @@ import numpy as np
 from flax import nnx
 
 from zsad_jax import evaluate as eval_lib
+from zsad_jax import sharding as shard_lib
+from zsad_jax import state as state_lib
 from zsad_jax import visualize
 from zsad_jax.data import decode, readers, sources, transforms
 
@@ -208,8 +220,13 @@ class Predictor:
       category: class name given to ``model.set_classes``.
       memory: few-shot memory bank (``build_reference_memory``), or None for zero-shot.
       batch_size: images per forward pass (default ``config.eval.batch_size``), rounded up to a
-        multiple of the device count.
+        multiple of the device count; in a multi-process run each process passes
+        ``local_batch = batch_size / processes`` of them (its own images) per pass.
       mesh: device mesh (default: all devices).
+
+    In a multi-process run every process scores its own images and gets back only their outputs;
+    the forward is a collective, so every process must make the same number of ``score_batch``
+    calls (``predict_files`` arranges that).
     """
 
     def __init__(
@@ -234,6 +251,7 @@ class Predictor:
         self.batch_size = eval_lib.padded_batch_size(
             batch_size or int(config.eval.get("batch_size", 8) or 8), self.infer.num_devices
         )
+        self.local_batch = self.batch_size // jax.process_count()
         self.size = int(config.data.image_size)
         # The pixel limit of config.data.image_max_pixels: a decompression bomb is refused here too.
         self.max_pixels = sources.decode_options(config.data)["max_pixels"]
@@ -244,16 +262,24 @@ class Predictor:
     def predict_images(self, images: Sequence[np.ndarray]) -> list[tuple[np.ndarray, float]]:
         """(H_i, W_i, 3) uint8 images -> ``(map (H_i, W_i) float32, score)`` each."""
         results = []
-        for start in range(0, len(images), self.batch_size):
-            chunk = images[start : start + self.batch_size]
-            batch = np.zeros((self.batch_size, self.size, self.size, 3), np.float32)
-            for i, image in enumerate(chunk):
-                batch[i] = preprocess(image, self.config)
-            out = self.infer({"image": batch, "class_id": np.zeros(self.batch_size, np.int32)})
-            for i, image in enumerate(chunk):
-                amap = visualize.resize_map(out["anomaly_map"][i], *image.shape[:2])
-                results.append((amap, float(out["pred_score"][i])))
+        for start in range(0, len(images), self.local_batch):
+            results += self.score_batch(images[start : start + self.local_batch])
         return results
+
+    def score_batch(self, images: Sequence[np.ndarray]) -> list[tuple[np.ndarray, float]]:
+        """Up to ``local_batch`` images (none is fine: padding) in one forward pass."""
+        if len(images) > self.local_batch:
+            raise ValueError(f"score_batch: {len(images)} images, at most {self.local_batch}")
+        batch = np.zeros((self.local_batch, self.size, self.size, 3), np.float32)
+        for i, image in enumerate(images):
+            batch[i] = preprocess(image, self.config)
+        inputs = {"image": batch, "class_id": np.zeros(self.local_batch, np.int32)}
+        out = self.infer(inputs, local=True)
+        return [
+            (visualize.resize_map(out["anomaly_map"][i], *image.shape[:2]),
+             float(out["pred_score"][i]))
+            for i, image in enumerate(images)
+        ]  # fmt: skip
 
 
 def predict_files(
@@ -270,9 +296,13 @@ def predict_files(
 
     ``overwrite`` allows replacing the ``predictions.jsonl`` of an earlier run in ``out_dir``.
 
+    In a multi-process run every process calls this with the same arguments: each decodes, scores
+    and writes the outputs of its share of the images (``shard_items``), and process 0 writes the
+    one ``predictions.jsonl``, in input order, and emits its lines once all are scored.
+
     Returns:
-      The JSON records written to ``predictions.jsonl`` (one per image; unreadable files skipped
-      with ``skip_corrupt`` get ``{"path", "error"}``).
+      The JSON records written to ``predictions.jsonl`` (one per image, in input order; unreadable
+      files skipped with ``skip_corrupt`` get ``{"path", "error"}``), on every process.
 
     Raises:
       FileNotFoundError: a missing path.
@@ -283,52 +313,153 @@ def predict_files(
     check_out_dir(out_dir, overwrite=overwrite)
     items = collect_images(paths)
     out_dir.mkdir(parents=True, exist_ok=True)
-    records: list[dict[str, Any]] = []
-    bar = eval_lib.progress_bar(len(items), enabled=progress, desc="predict", unit="image")
-    with open(out_dir / PREDICTIONS_FILE, "w") as jsonl:
-
-        def write(record: dict[str, Any]) -> None:
-            line = json.dumps(eval_lib.json_ready(record))
-            jsonl.write(line + "\n")
-            jsonl.flush()
-            records.append(record)
-            if emit is not None:
-                emit(line)
-
-        for start in range(0, len(items), predictor.batch_size):
-            chunk, images = [], []
-            for file, name in items[start : start + predictor.batch_size]:
-                try:
-                    images.append(decode.load_image(file, max_pixels=predictor.max_pixels))
-                    chunk.append((file, name))
-                except decode.DataError as e:
-                    if not skip_corrupt:
-                        raise
-                    print(f"skipped: {e}", file=sys.stderr)
-                    write({"path": file, "error": str(e)})
-            for (file, name), image, (amap, score) in zip(
-                chunk, images, predictor.predict_images(images), strict=True
-            ):
-                npy = out_dir / f"{name}.npy"
-                overlay = out_dir / f"{name}_overlay.png"
-                npy.parent.mkdir(parents=True, exist_ok=True)
-                np.save(npy, amap.astype(np.float32))
-                visualize.save_png(overlay, visualize.heatmap_overlay(image, amap))
-                write(
-                    {
-                        "path": file,
-                        "pred_score": score,
-                        "pred_label": predictor.label(score),
-                        "threshold": predictor.threshold,
-                        "anomaly_map": str(npy),
-                        "overlay": str(overlay),
-                        "width": int(image.shape[1]),
-                        "height": int(image.shape[0]),
-                    }
-                )
-            bar.update(len(items[start : start + predictor.batch_size]))
+    steps = shard_items(items, predictor.batch_size)
+    primary = jax.process_index() == 0
+    bar = eval_lib.progress_bar(len(items), enabled=progress and primary, desc="predict",
+                                unit="image")  # fmt: skip
+    with _Records(out_dir / PREDICTIONS_FILE, emit) as sink:
+        for step, chunk in enumerate(steps):
+            loaded, records = _load_chunk(chunk, predictor.max_pixels, skip_corrupt)
+            scored = iter(predictor.score_batch([image for _, _, image in loaded]))
+            for position, (file, name), image in loaded:
+                amap, score = next(scored)
+                records[position] = _write_outputs(predictor, out_dir, file, name, image, amap,
+                                                   score)  # fmt: skip
+            sink.add(records)
+            bar.update(min(len(items), (step + 1) * predictor.batch_size)
+                       - min(len(items), step * predictor.batch_size))  # fmt: skip
     bar.close()
-    return records
+    return sink.records
+
+
+def shard_items(
+    items: Sequence[Any],
+    batch_size: int,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> list[list[tuple[int, Any]]]:
+    """This process's ``(input position, item)`` chunks, one per forward pass.
+
+    Pass ``s`` covers inputs ``[s*B, (s+1)*B)`` (B = ``batch_size``, global); process ``p`` of
+    ``P`` (default: this one's place) takes its ``p``-th slice of B/P, as evaluation batches are
+    split. Every process gets the same number of chunks (some empty at the end), so the forward's
+    collectives stay aligned; each input belongs to exactly one process, so each output is written
+    once.
+    """
+    index = jax.process_index() if process_index is None else process_index
+    count = jax.process_count() if process_count is None else process_count
+    per = batch_size // count
+    steps = max(1, math.ceil(len(items) / batch_size))
+    chunks = []
+    for step in range(steps):
+        first = step * batch_size + index * per
+        chunks.append([(i, items[i]) for i in range(first, min(first + per, len(items)))])
+    return chunks
+
+
+def _load_chunk(
+    chunk: Sequence[tuple[int, tuple[str, str]]], max_pixels: int, skip_corrupt: bool
+) -> tuple[list[tuple[int, tuple[str, str], np.ndarray]], dict[int, dict[str, Any]]]:
+    """The chunk's decoded images, and the error records of those that are unreadable."""
+    loaded, errors, failure = [], {}, None
+    for position, (file, name) in chunk:
+        try:
+            loaded.append((position, (file, name), decode.load_image(file, max_pixels=max_pixels)))
+        except decode.DataError as e:
+            if not skip_corrupt:
+                failure = failure or e
+                continue
+            print(f"skipped: {e}", file=sys.stderr)
+            errors[position] = {"path": file, "error": str(e)}
+    _stop_together(failure)
+    return loaded, errors
+
+
+def _stop_together(failure: decode.DataError | None) -> None:
+    """Raises ``failure``, or another process's, on every process: one that stopped alone would
+    leave the others waiting in the next forward pass."""
+    if jax.process_count() == 1:
+        if failure is not None:
+            raise failure
+        return
+    found = [m for m in shard_lib.allgather_json(None if failure is None else str(failure)) if m]
+    if failure is not None:
+        raise failure
+    if found:
+        raise decode.DataError(found[0])
+
+
+def _write_outputs(
+    predictor: Predictor, out_dir: Path, file: str, name: str, image: np.ndarray,
+    amap: np.ndarray, score: float,
+) -> dict[str, Any]:  # fmt: skip
+    """One image's ``.npy`` map and overlay; returns its record."""
+    npy = out_dir / f"{name}.npy"
+    overlay = out_dir / f"{name}_overlay.png"
+    npy.parent.mkdir(parents=True, exist_ok=True)
+    np.save(npy, amap.astype(np.float32))
+    visualize.save_png(overlay, visualize.heatmap_overlay(image, amap))
+    return {
+        "path": file,
+        "pred_score": score,
+        "pred_label": predictor.label(score),
+        "threshold": predictor.threshold,
+        "anomaly_map": str(npy),
+        "overlay": str(overlay),
+        "width": int(image.shape[1]),
+        "height": int(image.shape[0]),
+    }
+
+
+class _Records:
+    """``predictions.jsonl``. One process writes (and emits) each pass's lines as the pass ends;
+    with several, each keeps its own records and at the end process 0 writes (and emits) all of
+    them, gathered, in input order. ``records`` then holds every record on every process."""
+
+    def __init__(self, path: Path, emit: Callable[[str], None] | None):
+        self.path, self.emit = path, emit
+        self.single = jax.process_count() == 1
+        self.records: list[dict[str, Any]] = []
+        self._mine: dict[int, dict[str, Any]] = {}
+        self._file = None
+
+    def __enter__(self) -> _Records:
+        if self.single:
+            self._file = open(self.path, "w")  # noqa: SIM115 - closed in __exit__
+        return self
+
+    def add(self, records: Mapping[int, dict[str, Any]]) -> None:
+        """One pass's records, ``{input position: record}``."""
+        if not self.single:
+            self._mine.update(records)
+            return
+        for position in sorted(records):
+            self._write(records[position])
+
+    def __exit__(self, kind, error, traceback) -> None:
+        if self.single:
+            self._file.close()
+        elif kind is None:
+            self._write_gathered()
+
+    def _write_gathered(self) -> None:
+        mine = [[position, eval_lib.json_ready(r)] for position, r in self._mine.items()]
+        gathered = dict(pair for part in shard_lib.allgather_json(mine) for pair in part)
+        ordered = [gathered[position] for position in sorted(gathered)]
+        if jax.process_index() != 0:
+            self.records = ordered
+            return
+        with open(self.path, "w") as self._file:
+            for record in ordered:
+                self._write(record)
+
+    def _write(self, record: dict[str, Any]) -> None:
+        line = json.dumps(eval_lib.json_ready(record))
+        self._file.write(line + "\n")
+        self._file.flush()
+        self.records.append(record)
+        if self.emit is not None:
+            self.emit(line)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -358,14 +489,11 @@ def export_inference(
     Returns:
       ``{"stablehlo", "weights", "meta"}`` file paths.
     """
-    from zsad_jax.train import SplitModel
-
     path = Path(path)
     model.set_classes([category])
-    split = SplitModel(model)
+    split = state_lib.SplitModel(model)
     params, mutable, frozen = split.take_arrays()
-    key_impls = {k: str(jax.random.key_impl(v)) for k, v in mutable.items() if _is_key(v)}
-    mutable = {k: jax.random.key_data(v) if k in key_impls else v for k, v in mutable.items()}
+    mutable, key_impls = state_lib.keys_to_data(mutable)
     # One flat, ordered list of arrays: a serialisable argument structure independent of names.
     groups = {"params": params, "mutable": mutable, "frozen": frozen}
     if memory is not None:
@@ -377,10 +505,7 @@ def export_inference(
         parts: dict[str, dict[str, Any]] = {g: {} for g in groups}
         for (g, k), value in zip(order, arrays, strict=True):
             parts[g][k] = value
-        rngs = {
-            k: jax.random.wrap_key_data(v, impl=key_impls[k]) if k in key_impls else v
-            for k, v in parts["mutable"].items()
-        }
+        rngs = state_lib.data_to_keys(parts["mutable"], key_impls)
         kwargs = {"memory": parts["memory"]["memory"]} if memory is not None else {}
         batch = {"image": images, "class_id": jnp.zeros(images.shape[0], jnp.int32)}
         out = split.merge(parts["params"], rngs, parts["frozen"])(batch, train=False, **kwargs)
@@ -432,10 +557,6 @@ def export_inference(
     with open(files["meta"], "w") as f:
         json.dump(eval_lib.json_ready(meta), f, indent=1)
     return files
-
-
-def _is_key(x: Any) -> bool:
-    return jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key)
 
 
 def load_exported(path: str | os.PathLike) -> tuple[Callable, dict[str, Any]]:
@@ -627,12 +748,17 @@ def run(
     memory = None
     if reference:
         memory = build_reference_memory(model, config, reference, shots=shots, seed=seed)
+        # Built by every process from the same files; process 0's bank is the one all use.
+        memory = shard_lib.broadcast_arrays(memory)
     result: dict[str, Any] = {"threshold": chosen, "predictions": [], "export": None}
     if export:
-        result["export"] = export_inference(
-            model, config, export, batch_size=export_batch, memory=memory, threshold=chosen,
-            category=category, platforms=export_platforms,
-        )  # fmt: skip
+        files = None
+        if jax.process_index() == 0:  # one set of files, written once
+            files = export_inference(
+                model, config, export, batch_size=export_batch, memory=memory, threshold=chosen,
+                category=category, platforms=export_platforms,
+            )  # fmt: skip
+        result["export"] = shard_lib.broadcast_json(files)
     if images:
         predictor = Predictor(
             model, config, threshold=chosen, category=category, memory=memory,
@@ -710,10 +836,7 @@ def main(argv: Sequence[str], overrides: Sequence[tuple[str, str]]) -> None:
                   shots=f.shots)  # fmt: skip
     if argv[1:]:
         check_out_dir(f.out, overwrite=f.overwrite)
-    cli.initialize_from_flags()
-    config = cli.build_config(
-        config_file=f.config, overrides=overrides, checkpoint=f.checkpoint, step=f.step
-    )
+    config = cli.config_from_flags(overrides)
     result = run(
         list(argv[1:]),
         checkpoint=f.checkpoint,

@@ -6,10 +6,15 @@ split across devices). Batches are split over both axes; every state array is re
 is split over it (frozen backbone, trainable weights and optimiser moments alike). The same code
 runs on one CPU, 8 fake CPU devices, a GPU node or a multi-host TPU pod: in a multi-process run
 every process passes only its own rows of the batch (``global_batch_from_local``).
+
+Host values across processes (``gather_rows``, ``local_rows``, ``allgather_json``,
+``broadcast_json``, ``broadcast_arrays``, ``sync``) are what multi-host evaluation and prediction
+exchange besides the jitted forward's arrays.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -129,3 +134,83 @@ def global_batch_from_local(
         global_shape = (value.shape[0] * jax.process_count(), *value.shape[1:])
         out[name] = jax.make_array_from_process_local_data(sharding, value, global_shape)
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Host values across processes (evaluation and prediction). Each is one collective for every
+# process: call them on all processes, in the same order. A single process gets its own values.
+
+
+def gather_rows(tree: Any) -> Any:
+    """Every process's rows of host arrays (the same shapes on each) -> the global rows.
+
+    Rows come in process order, which is the order of ``global_batch_from_local`` (process p's
+    rows are rows ``[p*B/P, (p+1)*B/P)`` of the result). One collective for the whole tree.
+    """
+    if jax.process_count() == 1:
+        return jax.tree.map(np.asarray, tree)
+    from jax.experimental import multihost_utils
+
+    # Collectives move numbers: booleans travel as uint8 and come back as booleans.
+    tree = jax.tree.map(np.asarray, tree)
+    sent = jax.tree.map(lambda x: x.astype(np.uint8) if x.dtype == bool else x, tree)
+    gathered = multihost_utils.process_allgather(sent, tiled=False)  # (P, rows, ...)
+    return jax.tree.map(
+        lambda x, like: np.asarray(x).reshape(-1, *like.shape[1:]).astype(like.dtype),
+        gathered,
+        tree,
+    )
+
+
+def local_rows(tree: Any) -> Any:
+    """This process's rows of batch-split global arrays: its own part of the batch it passed to
+    ``global_batch_from_local``, read from its devices without any collective."""
+    if jax.process_count() == 1:
+        return jax.tree.map(np.asarray, tree)
+
+    def rows(x: jax.Array) -> np.ndarray:
+        shards = {s.index[0].start or 0: s.data for s in x.addressable_shards if not s.replica_id}
+        return np.concatenate([np.asarray(shards[start]) for start in sorted(shards)])
+
+    return jax.tree.map(rows, tree)
+
+
+def allgather_json(value: Any) -> list[Any]:
+    """Every process's JSON-able ``value`` (NaN allowed), one list entry per process in order."""
+    if jax.process_count() == 1:
+        return [value]
+    data = np.frombuffer(json.dumps(value, default=_json_default).encode(), np.uint8)
+    sizes = gather_rows(np.asarray([data.size], np.int32))
+    padded = np.zeros((1, max(1, int(sizes.max()))), np.uint8)  # equal shapes for the collective
+    padded[0, : data.size] = data
+    texts = gather_rows(padded)
+    return [json.loads(texts[i, :size].tobytes()) for i, size in enumerate(sizes)]
+
+
+def broadcast_json(value: Any) -> Any:
+    """Process 0's JSON-able ``value`` on every process."""
+    return allgather_json(value)[0]
+
+
+def broadcast_arrays(tree: Any) -> Any:
+    """Process 0's host arrays on every process (values each process computed for itself, such as
+    a few-shot memory bank, made identical whatever the hosts' arithmetic)."""
+    if jax.process_count() == 1:
+        return tree
+    from jax.experimental import multihost_utils
+
+    return jax.tree.map(np.asarray, multihost_utils.broadcast_one_to_all(tree))
+
+
+def sync(name: str) -> None:
+    """Waits until every process got here (e.g. process 0 has written the result files)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (np.generic, np.ndarray)):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON-able")
