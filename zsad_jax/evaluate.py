@@ -71,7 +71,7 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -434,7 +434,7 @@ def evaluate(
     try:
         for (part, kwargs), batches in zip(passes, bars, strict=True):
             unreadable: list[int] = []
-            for local in batches:
+            for local in _together(batches):
                 collector.add(part, local, infer(local, kwargs))
                 unreadable += _unreadable_rows(local)
                 bar.update(1)
@@ -667,6 +667,27 @@ def _gather_picked(local_images: np.ndarray, picks: Sequence[int]) -> dict[int, 
         for p, rows in enumerate(by_process)
         for i, row in enumerate(rows)
     }
+
+
+def _together(batches: Iterable[dict[str, np.ndarray]]) -> Iterator[dict[str, np.ndarray]]:
+    """This process's batches; a file one process cannot read stops every process with its error
+    (every process has the same number of padded batches, so they also end together)."""
+    from zsad_jax.data.decode import DataError
+
+    if jax.process_count() == 1:
+        yield from batches
+        return
+    iterator = iter(batches)
+    while True:
+        local, failure = None, None
+        try:
+            local = next(iterator)
+        except StopIteration:
+            return
+        except DataError as e:
+            failure = e
+        shard_lib.raise_together(failure, DataError)
+        yield local
 
 
 def _few_shot_passes(

@@ -371,22 +371,8 @@ def _load_chunk(
                 continue
             print(f"skipped: {e}", file=sys.stderr)
             errors[position] = {"path": file, "error": str(e)}
-    _stop_together(failure)
+    shard_lib.raise_together(failure, decode.DataError)
     return loaded, errors
-
-
-def _stop_together(failure: decode.DataError | None) -> None:
-    """Raises ``failure``, or another process's, on every process: one that stopped alone would
-    leave the others waiting in the next forward pass."""
-    if jax.process_count() == 1:
-        if failure is not None:
-            raise failure
-        return
-    found = [m for m in shard_lib.allgather_json(None if failure is None else str(failure)) if m]
-    if failure is not None:
-        raise failure
-    if found:
-        raise decode.DataError(found[0])
 
 
 def _write_outputs(

@@ -15,7 +15,7 @@ exchange besides the jitted forward's arrays.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -190,6 +190,17 @@ def allgather_json(value: Any) -> list[Any]:
 def broadcast_json(value: Any) -> Any:
     """Process 0's JSON-able ``value`` on every process."""
     return allgather_json(value)[0]
+
+
+def raise_together(failure: Exception | None, make: Callable[[str], Exception]) -> None:
+    """Raises ``failure``, or (as ``make(message)``) another process's, on every process: one that
+    stopped alone would leave the others waiting in the next collective until its timeout."""
+    if jax.process_count() > 1:
+        found = [m for m in allgather_json(None if failure is None else str(failure)) if m]
+        if failure is None and found:
+            raise make(found[0])
+    if failure is not None:
+        raise failure
 
 
 def broadcast_arrays(tree: Any) -> Any:
