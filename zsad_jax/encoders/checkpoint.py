@@ -8,7 +8,7 @@ A converted checkpoint is a directory::
                           (e.g. ``vision.blocks.0.attn.in_proj.kernel``)
     vocab.json, merges.txt  (CLIP only) the BPE tokenizer files
 
-Encoder types register a builder with :func:`register`: ``build(config_dict, rngs, **overrides) ->
+Each encoder type has a builder in ``BUILDERS``: ``build(config_dict, rngs, **overrides) ->
 module``, where ``overrides`` are architecture fields that change no weight shape (activation,
 position-embedding resize mode, compute dtype) and that a method may set differently from the
 source.
@@ -30,24 +30,20 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
+from zsad_jax.encoders import clip, dinov3
+
 FORMAT = "zsad_jax.encoder/1"
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "weights.safetensors"
 
-_BUILDERS: dict[str, Callable[..., nnx.Module]] = {}
-
-
-def register(kind: str, build: Callable[..., nnx.Module]) -> None:
-    _BUILDERS[kind] = build
+# Encoder type (``config.json`` "type") -> ``build(config_dict, rngs, **overrides)``.
+BUILDERS: dict[str, Callable[..., nnx.Module]] = {"clip": clip.build, "dinov3": dinov3.build}
 
 
 def _builder(kind: str):
-    if kind not in _BUILDERS:
-        # Importing the encoder modules registers their builders.
-        from zsad_jax.encoders import clip, dinov3  # noqa: F401
-    if kind not in _BUILDERS:
-        raise ValueError(f"unknown encoder type {kind!r}; known: {sorted(_BUILDERS)}")
-    return _BUILDERS[kind]
+    if kind not in BUILDERS:
+        raise ValueError(f"unknown encoder type {kind!r}; known: {sorted(BUILDERS)}")
+    return BUILDERS[kind]
 
 
 def flat_state(module: nnx.Module) -> dict[str, jax.Array]:

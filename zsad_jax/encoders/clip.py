@@ -37,7 +37,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from zsad_jax.encoders import checkpoint
 from zsad_jax.encoders.attention import dot_product_attention
 
 ACTIVATIONS = ("quick_gelu", "gelu")
@@ -653,9 +652,7 @@ class Clip(nnx.Module):
 
 
 def build(config: Mapping[str, Any], rngs: nnx.Rngs, **overrides: Any) -> Clip:
-    """The ``checkpoint.register`` builder: ``overrides`` may set ``act``, ``pos_resize``,
-    ``dtype``."""
+    """The ``zsad_jax.encoders.checkpoint.BUILDERS`` entry: ``overrides`` may set ``act``,
+    ``pos_resize``, ``dtype``."""
     return Clip(ClipConfig.from_dict(config).with_overrides(**overrides), rngs=rngs)
 
-
-checkpoint.register("clip", build)

@@ -27,7 +27,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from zsad_jax.encoders import checkpoint
 from zsad_jax.encoders.attention import dot_product_attention
 
 ACTIVATIONS = ("gelu", "silu")
@@ -338,5 +337,3 @@ def build(config: dict[str, Any], rngs: nnx.Rngs, **overrides: Any) -> DinoV3:
         )
     return DinoV3(DinoV3Config.from_dict({**config, **overrides}), rngs=rngs)
 
-
-checkpoint.register("dinov3", build)
