@@ -30,7 +30,7 @@ from jax.experimental.compilation_cache import compilation_cache
 
 from configs.common import base_config
 from zsad_jax import checkpoint as ckpt_lib
-from zsad_jax import run_log
+from zsad_jax import report, run_log
 from zsad_jax import sharding as shard_lib
 from zsad_jax import train as train_lib
 from zsad_jax.methods.base import AnomalyModel
@@ -630,7 +630,7 @@ def test_converted_heads_are_not_resumed_as_a_training_run(tmp_path):
     model = ToyModel(config, rngs=nnx.Rngs(config.seed))
     params = ckpt_lib.flat_arrays(nnx.state(model, Trainable))
     checkpointer = ckpt_lib.TrainCheckpointer(tmp_path / "checkpoints", async_save=False)
-    meta = {"step": 0, "config": train_lib._config_json(config), "threshold": None}
+    meta = {"step": 0, "config": report.config_json(config), "threshold": None}
     checkpointer.save(0, params=params, opt_state={"none": np.zeros(())}, mutable={}, meta=meta)
     checkpointer.close()
     with pytest.raises(train_lib.ConfigMismatch, match=r"converted heads.*new --workdir"):

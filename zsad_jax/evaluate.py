@@ -81,8 +81,8 @@ from absl import logging
 from flax import nnx
 
 from zsad_jax import metrics as metrics_lib
+from zsad_jax import report, visualize
 from zsad_jax import sharding as shard_lib
-from zsad_jax import visualize
 
 IMAGE_METRICS = ("image_AUROC", "image_AP", "image_F1max")
 PIXEL_METRICS = ("pixel_AUROC", "pixel_AP", "pixel_F1max", "pixel_AUPRO")
@@ -429,7 +429,10 @@ def evaluate(
         )
         for part, _ in passes
     ]
-    bar = progress_bar(sum(len(b) for b in bars), enabled=progress and jax.process_index() == 0)
+    bar = report.progress_bar(
+        sum(len(b) for b in bars), enabled=progress and jax.process_index() == 0,
+        desc="evaluate", unit="batch",
+    )  # fmt: skip
     skipped: list[str] = []
     try:
         for (part, kwargs), batches in zip(passes, bars, strict=True):
@@ -781,48 +784,8 @@ def _write_vis(
     visualize.save_png(folder / visualize.safe_name([category]) / f"{stem}.png", picture)
 
 
-def progress_bar(total: int, *, enabled: bool, desc: str = "evaluate", unit: str = "batch"):
-    """A tqdm bar on stderr, or a stand-in that does nothing."""
-    if not enabled:
-        return _NoBar()
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True)
-
-
-class _NoBar:
-    def update(self, n):
-        pass
-
-    def close(self):
-        pass
-
-
 # ----------------------------------------------------------------------------------------------
 # Result files.
-
-
-def _number(value: Any) -> float | None:
-    value = float(value)
-    return value if math.isfinite(value) else None
-
-
-def json_ready(value: Any) -> Any:
-    """Results as JSON values: NaN/inf -> null, NumPy scalars/arrays -> Python numbers/lists."""
-    if value is None or isinstance(value, (bool, str)):
-        return value
-    if isinstance(value, Mapping):
-        return {str(k): json_ready(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_ready(v) for v in value]
-    if isinstance(value, (int, np.integer)):
-        return int(value)
-    if isinstance(value, np.ndarray) and value.ndim > 0:
-        return value.tolist()
-    try:
-        return _number(value)
-    except (TypeError, ValueError):
-        return str(value)
 
 
 def _fmt(value: Any) -> str:
@@ -852,7 +815,9 @@ def write_results(result: Mapping[str, Any], workdir: str | os.PathLike) -> dict
     }
     paths = {"json": str(workdir / "metrics.json"), "csv": str(workdir / "metrics.csv"),
              "md": str(workdir / "metrics.md")}  # fmt: skip
-    write_text(paths["json"], json.dumps(json_ready(doc), indent=1, allow_nan=False))
+    report.write_atomic(
+        paths["json"], json.dumps(report.json_ready(doc), indent=1, allow_nan=False)
+    )
     table = io.StringIO(newline="")
     writer = csv.writer(table)
     writer.writerow(["category", *METRIC_NAMES, "num_images", "num_anomalous"])
@@ -863,7 +828,7 @@ def write_results(result: Mapping[str, Any], workdir: str | os.PathLike) -> dict
         )  # fmt: skip
     writer.writerow(["mean", *(repr(float(mean[m])) for m in METRIC_NAMES),
                      result.get("num_images", ""), ""])  # fmt: skip
-    write_text(paths["csv"], table.getvalue())
+    report.write_atomic(paths["csv"], table.getvalue())
     lines = [
         "| category | " + " | ".join(METRIC_NAMES) + " |",
         "|---" * (len(METRIC_NAMES) + 1) + "|",
@@ -881,18 +846,8 @@ def write_results(result: Mapping[str, Any], workdir: str | os.PathLike) -> dict
     threshold = result.get("threshold")
     if threshold is not None and math.isfinite(float(threshold)):
         lines.append(f"- F1-optimal image threshold: {float(threshold):.6g}.")
-    write_text(paths["md"], "\n".join(lines) + "\n")
+    report.write_atomic(paths["md"], "\n".join(lines) + "\n")
     return paths
-
-
-def write_text(path: str | os.PathLike, text: str) -> None:
-    """Writes ``path`` whole or not at all (a temporary file renamed over it), so that a process
-    killed while writing never leaves a half-written result that looks finished."""
-    path = Path(path)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(temporary, "w", newline="") as f:
-        f.write(text)
-    os.replace(temporary, path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -942,12 +897,6 @@ def load_model(
     return ckpt_lib.build_model(config, load_weights=True), config, None, info
 
 
-def _config_json(config: Any) -> Any:
-    if hasattr(config, "to_json_best_effort"):
-        return json.loads(config.to_json_best_effort(sort_keys=True))
-    return json_ready(dict(config))
-
-
 def run(
     *,
     workdir: str | os.PathLike,
@@ -994,8 +943,10 @@ def run(
     result["aupro_method"] = aupro_method
     if primary:
         write_results(result, workdir)
-        write_text(workdir / "config.json",
-                   json.dumps(_config_json(config), indent=1, sort_keys=True))  # fmt: skip
+        config_doc = json.loads(report.config_json(config))
+        report.write_atomic(
+            workdir / "config.json", json.dumps(config_doc, indent=1, sort_keys=True)
+        )
         run_info = {
             **info,
             "stored_threshold": stored_threshold,
@@ -1010,7 +961,7 @@ def run(
             "few_shot": result.get("few_shot"),
         }
         # Last: run.json is the record of a finished evaluation.
-        write_text(workdir / "run.json", json.dumps(json_ready(run_info), indent=1))
+        report.write_atomic(workdir / "run.json", json.dumps(report.json_ready(run_info), indent=1))
         if store_threshold and info["checkpoint"] and math.isfinite(result["threshold"]):
             from zsad_jax import checkpoint as ckpt_lib
 
@@ -1032,7 +983,7 @@ def summary_line(result: Mapping[str, Any]) -> str:
     """The last printed line: mean metrics, threshold and exclusions as JSON."""
     keys = (*METRIC_NAMES, "threshold", "num_images")
     return json.dumps(
-        json_ready({**{k: result[k] for k in keys}, "excluded": result.get("excluded", {})})
+        report.json_ready({**{k: result[k] for k in keys}, "excluded": result.get("excluded", {})})
     )
 
 

@@ -70,9 +70,9 @@ import numpy as np
 from flax import nnx
 
 from zsad_jax import evaluate as eval_lib
+from zsad_jax import report, visualize
 from zsad_jax import sharding as shard_lib
 from zsad_jax import state as state_lib
-from zsad_jax import visualize
 from zsad_jax.data import decode, readers, sources, transforms
 
 DEFAULT_CATEGORY = "object"
@@ -315,7 +315,7 @@ def predict_files(
     out_dir.mkdir(parents=True, exist_ok=True)
     steps = shard_items(items, predictor.batch_size)
     primary = jax.process_index() == 0
-    bar = eval_lib.progress_bar(len(items), enabled=progress and primary, desc="predict",
+    bar = report.progress_bar(len(items), enabled=progress and primary, desc="predict",
                                 unit="image")  # fmt: skip
     with _Records(out_dir / PREDICTIONS_FILE, emit) as sink:
         for step, chunk in enumerate(steps):
@@ -429,7 +429,7 @@ class _Records:
             self._write_gathered()
 
     def _write_gathered(self) -> None:
-        mine = [[position, eval_lib.json_ready(r)] for position, r in self._mine.items()]
+        mine = [[position, report.json_ready(r)] for position, r in self._mine.items()]
         gathered = dict(pair for part in shard_lib.allgather_json(mine) for pair in part)
         ordered = [gathered[position] for position in sorted(gathered)]
         if jax.process_index() != 0:
@@ -440,7 +440,7 @@ class _Records:
                 self._write(record)
 
     def _write(self, record: dict[str, Any]) -> None:
-        line = json.dumps(eval_lib.json_ready(record))
+        line = json.dumps(report.json_ready(record))
         self._file.write(line + "\n")
         self._file.flush()
         self.records.append(record)
@@ -541,7 +541,7 @@ def export_inference(
         "outputs": "anomaly_map float32 (batch, size, size), pred_score float32 (batch,)",
     }
     with open(files["meta"], "w") as f:
-        json.dump(eval_lib.json_ready(meta), f, indent=1)
+        json.dump(report.json_ready(meta), f, indent=1)
     return files
 
 

@@ -83,7 +83,7 @@ from typing import Any
 
 import numpy as np
 
-from zsad_jax import cli
+from zsad_jax import cli, report
 from zsad_jax import metrics as metrics_lib
 
 # Training sets of the two directions and the test set each model is evaluated on (methods.md §5).
@@ -363,17 +363,8 @@ def select_metrics_of(module: Any, spec: str) -> tuple[str, ...]:
 
 
 def write_json_atomic(path: str | os.PathLike, doc: Any) -> None:
-    """``doc`` as JSON in ``path``, whole or not at all (a temporary file renamed over it)."""
-    from zsad_jax.evaluate import json_ready
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(json_ready(doc), f, indent=1, allow_nan=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """``doc`` as JSON in ``path``, whole or not at all."""
+    report.write_atomic(path, json.dumps(report.json_ready(doc), indent=1, allow_nan=False))
 
 
 def read_json(path: str | os.PathLike) -> Any | None:
@@ -382,12 +373,6 @@ def read_json(path: str | os.PathLike) -> Any | None:
             return json.load(f)
     except (FileNotFoundError, json.JSONDecodeError):
         return None
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def config_hash(config: Any) -> str:
@@ -921,8 +906,8 @@ def run(
     rows, not_run = r.rows(planned)
     md = table_markdown(rows, spec=config, not_run=not_run, select=bool(r.select_metrics))
     paths = {"table_md": str(r.workdir / "table.md"), "table_csv": str(r.workdir / "table.csv")}
-    _write_text_atomic(Path(paths["table_csv"]), table_csv(rows))
-    _write_text_atomic(Path(paths["table_md"]), md)
+    report.write_atomic(Path(paths["table_csv"]), table_csv(rows))
+    report.write_atomic(Path(paths["table_md"]), md)
     r.log(f"tables in {paths['table_md']} and table.csv ({time.time() - start:.0f} s)")
     return {"rows": rows, "not_run": not_run, "actions": r.actions, **paths}
 

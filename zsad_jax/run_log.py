@@ -16,13 +16,14 @@ protobuf fields are encoded by hand (a few varints); ``read_events`` parses them
 from __future__ import annotations
 
 import json
-import math
 import os
 import socket
 import struct
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+
+from zsad_jax import report
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -222,11 +223,6 @@ class EventFileWriter:
             self._file.close()
 
 
-def _json_value(v):
-    v = float(v)
-    return v if math.isfinite(v) else None
-
-
 class MetricWriter:
     """``metrics.jsonl`` + TensorBoard events in ``workdir``; a no-op where ``active`` is False
     (every process but the first in a multi-host run)."""
@@ -248,7 +244,7 @@ class MetricWriter:
             return
         now = time.time()
         line = {"step": int(step), "time": round(now, 3)}
-        line.update({k: _json_value(v) for k, v in scalars.items()})
+        line.update(report.json_ready({k: float(v) for k, v in scalars.items()}))
         self._jsonl.write(json.dumps(line) + "\n")
         self._events.add_scalars(step, {k: float(v) for k, v in scalars.items()}, now)
         # Rows are rare (every log_every_steps) and a preempted or crashed run should keep them.
@@ -282,9 +278,7 @@ def _truncate_after(path: Path, step: int) -> None:
         else:
             dropped += 1
     if dropped:
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, path)
+        report.write_atomic(path, "".join(line + "\n" for line in kept))
 
 
 def read_metrics(workdir: str | os.PathLike) -> list[dict]:

@@ -61,7 +61,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from zsad_jax import checkpoint as ckpt_lib
-from zsad_jax import cli, run_log
+from zsad_jax import cli, report, run_log
 from zsad_jax import optim as optim_lib
 from zsad_jax import sharding as shard_lib
 from zsad_jax.data.decode import DataError
@@ -441,12 +441,6 @@ class _Counters:
     updates: int = 0
 
 
-def _config_json(config: Any) -> str:
-    if hasattr(config, "to_json_best_effort"):
-        return config.to_json_best_effort(sort_keys=True)
-    return json.dumps(dict(config), sort_keys=True, default=str)
-
-
 def _scalar(x: Any) -> float:
     return float(np.asarray(x))
 
@@ -610,7 +604,7 @@ def train(
     )
     counters = _Counters()
     step = 0
-    config_json = _config_json(config)
+    config_json = report.config_json(config)
     config_changes: list[dict[str, Any]] = []
     latest = checkpointer.latest_step()
     if latest is not None:
@@ -677,7 +671,9 @@ def train(
     eval_every = int(config.eval.get("every_steps", 0) or 0)
     save_every = int(ckpt_cfg.get("every_steps", 0) or 0)
     preemption = _Preemption(checkpointer)
-    bar = _progress_bar(total_steps, step, enabled=progress and primary)
+    bar = report.progress_bar(
+        total_steps, enabled=progress and primary, desc="train", unit="step", initial=step
+    )
     handle = _StepMonitor(
         counters=counters,
         writer=writer,
@@ -765,50 +761,12 @@ def train(
     return _with_skipped(result, train_data)
 
 
-def _progress_bar(total: int, initial: int, *, enabled: bool):
-    if not enabled:
-        return _NoBar()
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
-
-
-class _NoBar:
-    def update(self, n):
-        pass
-
-    def set_postfix(self, *args, **kw):
-        pass
-
-    def close(self):
-        pass
-
-
 def _numeric(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
     out = {}
     for k, v in metrics.items():
         if isinstance(v, (int, float, np.number)) or (np.ndim(v) == 0 and hasattr(v, "dtype")):
             out[prefix + k] = float(v)
     return out
-
-
-def _jsonable(value: Any) -> Any:
-    """Metrics as JSON values: non-finite floats become null, arrays of one element floats."""
-    if value is None or isinstance(value, (bool, str)):
-        return value
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (int, np.integer)):
-        return int(value)
-    if np.ndim(value) == 0:
-        try:
-            value = float(value)
-        except (TypeError, ValueError):
-            return str(value)
-        return value if math.isfinite(value) else None
-    return np.asarray(value).tolist()
 
 
 def _with_skipped(result: dict, train_data: Any) -> dict:
@@ -827,7 +785,7 @@ def _result(step, start_time, last_loss, counters, eval_metrics) -> dict[str, An
         loss=last_loss,
         bad_steps=counters.bad_total,
     )
-    return _jsonable(result)
+    return report.json_ready(result)
 
 
 # ----------------------------------------------------------------------------------------------

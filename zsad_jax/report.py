@@ -1,0 +1,78 @@
+"""What the commands write and show, in one form: JSON values, the config as JSON, progress bars.
+
+Every JSON file and line of zsad_jax (metrics, predictions, run records, tables) goes through
+``json_ready``, so NaN is always ``null`` and NumPy/JAX values are plain numbers; result files are
+written with ``write_atomic``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def json_ready(value: Any) -> Any:
+    """``value`` as JSON values: NaN/inf -> None, NumPy/JAX scalars -> Python numbers, arrays ->
+    (nested) lists, mappings -> dicts with string keys; anything else its ``str``."""
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, Mapping):
+        return {str(k): json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(v) for v in value]
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if np.ndim(value) > 0:
+        return json_ready(np.asarray(value).tolist())
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    return value if math.isfinite(value) else None
+
+
+def write_atomic(path: str | os.PathLike, text: str) -> None:
+    """Writes ``path`` whole or not at all (a temporary file, flushed to disk, renamed over it), so
+    that a process killed while writing never leaves a half-written file that looks finished."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(temporary, "w", newline="") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, path)
+
+
+def config_json(config: Any) -> str:
+    """The config as sorted JSON text (what checkpoints store and resumes compare)."""
+    if hasattr(config, "to_json_best_effort"):
+        return config.to_json_best_effort(sort_keys=True)
+    import json
+
+    return json.dumps(json_ready(dict(config)), sort_keys=True)
+
+
+def progress_bar(total: int, *, enabled: bool, desc: str, unit: str, initial: int = 0):
+    """A tqdm bar on stderr, or (``enabled`` False: other processes, tests) a silent stand-in."""
+    if not enabled:
+        return _NoBar()
+    from tqdm.auto import tqdm  # only where a bar is shown
+
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True)
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def set_postfix(self, *args: Any, **kw: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
