@@ -62,14 +62,14 @@ def measure(config_path: str, variant: str, batch: int, steps: int, devices: int
     """One method's step on a mesh of ``devices`` devices (this process)."""
     import jax
 
-    from zsad_jax import checkpoint as ckpt_lib
+    from zsad_jax import methods
     from zsad_jax import optim as optim_lib
     from zsad_jax import sharding as shard_lib
     from zsad_jax import train as train_lib
 
     config = _load_config(config_path, variant)
     config.data.batch_size = batch
-    model = ckpt_lib.build_model(config, load_weights=True)
+    model = methods.build(config, load_weights=True)
     model.set_classes(CLASS_NAMES)
     mesh = shard_lib.make_mesh({"data": devices, "fsdp": 1})
     split = train_lib.SplitModel(model)

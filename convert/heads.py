@@ -391,9 +391,10 @@ def trainable_template(config: Any) -> dict[str, tuple[tuple[int, ...], Any]]:
     from flax import nnx
 
     from zsad_jax import checkpoint as ckpt_lib
+    from zsad_jax import methods
     from zsad_jax.nn import Trainable
 
-    model = nnx.eval_shape(lambda: ckpt_lib.build_model(config, load_weights=False))
+    model = nnx.eval_shape(lambda: methods.build(config, load_weights=False))
     flat = ckpt_lib.flat_arrays(nnx.state(model, Trainable))
     return {k: (tuple(v.shape), np.dtype(v.dtype)) for k, v in flat.items()}
 

@@ -88,8 +88,9 @@ def test_split_overrides_takes_both_spellings_and_leaves_the_rest():
 
 
 def test_a_changed_dataset_brings_its_categories_and_root_along(capsys):
+    # ava_dino's small variant: the synthetic benchmark's categories on both sides.
     config = cli.build_config(
-        config_file="configs/demo.py",
+        config_file="configs/ava_dino.py:small",
         overrides=[("data.train_set", "folder"), ("data.train_root", "my_data")],
     )
     assert config.data.categories == () and config.data.train_root == "my_data"
@@ -97,7 +98,7 @@ def test_a_changed_dataset_brings_its_categories_and_root_along(capsys):
     assert config.data.test_categories == ("wood", "dots", "washer", "pill")
     assert "config.data.categories: every category of folder" in capsys.readouterr().err
     chosen = cli.build_config(
-        config_file="configs/demo.py",
+        config_file="configs/ava_dino.py:small",
         overrides=[("data.test_set", "mvtec_ad"), ("data.test_categories", "bottle")],
     )
     assert chosen.data.test_categories == ("bottle",) and chosen.data.test_root == "data/mvtec_ad"

@@ -23,7 +23,7 @@ import test_train as toy
 from jax.experimental.compilation_cache import compilation_cache
 
 from zsad_jax import checkpoint as ckpt_lib
-from zsad_jax import run_log
+from zsad_jax import methods, run_log
 from zsad_jax import train as train_lib
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -183,7 +183,7 @@ def test_missing_converted_weights_fail_at_once_with_the_path(tmp_path):
 def test_toy_config_file_builds(tmp_path):
     """The config file the commands above use: its method and data hooks import."""
     config = toy.get_config()
-    model = ckpt_lib.build_model(config)
+    model = methods.build(config)
     assert isinstance(model, toy.ToyModel)
     data = train_lib.make_train_data(config)
     batch = next(data)

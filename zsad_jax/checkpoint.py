@@ -21,7 +21,6 @@ format.
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 from collections.abc import Mapping
@@ -34,6 +33,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from zsad_jax import methods
 from zsad_jax.nn import Trainable
 from zsad_jax.state import data_to_keys, flat_arrays, is_key, keys_to_data, path_str
 
@@ -78,38 +78,6 @@ def refuse_custom_code(config: Any, where: str | os.PathLike) -> None:
             f"{where}: {field}={spec!r} names Python code to import; a checkpoint is data and "
             "its code is not run unless you trust it: pass --allow_custom_code to import it"
         )
-
-
-def import_object(spec: str, field: str) -> Any:
-    """``package.module:name`` -> the object; errors name the config ``field``."""
-    module, _, attr = spec.partition(":")
-    try:
-        return getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as e:
-        raise ValueError(f"{field}={spec!r}: cannot import {attr} from {module}: {e}") from e
-
-
-def method_class(name: str) -> type:
-    """``config.method``: a registry name (``af_clip``...) or ``package.module:ClassName`` for a
-    user-defined ``AnomalyModel`` subclass with the same constructor."""
-    if ":" in name:
-        return import_object(name, "config.method")
-    from zsad_jax import methods
-
-    return methods.method_class(name)
-
-
-def build_model(config: Any, *, load_weights: bool = True) -> nnx.Module:
-    """The method of ``config`` with its initial weights drawn from ``config.seed``.
-
-    Training and ``load_for_inference`` both build through here, so any random-weight part (the
-    tests' and demo's ``random_init`` backbones) is the same in both. Missing converted weights
-    raise the backbone loader's error (naming the expected path and the convert command) before
-    any work. ``config`` is trusted here (the caller's own); a stored one is checked by
-    ``load_for_inference`` first.
-    """
-    cls = method_class(config.method)
-    return cls(config, rngs=nnx.Rngs(int(config.seed)), load_weights=load_weights)
 
 
 def _abstract(tree: Any) -> Any:
@@ -389,7 +357,7 @@ def load_for_inference(
     config = config_from_meta(meta) if config is None else config
     if not allow_custom_code:
         refuse_custom_code(config, step_dir / "meta" / META_FILE)
-    model = build_model(config, load_weights=True)
+    model = methods.build(config, load_weights=True)
     trainable_state = nnx.state(model, Trainable)
     params = load_params(step_dir, flat_arrays(trainable_state))
     flat = [(p, v.replace(params[path_str(p)])) for p, v in nnx.to_flat_state(trainable_state)]

@@ -80,8 +80,9 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
+from zsad_jax import checkpoint as ckpt_lib
+from zsad_jax import cli, methods, report, visualize
 from zsad_jax import metrics as metrics_lib
-from zsad_jax import report, visualize
 from zsad_jax import sharding as shard_lib
 
 IMAGE_METRICS = ("image_AUROC", "image_AP", "image_F1max")
@@ -877,8 +878,6 @@ def load_model(
     ``allow_custom_code`` (``zsad_jax.checkpoint.load_for_inference``). ``info`` has
     ``checkpoint`` (absolute step folder or None) and ``step``.
     """
-    from zsad_jax import checkpoint as ckpt_lib
-
     if checkpoint:
         step_dir = ckpt_lib.resolve_step_dir(checkpoint, step)
         model, config, threshold = ckpt_lib.load_for_inference(
@@ -894,7 +893,7 @@ def load_model(
             "zsad_jax.train)"
         )
     info = {"checkpoint": None, "step": None}
-    return ckpt_lib.build_model(config, load_weights=True), config, None, info
+    return methods.build(config, load_weights=True), config, None, info
 
 
 def run(
@@ -916,7 +915,6 @@ def run(
     process 0 has written the files. A run killed part-way leaves no result files (those of an
     earlier evaluation in ``workdir`` are removed first): run it again, it starts over.
     """
-    from zsad_jax import cli
 
     start = time.time()
     if store_threshold and few_shot:
@@ -963,8 +961,6 @@ def run(
         # Last: run.json is the record of a finished evaluation.
         report.write_atomic(workdir / "run.json", json.dumps(report.json_ready(run_info), indent=1))
         if store_threshold and info["checkpoint"] and math.isfinite(result["threshold"]):
-            from zsad_jax import checkpoint as ckpt_lib
-
             ckpt_lib.save_threshold(info["checkpoint"], result["threshold"])
     shard_lib.sync("zsad_jax.evaluate: results written")
     return result
@@ -989,8 +985,6 @@ def summary_line(result: Mapping[str, Any]) -> str:
 
 def _define_flags() -> None:
     from absl import flags
-
-    from zsad_jax import cli
 
     flags.DEFINE_string(
         "config", None, "method config file[:variant] for a random-init smoke run without "
@@ -1022,8 +1016,6 @@ def _define_flags() -> None:
 def main(argv: Sequence[str], overrides: Sequence[tuple[str, str]]) -> None:
     from absl import flags
 
-    from zsad_jax import cli
-
     if len(argv) > 1:
         raise cli.CommandLineError(f"unexpected arguments {list(argv[1:])}")
     f = flags.FLAGS
@@ -1047,6 +1039,4 @@ def main(argv: Sequence[str], overrides: Sequence[tuple[str, str]]) -> None:
 
 
 if __name__ == "__main__":
-    from zsad_jax import cli
-
     cli.Command(_define_flags, main).run()

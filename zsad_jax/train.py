@@ -61,7 +61,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from zsad_jax import checkpoint as ckpt_lib
-from zsad_jax import cli, report, run_log
+from zsad_jax import cli, methods, report, run_log
 from zsad_jax import optim as optim_lib
 from zsad_jax import sharding as shard_lib
 from zsad_jax.data.decode import DataError
@@ -192,7 +192,7 @@ def make_train_data(config: Any) -> TrainData:
     """
     d = config.data
     if ":" in str(d.train_set):
-        return ckpt_lib.import_object(d.train_set, "config.data.train_set")(config)
+        return methods.import_object(d.train_set, "config.data.train_set")(config)
 
     from zsad_jax.data import pipeline, sources, transforms
 
@@ -558,7 +558,7 @@ def train(
     # The model first: a full-size config without converted weights fails here, before any data
     # is read or anything is compiled.
     if model is None:
-        model = ckpt_lib.build_model(config, load_weights=True)
+        model = methods.build(config, load_weights=True)
     if primary:
         cli.ensure_writable(workdir, "--workdir")
     mesh = shard_lib.make_mesh(config.mesh)

@@ -1,13 +1,18 @@
-"""The four methods behind one interface (``zsad_jax.methods.base.AnomalyModel``).
+"""The four methods behind one interface (``zsad_jax.methods.base.AnomalyModel``), and the one
+factory that builds whatever ``config.method`` names.
 
-``build(config, rngs=..., load_weights=True)`` returns the method named by ``config.method``.
-``load_weights=False`` builds the architecture without reading converted weights (for
-``nnx.eval_shape``, e.g. ``python -m zsad_jax.summary``).
+``build(config, load_weights=True)`` returns the method with its initial weights drawn from
+``config.seed``; ``load_weights=False`` builds the architecture without reading converted weights
+(for ``nnx.eval_shape``, e.g. ``python -m zsad_jax.summary``). ``config.method`` is a registry name
+or ``package.module:ClassName`` for a user-defined ``AnomalyModel`` subclass with the same
+constructor (imported here; a config stored in a checkpoint is checked before it gets here, see
+``zsad_jax.checkpoint.load_for_inference``).
 """
 
 from __future__ import annotations
 
 import importlib
+from typing import Any
 
 from flax import nnx
 
@@ -21,13 +26,28 @@ METHODS = {
 }
 
 
+def import_object(spec: str, field: str) -> Any:
+    """``package.module:name`` (user code a config names) -> the object; errors name ``field``."""
+    module, _, attr = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"{field}={spec!r}: cannot import {attr} from {module}: {e}") from e
+
+
 def method_class(name: str) -> type[AnomalyModel]:
+    if ":" in name:
+        return import_object(name, "config.method")
     if name not in METHODS:
         raise ValueError(f"config.method={name!r} is not a method; choose one of {sorted(METHODS)}")
     module, cls = METHODS[name]
     return getattr(importlib.import_module(module), cls)
 
 
-def build(config, *, rngs: nnx.Rngs, load_weights: bool = True) -> AnomalyModel:
-    """Builds ``config.method`` from the whole ml_collections config."""
+def build(config, *, rngs: nnx.Rngs | None = None, load_weights: bool = True) -> AnomalyModel:
+    """Builds ``config.method`` from the whole ml_collections config (``rngs`` default: from
+    ``config.seed``, so training and ``load_for_inference`` draw the same random-init parts).
+    Missing converted weights raise the backbone loader's error (naming the expected path and the
+    convert command) before any work."""
+    rngs = nnx.Rngs(int(config.seed)) if rngs is None else rngs
     return method_class(config.method)(config, rngs=rngs, load_weights=load_weights)
