@@ -36,6 +36,10 @@ from typing import Any
 
 import ml_collections
 
+from zsad_jax import checkpoint as ckpt_lib
+from zsad_jax import config_check
+from zsad_jax.data import sources
+
 CONFIG_PREFIX = "--config."
 # ``data.<side>_set`` -> the fields that describe that side's dataset and follow it when it changes.
 DATASET_FIELDS = {
@@ -218,8 +222,6 @@ def follow_dataset_changes(
 def _add_optional_data_keys(config: ml_collections.ConfigDict) -> None:
     """Gives a stored config the optional ``data`` keys it predates (their "not set" values), so
     that ``--config.data.test_mask_dir=...`` also works on a checkpoint written before them."""
-    from zsad_jax.data import sources
-
     data = config.get("data")
     if data is not None:
         for key, value in sources.optional_data_keys().items():
@@ -241,8 +243,6 @@ def build_config(
         an unknown key or a value of the wrong type.
       zsad_jax.config_check.ConfigError: an invalid value (one line per problem).
     """
-    from zsad_jax import config_check
-
     if checkpoint and config_file:
         raise CommandLineError(
             f"--config={config_file} with --checkpoint={checkpoint}: the config stored with the "
@@ -250,8 +250,6 @@ def build_config(
             "--config.data.test_set=folder --config.data.test_root=my_data)"
         )
     if checkpoint:
-        from zsad_jax import checkpoint as ckpt_lib
-
         config = ckpt_lib.config_from_meta(ckpt_lib.read_meta(checkpoint, step))
         _add_optional_data_keys(config)
     elif config_file:

@@ -69,8 +69,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from zsad_jax import cli, report, visualize
 from zsad_jax import evaluate as eval_lib
-from zsad_jax import report, visualize
 from zsad_jax import sharding as shard_lib
 from zsad_jax import state as state_lib
 from zsad_jax.data import decode, readers, sources, transforms
@@ -240,8 +240,6 @@ class Predictor:
         batch_size: int | None = None,
         mesh=None,
     ):
-        from zsad_jax import sharding as shard_lib
-
         self.config = config
         self.threshold = None if threshold is None else float(threshold)
         model.set_classes([category])
@@ -781,8 +779,6 @@ def check_options(
 def _define_flags() -> None:
     from absl import flags
 
-    from zsad_jax import cli
-
     flags.DEFINE_string(
         "config", None, "method config file[:variant] for a random-init smoke run without "
         "--checkpoint; with --checkpoint its stored config is used (change keys with "
@@ -813,8 +809,6 @@ def _define_flags() -> None:
 
 def main(argv: Sequence[str], overrides: Sequence[tuple[str, str]]) -> None:
     from absl import flags
-
-    from zsad_jax import cli
 
     f = flags.FLAGS
     # Before build_config reads the checkpoint (run checks again, for library callers).
@@ -864,7 +858,5 @@ def _counts(records: Sequence[Mapping[str, Any]]) -> dict[str, int]:
 
 
 if __name__ == "__main__":
-    from zsad_jax import cli
-
     # FileExistsError: an --out holding an earlier run's predictions (check_out_dir).
     cli.Command(_define_flags, main, expected_errors=(FileExistsError,)).run()

@@ -62,8 +62,10 @@ from jax.sharding import PartitionSpec as P
 
 from zsad_jax import checkpoint as ckpt_lib
 from zsad_jax import cli, methods, report, run_log
+from zsad_jax import evaluate as evaluate_lib
 from zsad_jax import optim as optim_lib
 from zsad_jax import sharding as shard_lib
+from zsad_jax.data import pipeline, sources, transforms
 from zsad_jax.data.decode import DataError
 from zsad_jax.state import SplitModel
 
@@ -194,8 +196,6 @@ def make_train_data(config: Any) -> TrainData:
     if ":" in str(d.train_set):
         return methods.import_object(d.train_set, "config.data.train_set")(config)
 
-    from zsad_jax.data import pipeline, sources, transforms
-
     source = sources.split_source(d, "train")
     iterator = pipeline.train_iterator(
         source,
@@ -313,8 +313,6 @@ def default_evaluator(config: Any) -> Callable[[nnx.Module, int], dict] | None:
     """Held-out evaluation through ``zsad_jax.evaluate.evaluate`` (``config.eval.enabled``)."""
     if not config.eval.get("enabled", True):
         return None
-    from zsad_jax import evaluate as evaluate_lib
-
     def run(model: nnx.Module, step: int) -> dict:
         del step
         return dict(evaluate_lib.evaluate(model, config))
