@@ -303,11 +303,12 @@ def test_af_clip_train_evaluate_predict_and_few_shot(tmp_path):
 
     transform = transforms.make_transform("clip", 32)
     batch = np.stack([transform(decode.load_record(_record(p)))["image"] for p in good[:2]])
+    # Lowered for CPU and CUDA at once (one file for either server); it runs here on CPU.
     files = predict_lib.export_inference(model, loaded, tmp_path / "af.stablehlo", batch_size=2,
-                                         memory=memory)  # fmt: skip
+                                         memory=memory, platforms=("cpu", "cuda"))  # fmt: skip
     run, meta = predict_lib.load_exported(files["stablehlo"])
     maps, scores = (np.asarray(x) for x in run(batch))
-    assert meta["few_shot"] and maps.shape == (2, 32, 32)
+    assert meta["few_shot"] and maps.shape == (2, 32, 32) and meta["platforms"] == ["cpu", "cuda"]
     got = [r["pred_score"] for r in few_shot["predictions"]]
     np.testing.assert_allclose(got, scores, atol=1e-5)
     for r, small in zip(few_shot["predictions"], maps, strict=True):

@@ -19,6 +19,8 @@ The result is validated (``zsad_jax.config_check``) before any work.
 Multi-host: ``--distributed`` (cluster auto-detection) or ``--coordinator_address``,
 ``--num_processes``, ``--process_id``, the same for every command.
 
+Every command turns on jax's persistent compilation cache (``zsad_jax.compile_cache``).
+
 Errors end the command with one line ``error: ...`` (one line per problem for an invalid config)
 and exit status 1 (2 for a malformed command line), never a traceback.
 """
@@ -37,7 +39,7 @@ from typing import Any
 import ml_collections
 
 from zsad_jax import checkpoint as ckpt_lib
-from zsad_jax import config_check
+from zsad_jax import compile_cache, config_check
 from zsad_jax.data import sources
 
 CONFIG_PREFIX = "--config."
@@ -400,6 +402,7 @@ class Command:
         if not flags.FLAGS["verbosity"].present:
             # orbax logs every save at INFO; keep the terminal for progress bars and errors.
             absl_logging.set_verbosity(absl_logging.WARNING)
+        compile_cache.enable_compilation_cache()  # a second run of a command does not recompile
         try:
             self._main(argv, self.overrides)
         except CommandLineError as e:

@@ -54,6 +54,7 @@ three files belong together, then runs it without this package's model code.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -74,6 +75,7 @@ from zsad_jax import evaluate as eval_lib
 from zsad_jax import sharding as shard_lib
 from zsad_jax import state as state_lib
 from zsad_jax.data import decode, readers, sources, transforms
+from zsad_jax.encoders import attention
 
 DEFAULT_CATEGORY = "object"
 # /2: PATH.json describes the weights (count, shape-and-dtype digest, file digest) for checking.
@@ -500,7 +502,12 @@ def export_inference(
         [jax.ShapeDtypeStruct(w.shape, w.dtype) for w in weights],
         jax.ShapeDtypeStruct((int(batch_size), size, size, 3), jnp.float32),
     )
-    exported = jax.export.export(jax.jit(infer), platforms=platforms)(*args)
+    targets = tuple(platforms or (jax.default_backend(),))
+    # cuDNN's and Pallas' custom calls are not export-stable, and one platform's kernel cannot be
+    # lowered for another: outside a CPU-only export, attention takes XLA's own fused path.
+    portable = targets != ("cpu",)
+    with attention.use_implementation("xla") if portable else contextlib.nullcontext():
+        exported = jax.export.export(jax.jit(infer), platforms=platforms)(*args)
     if exported.nr_devices != 1 or exported.ordered_effects or exported.unordered_effects:
         raise ValueError(
             f"export: the inference function of {config.method!r} uses {exported.nr_devices} "

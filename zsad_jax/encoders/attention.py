@@ -1,26 +1,194 @@
 """The attention core shared by the CLIP and DINOv3 encoders (one place to tune for speed).
 
-On CPU, the textbook formulation (one (B, heads, T, T) logits tensor, softmax, then probs @ v) is
-memory-bound for ViT-L at 518 px: 16 x 1370 x 1370 float32 logits are 120 MB per block, written
-and re-read by several passes, far beyond the caches. On the CPU backend the core therefore runs
-one head and one block of queries at a time (``jax.lax.map``), so each (queries, T) slab of logits
-stays in cache while it is produced, normalised and multiplied by v; the FLOPs and the result are
-unchanged (to float32 rounding). On GPU/TPU, XLA's fused softmax on the whole tensor is the fast
-path and is kept. The measurements behind this are in ``bench/encoders.py``.
+``dot_product_attention(q, k, v)`` computes ``softmax(q k^T / sqrt(d)) v`` through one of these
+paths, chosen at trace time (``plan``) and, per platform, at lowering time
+(``jax.lax.platform_dependent``, so an exported or AOT-lowered function picks the right one for the
+platform it is compiled for):
+
+* ``blocked`` (CPU): one head and one ~256-row query block at a time (``jax.lax.map``), so each
+  (rows, T) logits slab stays in cache. The textbook form writes 16 x 1370^2 float32 logits (120 MB
+  per block at 518 px) and streams them through memory several times; ``jax.nn.
+  dot_product_attention``'s XLA path does the same and is 4-5x slower here (``bench/encoders.py``).
+* ``cudnn`` (CUDA, bfloat16/float16, head_dim a multiple of 8 up to 128): ``jax.nn.
+  dot_product_attention(implementation="cudnn")``, cuDNN's fused flash attention (no logits tensor
+  in memory, fused backward). Only offered when a CUDA backend exists: jax looks the cuDNN version
+  up while tracing it.
+* ``pallas_tpu`` (TPU): the Pallas flash-attention kernel (``jax.experimental.pallas.ops.tpu.
+  flash_attention``). It works on whole 128-row blocks, so T is padded and segment ids keep the
+  padding out of every real row's softmax; under a multi-device mesh it runs per batch shard
+  (``jax.shard_map``), since XLA cannot partition an opaque kernel. Only offered when a TPU backend
+  exists (``tpu_available``).
+* ``xla`` (everything else: float32 on GPU, ROCm, unknown platforms; the fallbacks):
+  ``jax.nn.dot_product_attention(implementation="xla")``, XLA's fused softmax over the whole
+  logits tensor.
+* ``dense`` (any platform, whenever the caller needs the probabilities (``return_probs``:
+  DLVP-CLIP's CLS attention, CLIP's attention map) or passes a ``mask`` (the causal text tower)):
+  the explicit einsum + softmax.
+
+``use_implementation(name)`` forces one path for code traced inside it: benchmarks, parity tests,
+and ``jax.export`` on a GPU or TPU machine. There the ``cudnn``/``pallas_tpu`` branches are kernels
+that lower for their own platform only, so a module for several platforms fails to lower, and
+cuDNN's ``__cudnn$fmha*`` custom calls are not on ``jax.export``'s list of stable targets; export
+inside ``use_implementation("xla")`` (the Pallas kernel's ``tpu_custom_call`` is stable, so a
+TPU-only export may keep it).
+
+Numerics: every path takes logits and the softmax in float32 and computes the same function. In
+float32 the paths agree with a float64 reference to ~5e-7 on unit-variance inputs (tested bound
+1e-5, ``tests/test_attention.py``; the error grows with the logits' spread, ~1e-5 at logit std 9).
+In bfloat16 the inputs are bfloat16 and the ``xla``/``dense``/``blocked`` paths round the
+probabilities to bfloat16 before ``probs @ v`` (cuDNN and the Pallas kernel keep them in float32
+inside the kernel): each path is within 3.5e-3 of the float64 attention of the same bfloat16
+inputs at unit variance (tested bound 1e-2; 1.4e-2 at logit std 9).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
+from collections.abc import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
 
 # Query rows per slab on CPU: ~256 keeps a (256, T) float32 slab around 1.4 MB at T = 1370.
 CPU_QUERY_BLOCK = 256
+# The Pallas TPU kernel works on whole blocks of this many rows (its lane width).
+TPU_BLOCK = 128
+# cuDNN's flash attention: bfloat16/float16 inputs, head_dim a multiple of 8 up to this (256 on
+# Hopper and later, but 128 holds on every GPU jax supports).
+CUDNN_MAX_HEAD_DIM = 128
+
+IMPLEMENTATIONS = ("auto", "blocked", "cudnn", "pallas_tpu", "xla", "dense")
+# Platforms given their own branch; anything else takes "default".
+PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
+
+_forced: str | None = None
+# Lists receiving one entry per attention call traced (``record_calls``).
+_recorders: list[list[dict]] = []
 
 
-def _dense_attention(q, k, v, mask, return_probs):
+@contextlib.contextmanager
+def use_implementation(name: str) -> Iterator[None]:
+    """Forces one path (``IMPLEMENTATIONS``) for attention traced inside the ``with`` block.
+
+    Read at trace time: a function already compiled outside the block keeps its path.
+    """
+    global _forced
+    _check_implementation(name)
+    previous, _forced = _forced, (None if name == "auto" else name)
+    try:
+        yield
+    finally:
+        _forced = previous
+
+
+@contextlib.contextmanager
+def record_calls() -> Iterator[list[dict]]:
+    """Collects ``{"shape", "dtype", "paths"}`` (``paths``: ``plan``'s dict) for every attention
+    call traced inside the block: benchmarks use it to say which path ran and to count the FLOPs
+    of kernels that XLA's cost analysis cannot see into."""
+    calls: list[dict] = []
+    _recorders.append(calls)
+    try:
+        yield calls
+    finally:
+        _recorders.remove(calls)
+
+
+def _record(q, paths: dict[str, str]) -> None:
+    for calls in _recorders:
+        calls.append({"shape": tuple(q.shape), "dtype": str(q.dtype), "paths": paths})
+
+
+def _check_implementation(name: str) -> None:
+    if name not in IMPLEMENTATIONS:
+        raise ValueError(f"attention implementation {name!r}; use one of {list(IMPLEMENTATIONS)}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Which path where
+
+
+def cudnn_supports(head_dim: int, dtype) -> bool:
+    """Whether cuDNN's flash attention takes these inputs (its trace-time checks, done early)."""
+    half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    return half and head_dim % 8 == 0 and head_dim <= CUDNN_MAX_HEAD_DIM
+
+
+@functools.cache
+def cuda_available() -> bool:
+    """A CUDA backend exists in this process (jax's CUDA wheels bundle cuDNN with it).
+
+    Without one the ``cudnn`` branch cannot even be traced (jax looks up the cuDNN version).
+    """
+    try:
+        return bool(jax.devices("cuda"))
+    except RuntimeError:
+        return False
+
+
+@functools.cache
+def tpu_available() -> bool:
+    """A TPU backend exists in this process.
+
+    The Pallas branch is only offered then: lowering one module for several platforms (``jax.
+    export(platforms=("cpu", "tpu"))``) lowers every branch for every platform, and the kernel
+    has no CPU lowering; without a TPU here, TPU code gets the ``xla`` path (works everywhere).
+    """
+    try:
+        return bool(jax.devices("tpu"))
+    except RuntimeError:
+        return False
+
+
+@functools.cache
+def pallas_tpu_available() -> bool:
+    """The installed jax ships the Pallas TPU flash-attention kernel."""
+    try:
+        from jax.experimental.pallas.ops.tpu import flash_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def plan(
+    head_dim: int,
+    dtype,
+    *,
+    needs_dense: bool = False,
+    implementation: str | None = None,
+) -> dict[str, str]:
+    """The path per platform (``PLATFORMS`` and ``"default"``) for one attention call.
+
+    Args:
+      head_dim, dtype: of q/k/v.
+      needs_dense: the caller wants the probabilities or passes a mask.
+      implementation: force a path (``IMPLEMENTATIONS``); None or "auto" = the module's choice
+        (or the one set by ``use_implementation``).
+    """
+    forced = implementation if implementation not in (None, "auto") else _forced
+    if forced is not None:
+        _check_implementation(forced)
+    if needs_dense or forced == "dense":
+        return dict.fromkeys((*PLATFORMS, "default"), "dense")
+    if forced is not None:
+        return dict.fromkeys((*PLATFORMS, "default"), forced)
+    gpu = "cudnn" if cuda_available() and cudnn_supports(head_dim, dtype) else "xla"
+    return {
+        "cpu": "blocked",
+        "cuda": gpu,
+        "rocm": "xla",
+        "tpu": "pallas_tpu" if tpu_available() and pallas_tpu_available() else "xla",
+        "default": "xla",
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# The paths. Inputs (B, T, heads, head_dim), output (B, T, heads, head_dim) in v's dtype.
+
+
+def _dense_attention(q, k, v, mask=None, return_probs=False):
     scale = jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
     logits = jnp.einsum("bqhd,bkhd->bhqk", q * scale, k, preferred_element_type=jnp.float32)
     if mask is not None:
@@ -30,9 +198,11 @@ def _dense_attention(q, k, v, mask, return_probs):
     return (out, probs) if return_probs else out
 
 
-def _blocked_attention(q, k, v, query_block: int):
+def _blocked_attention(q, k, v, query_block: int = CPU_QUERY_BLOCK):
     """Same result as ``_dense_attention`` without a mask, one (head, query block) at a time."""
     b, t, h, d = q.shape
+    if t <= query_block:  # one slab anyway: the loop would only add overhead
+        return _dense_attention(q, k, v)
     n_blocks = math.ceil(t / query_block)
     rows = math.ceil(t / n_blocks)  # even blocks: at most n_blocks - 1 padded rows in total
     q = q * jnp.asarray(d**-0.5, q.dtype)
@@ -57,6 +227,96 @@ def _blocked_attention(q, k, v, query_block: int):
     return out[:, :t]
 
 
+def _xla_attention(q, k, v):
+    return jax.nn.dot_product_attention(q, k, v, implementation="xla")
+
+
+def _cudnn_attention(q, k, v):
+    """cuDNN flash attention; XLA's path if jax's own trace-time checks still refuse the inputs
+    (e.g. a cuDNN older than what the shape needs): slower, never wrong."""
+    try:
+        return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+    except (NotImplementedError, RuntimeError, ValueError):
+        return _xla_attention(q, k, v)
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _tpu_block_sizes(padded: int):
+    """Forward blocks: the largest of 512/256/128 dividing the padded length (fewer grid steps);
+    the backward keeps the kernel's 128 defaults."""
+    from jax.experimental.pallas.ops.tpu import flash_attention as fa
+
+    block = next(n for n in (512, 256, TPU_BLOCK) if padded % n == 0)
+    default = fa.BlockSizes.get_default(1, 1, padded, padded, 1)
+    return fa.BlockSizes(
+        **{**default.__dict__, "block_q": block, "block_k_major": block, "block_k": block}
+    )
+
+
+def _pallas_tpu_heads_major(qh, kh, vh, t: int):
+    """The Pallas kernel on (B, heads, T_padded, d); rows >= ``t`` are padding."""
+    from jax.experimental.pallas.ops.tpu import flash_attention as fa
+
+    b, _, padded, d = qh.shape
+    segments = None
+    if padded != t:
+        # Real tokens segment 0, padding segment 1: no real query sees a padded key. Padded queries
+        # attend among themselves and are cropped afterwards.
+        ids = jnp.broadcast_to((jnp.arange(padded) >= t).astype(jnp.int32), (b, padded))
+        segments = fa.SegmentIds(q=ids, kv=ids)
+    return fa.flash_attention(
+        qh, kh, vh, segment_ids=segments, sm_scale=d**-0.5, block_sizes=_tpu_block_sizes(padded)
+    )
+
+
+def _batch_spec(batch: int):
+    """The context mesh and a batch PartitionSpec for a per-device kernel, or None (one device).
+
+    A Pallas kernel is opaque to XLA's partitioner, which would gather a sharded batch onto every
+    device; under a multi-device mesh (``jax.set_mesh``) the kernel runs per shard instead.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1 or jax.sharding.AxisType.Manual in mesh.axis_types:
+        return None  # one device, or already inside a per-device (shard_map) body
+    axes = tuple(mesh.axis_names) if batch % mesh.size == 0 else None
+    return mesh, jax.sharding.PartitionSpec(axes)
+
+
+def _pallas_tpu_attention(q, k, v):
+    b, t, _, _ = q.shape
+    padded = _round_up(t, TPU_BLOCK)
+    qh, kh, vh = (
+        jnp.pad(x.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, padded - t), (0, 0)))
+        for x in (q, k, v)
+    )
+    kernel = functools.partial(_pallas_tpu_heads_major, t=t)
+    sharded = _batch_spec(b)
+    if sharded is not None:
+        mesh, spec = sharded
+        # check_vma=False: the kernel declares its outputs without mesh-axis types.
+        kernel = jax.shard_map(
+            kernel, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec, check_vma=False
+        )
+    out = kernel(qh, kh, vh)
+    return out[:, :, :t].transpose(0, 2, 1, 3).astype(v.dtype)
+
+
+_PATHS: dict[str, Callable] = {
+    "blocked": _blocked_attention,
+    "cudnn": _cudnn_attention,
+    "pallas_tpu": _pallas_tpu_attention,
+    "xla": _xla_attention,
+    "dense": _dense_attention,
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# The entry point
+
+
 def dot_product_attention(
     q: jax.Array,
     k: jax.Array,
@@ -65,6 +325,7 @@ def dot_product_attention(
     mask: jax.Array | None = None,
     return_probs: bool = False,
     query_block: int | None = None,
+    implementation: str | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Softmax attention with scale 1/sqrt(head_dim).
 
@@ -72,19 +333,27 @@ def dot_product_attention(
       q, k, v: (B, T, heads, head_dim).
       mask: optional boolean, broadcastable to (B, heads, T, T); True = attend.
       return_probs: also return the attention probabilities (B, heads, T, T), float32.
-      query_block: query rows per slab on the CPU backend (no effect elsewhere); default
-        ``CPU_QUERY_BLOCK``, read at trace time.
+      query_block: query rows per slab of the CPU ``blocked`` path; default ``CPU_QUERY_BLOCK``,
+        read at trace time.
+      implementation: force a path (module docstring); default: chosen per platform.
 
     Returns:
       (B, T, heads, head_dim) [, probs].
     """
-    query_block = CPU_QUERY_BLOCK if query_block is None else query_block
-    if mask is not None or return_probs or q.shape[1] <= query_block:
+    if mask is not None or return_probs:
+        _record(q, plan(q.shape[-1], q.dtype, needs_dense=True, implementation=implementation))
         return _dense_attention(q, k, v, mask, return_probs)
-    return jax.lax.platform_dependent(
-        q,
-        k,
-        v,
-        cpu=lambda q, k, v: _blocked_attention(q, k, v, query_block),
-        default=lambda q, k, v: _dense_attention(q, k, v, None, False),
-    )
+    paths = plan(q.shape[-1], q.dtype, implementation=implementation)
+    _record(q, paths)
+    block = CPU_QUERY_BLOCK if query_block is None else query_block
+    # One callable per distinct path, so that platform_dependent merges identical branches.
+    branch = {
+        name: functools.partial(_blocked_attention, query_block=block)
+        if name == "blocked"
+        else _PATHS[name]
+        for name in set(paths.values())
+    }
+    if len(branch) == 1:
+        return next(iter(branch.values()))(q, k, v)
+    per_platform = {p: branch[paths[p]] for p in PLATFORMS}
+    return jax.lax.platform_dependent(q, k, v, default=branch[paths["default"]], **per_platform)
