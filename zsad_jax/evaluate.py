@@ -84,6 +84,9 @@ from zsad_jax import checkpoint as ckpt_lib
 from zsad_jax import cli, methods, report, visualize
 from zsad_jax import metrics as metrics_lib
 from zsad_jax import sharding as shard_lib
+from zsad_jax.data import decode, pipeline, sources, transforms
+from zsad_jax.data.decode import DataError
+from zsad_jax.state import SplitModel
 
 IMAGE_METRICS = ("image_AUROC", "image_AP", "image_F1max")
 PIXEL_METRICS = ("pixel_AUROC", "pixel_AP", "pixel_F1max", "pixel_AUPRO")
@@ -168,8 +171,6 @@ class BatchedInference:
         *,
         model_kwargs: Mapping[str, Any] | None = None,
     ):
-        from zsad_jax.state import SplitModel  # the training loop's flat-state split
-
         self.mesh = shard_lib.make_mesh() if mesh is None else mesh
         split = SplitModel(model)
         self._state = self._placed(split.take_arrays())
@@ -326,8 +327,6 @@ def _vis_pick(num_vis: int, cat: _Category, label: int, picked: dict[str, list[i
 
 def make_test_source(config: Any):
     """The test side of ``config.data`` (files or TFDS) as an ``ExampleSource``."""
-    from zsad_jax.data import sources
-
     return sources.split_source(config.data, "test")
 
 
@@ -384,8 +383,6 @@ def evaluate(
       ``num_images``, ``skipped_files`` (unreadable files with ``data.skip_corrupt``), ``seconds``;
       the same on every process of a multi-process run (call it on all of them, as training does).
     """
-    from zsad_jax.data import pipeline, transforms
-
     start = time.time()
     d = config.data
     if records is not None:
@@ -608,8 +605,6 @@ class _Collector:
 
     def _draw(self, source: Any, local_images: np.ndarray, rows, outputs, picks: list[int]):
         """Panels of the picked rows, drawn by process 0; only their images are gathered."""
-        from zsad_jax.data import transforms
-
         images = _gather_picked(np.asarray(local_images), picks)
         if self.process_index != 0:
             return
@@ -676,8 +671,6 @@ def _gather_picked(local_images: np.ndarray, picks: Sequence[int]) -> dict[int, 
 def _together(batches: Iterable[dict[str, np.ndarray]]) -> Iterator[dict[str, np.ndarray]]:
     """This process's batches; a file one process cannot read stops every process with its error
     (every process has the same number of padded batches, so they also end together)."""
-    from zsad_jax.data.decode import DataError
-
     if jax.process_count() == 1:
         yield from batches
         return
@@ -705,8 +698,6 @@ def _few_shot_passes(
     """
     import functools
 
-    from zsad_jax.data import decode, pipeline, sources
-
     if not callable(getattr(model, "build_memory", None)):
         raise ValueError(
             f"few-shot evaluation: method {config.method!r} has no memory bank "
@@ -733,8 +724,6 @@ def _few_shot_passes(
 
 def _few_shot_references(config: Any, name: str, scored: Sequence[Any], shots: int) -> list[Any]:
     """The normal ``train`` images of category ``name`` that are not among its ``scored`` ones."""
-    from zsad_jax.data import sources
-
     d = config.data
     train = sources.read_records(d, "test", split="train", categories=[name])
     normals = [r for r in train if not r.gt_label]
