@@ -90,6 +90,26 @@ def _read_synthetic(root, split, categories, **options):
     return synthetic.read_synthetic(root, split, categories, **options)
 
 
+def _procedural_reader(name: str):
+    # Imported on use: the procedural generators are only needed when these datasets are read.
+    def read(root, split, categories, **options):
+        from zsad_jax.data import procedural
+
+        return procedural.read(name, root, split, categories, **options)
+
+    return read
+
+
+# Built-in procedural families (zsad_jax.data.procedural): many auxiliary training categories and
+# defect kinds, and a second held-out family of new categories and defect kinds.
+_PROCEDURAL_OPTIONS = {
+    "synthetic_aux": frozenset({"seed", "image_size", "n_styles", "n_train_good", "n_test_good",
+                                "n_test_defect"}),
+    "synthetic_novel": frozenset({"seed", "image_size", "n_train_good", "n_test_good",
+                                  "n_test_defect"}),
+}
+
+
 _MVTEC_OPTIONS = frozenset({"normal_dir", "require_masks", "mask_suffixes"})
 # The keyword options each reader takes (``read_dataset(**options)``); ``sources`` checks a config's
 # ``data.<side>_<option>`` keys against this before reading.
@@ -101,6 +121,7 @@ READER_OPTIONS: dict[str, frozenset[str]] = {
     "meta_json": frozenset({"meta_path", "check_files"}),
     "folder": frozenset({"normal_dir", "mask_dir", "require_masks"}),
     "synthetic": frozenset(synthetic.DEFAULTS),
+    **_PROCEDURAL_OPTIONS,
 }
 
 READERS: dict[str, Callable[..., list[Record]]] = {
@@ -111,6 +132,7 @@ READERS: dict[str, Callable[..., list[Record]]] = {
     "meta_json": readers.read_meta_json,
     "folder": readers.read_folder,
     "synthetic": _read_synthetic,
+    **{name: _procedural_reader(name) for name in _PROCEDURAL_OPTIONS},
 }
 
 
@@ -149,7 +171,7 @@ def read_dataset(
         categories = (categories,)
     if categories is not None and len(categories) == 0:
         categories = None
-    if root is None and key != "synthetic":
+    if root is None and key not in ("synthetic", *_PROCEDURAL_OPTIONS):
         raise ValueError(f"dataset {name!r} needs a root directory (got None)")
     return READERS[key](root, split, None if categories is None else tuple(categories), **options)
 

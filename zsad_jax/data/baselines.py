@@ -1,0 +1,161 @@
+"""Training-free baselines and the held-out transfer report of the demo.
+
+Two baselines that learn nothing, scored by ``zsad_jax.evaluate.evaluate`` exactly as a trained
+model is (same transform, resolution, metrics, per-category means), so their numbers sit beside a
+model's on the same images:
+
+``colour_median``        distance of each pixel's colour (the normalised input) to the image's
+                         per-channel median colour; image score = the map's maximum.
+``random_token_median``  distance of each token of a *random* frozen DINOv3 (the ``small`` preset,
+                         weights from ``config.seed``, the config's tapped ``model.layers`` through
+                         the final norm) to the image's per-channel median token, averaged over
+                         the layers and upsampled bilinearly (align_corners) to the input;
+                         image score = the map's maximum.
+
+``backbone_token_median`` is the second with the config's own backbone (e.g. a pretrained one):
+what the frozen features give before any head is trained (not training-free when the backbone
+was pretrained; reported for reference).
+
+``transfer_report(model, config)`` evaluates ``model`` and the baselines on every held-out set of
+the config: ``config.data.test_set`` plus ``config.eval.extra_test_sets`` (comma-separated dataset
+names, each read from ``data/<name>`` with all its categories) and returns, per set, the model's
+and each baseline's mean metrics.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from zsad_jax.layers import resize_bilinear
+from zsad_jax.methods.base import AnomalyModel
+
+BASELINES = ("colour_median", "random_token_median", "backbone_token_median")
+TRAINING_FREE = ("colour_median", "random_token_median")
+REPORTED = ("image_AUROC", "pixel_AUROC", "pixel_AP", "pixel_AUPRO")
+
+
+def _bounded(d: jax.Array) -> jax.Array:
+    """A non-negative distance -> [0, 1), order kept (maps are [0, 1] by the interface)."""
+    return d / (1.0 + d)
+
+
+class ColourMedianDistance(AnomalyModel):
+    """Per-pixel distance to the image's median colour (no weights)."""
+
+    def __call__(self, batch, *, train: bool = False):
+        del train
+        x = batch["image"].astype(jnp.float32)
+        median = jnp.median(x, axis=(1, 2), keepdims=True)
+        anomaly_map = _bounded(jnp.linalg.norm(x - median, axis=-1))
+        return {"anomaly_map": anomaly_map, "pred_score": jnp.max(anomaly_map, axis=(1, 2))}
+
+
+class TokenMedianDistance(AnomalyModel):
+    """Distance of each patch token to the image's median token, over tapped DINOv3 blocks."""
+
+    def __init__(self, backbone: nnx.Module, layers: Sequence[int]):
+        self.backbone = backbone
+        self.layers = tuple(int(i) for i in layers)
+
+    def __call__(self, batch, *, train: bool = False):
+        del train
+        images = batch["image"]
+        _, aux = self.backbone(images, layers=self.layers)
+        grid = self.backbone.patch_grid(images.shape[1], images.shape[2])
+        prefix = self.backbone.num_prefix_tokens
+        maps = []
+        for i in self.layers:
+            tokens = self.backbone.norm(aux["layers"][i].astype(jnp.float32))[:, prefix:]
+            median = jnp.median(tokens, axis=1, keepdims=True)
+            d = jnp.linalg.norm(tokens - median, axis=-1)
+            d = d.reshape(images.shape[0], *grid, 1)
+            maps.append(resize_bilinear(d, images.shape[1:3], align_corners=True)[..., 0])
+        anomaly_map = _bounded(jnp.mean(jnp.stack(maps), axis=0))
+        return {"anomaly_map": anomaly_map, "pred_score": jnp.max(anomaly_map, axis=(1, 2))}
+
+
+def random_backbone_config(config: Any) -> ml_collections.ConfigDict:
+    """The demo's random frozen encoder: DINOv3 ``small`` preset with random weights."""
+    from configs.common import backbone
+
+    cfg = backbone("dinov3", None, "small")
+    cfg.random_init = True
+    return cfg
+
+
+def build_baseline(name: str, config: Any) -> AnomalyModel:
+    """One of ``BASELINES`` for ``config`` (its layers, seed and, for ``backbone_token_median``,
+    its backbone)."""
+    from zsad_jax.methods.backbone import build_backbone
+
+    if name == "colour_median":
+        return ColourMedianDistance()
+    if name == "random_token_median":
+        rngs = nnx.Rngs(int(config.seed))
+        encoder = build_backbone(random_backbone_config(config), rngs=rngs)
+        depth = encoder.config.num_layers
+        layers = [i for i in config.model.layers if 1 <= int(i) <= depth] or [depth]
+        return TokenMedianDistance(encoder, layers)
+    if name == "backbone_token_median":
+        encoder = build_backbone(config.model.backbone, rngs=nnx.Rngs(int(config.seed)))
+        return TokenMedianDistance(encoder, config.model.layers)
+    raise ValueError(f"unknown baseline {name!r}; known: {list(BASELINES)}")
+
+
+def heldout_configs(config: Any) -> dict[str, Any]:
+    """{name: config} for ``config.data.test_set`` and each of ``config.eval.extra_test_sets``."""
+    from configs.common import DATA_ROOTS
+
+    out = {str(config.data.test_set): config}
+    extra = str(config.eval.get("extra_test_sets", "") or "")
+    for name in filter(None, (n.strip() for n in extra.split(","))):
+        c = copy.deepcopy(config)
+        c.data.test_set = name
+        c.data.test_root = DATA_ROOTS.get(name, f"data/{name}")
+        c.data.test_categories = ()
+        out[name] = c
+    return out
+
+
+def _means(result: dict) -> dict[str, float]:
+    return {k: float(result[k]) for k in REPORTED if k in result}
+
+
+def transfer_report(
+    model: AnomalyModel | None,
+    config: Any,
+    *,
+    baselines: Sequence[str] | None = None,
+    main: dict | None = None,
+    progress: bool = False,
+) -> dict[str, dict[str, dict[str, float]]]:
+    """``{set name: {"model": means, baseline: means, ...}}`` over the config's held-out sets.
+
+    ``baselines`` default: ``config.eval.baselines`` (comma-separated) or ``TRAINING_FREE``.
+    ``model`` None reports the baselines only. ``main``: the model's ``evaluate`` result on
+    ``config.data.test_set`` when the caller has it already (not evaluated again).
+    """
+    from zsad_jax import evaluate as evaluate_lib
+
+    if baselines is None:
+        text = str(config.eval.get("baselines", "") or "")
+        baselines = [b.strip() for b in text.split(",") if b.strip()] or list(TRAINING_FREE)
+    built = {name: build_baseline(name, config) for name in baselines}
+    report: dict[str, dict[str, dict[str, float]]] = {}
+    for set_name, c in heldout_configs(config).items():
+        row: dict[str, dict[str, float]] = {}
+        if main is not None and c is config:
+            row["model"] = _means(main)
+        elif model is not None:
+            row["model"] = _means(evaluate_lib.evaluate(model, c, num_vis=0, progress=progress))
+        for name, baseline in built.items():
+            row[name] = _means(evaluate_lib.evaluate(baseline, c, num_vis=0, progress=progress))
+        report[set_name] = row
+    return report

@@ -1,0 +1,328 @@
+"""Two more built-in procedural datasets (MVTec-AD layout, generated on first use, no download).
+
+``synthetic_aux``: the auxiliary *training* family, many categories and ten defect kinds. Its
+categories are the synthetic benchmark's six training categories plus ``n_styles`` styles of each
+family in ``procedural_scenes`` (``plaid_0``, ``plaid_1``, ..., ``tag_2``); its defects are the
+benchmark's five kinds plus five more (``procedural_defects``). It shares no generator with either
+held-out family, so a model trained on it meets the held-out categories and (for the second
+family) defect kinds for the first time at test time.
+
+``synthetic_novel``: the second *held-out* family (``novel_scenes``): six new categories and five
+new defect kinds. Nothing on the training side reads it.
+
+Both are written like ``zsad_jax.data.synthetic`` (same layout, manifest, atomic ``ensure``, per-
+image ``SeedSequence``), so the same parameters give byte-identical files::
+
+    {root}/{category}/test/{good|defect}/000.png
+    {root}/{category}/ground_truth/{defect}/000_mask.png
+    {root}/{category}/train/good/000.png          (n_train_good normal images)
+
+Command line: ``python -m zsad_jax.data.procedural --dataset synthetic_novel --out DIR [--sheet
+sheet.png]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+import time
+import zlib
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from zsad_jax.data import (
+    novel_scenes,
+    procedural_defects,
+    procedural_scenes,
+    readers,
+    synthetic,
+    synthetic_defects,
+    synthetic_scenes,
+)
+from zsad_jax.data.records import Record
+
+PROCEDURAL_VERSION = 1
+MANIFEST = "procedural.json"
+
+
+def _code(name: str) -> int:
+    return zlib.crc32(name.encode())
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """One procedural dataset: its categories, defect kinds and defaults."""
+
+    name: str
+    defect_types: tuple[str, ...]
+    defaults: dict
+    categories: Callable[[dict], tuple[str, ...]]
+    render: Callable[[str, np.random.Generator, int, dict], synthetic_scenes.Scene]
+    add_defect: Callable[..., tuple[np.ndarray, np.ndarray]]
+
+
+# --- synthetic_aux ------------------------------------------------------------------------------
+
+
+def aux_categories(params: dict) -> tuple[str, ...]:
+    styles = [f"{f}_{i}" for f in procedural_scenes.AUX_FAMILIES for i in range(params["n_styles"])]
+    return tuple(synthetic.SYNTHETIC_TRAIN_CATEGORIES) + tuple(styles)
+
+
+def aux_style(family: str, index: int, seed: int) -> dict:
+    """The fixed style of category ``{family}_{index}``."""
+    rng = np.random.default_rng(np.random.SeedSequence((int(seed), _code(family), int(index), 7)))
+    return procedural_scenes.AUX_FAMILIES[family][0](rng)
+
+
+def render_aux_scene(category: str, rng: np.random.Generator, size: int, params: dict):
+    """A normal scene of an auxiliary category (benchmark training category or a style)."""
+    if category in synthetic.SYNTHETIC_TRAIN_CATEGORIES:
+        return synthetic_scenes.RENDERERS[category](rng, size)
+    family, _, index = category.rpartition("_")
+    if family not in procedural_scenes.AUX_FAMILIES or not index.isdigit():
+        raise ValueError(f"unknown synthetic_aux category {category!r}")
+    style = aux_style(family, int(index), params["seed"])
+    return procedural_scenes.AUX_FAMILIES[family][1](style, rng, size)
+
+
+def foreign_texture(rng: np.random.Generator, size: int, seed: int = 0) -> np.ndarray:
+    """A random auxiliary texture (random family and style): the ``foreign`` defect's material."""
+    names = list(procedural_scenes.AUX_TEXTURES)
+    family = names[int(rng.integers(len(names)))]
+    style = procedural_scenes.AUX_TEXTURES[family][0](rng)
+    return procedural_scenes.AUX_TEXTURES[family][1](style, rng, size).image
+
+
+def _aux_defect(rng, scene, kind, params):
+    return procedural_defects.add_defect(
+        rng, scene, kind, other=lambda r, s: foreign_texture(r, s, params["seed"])
+    )
+
+
+AUX = Family(
+    name="synthetic_aux",
+    defect_types=procedural_defects.AUX_DEFECT_TYPES,
+    defaults={
+        "seed": 0,
+        "image_size": 128,
+        "n_styles": 3,
+        "n_train_good": 0,
+        "n_test_good": 12,
+        "n_test_defect": 20,
+    },
+    categories=aux_categories,
+    render=render_aux_scene,
+    add_defect=_aux_defect,
+)
+
+
+# --- synthetic_novel ----------------------------------------------------------------------------
+
+
+def _novel_render(category, rng, size, params):
+    del params
+    if category not in novel_scenes.RENDERERS:
+        raise ValueError(
+            f"unknown synthetic_novel category {category!r}; "
+            f"known: {list(novel_scenes.NOVEL_CATEGORIES)}"
+        )
+    return novel_scenes.RENDERERS[category](rng, size)
+
+
+NOVEL = Family(
+    name="synthetic_novel",
+    defect_types=novel_scenes.NOVEL_DEFECT_TYPES,
+    defaults={
+        "seed": 0,
+        "image_size": 128,
+        "n_train_good": 8,
+        "n_test_good": 12,
+        "n_test_defect": 20,
+    },
+    categories=lambda params: novel_scenes.NOVEL_CATEGORIES,
+    render=_novel_render,
+    add_defect=lambda rng, scene, kind, params: novel_scenes.add_defect(rng, scene, kind),
+)
+
+FAMILIES = {AUX.name: AUX, NOVEL.name: NOVEL}
+
+
+# --- writing and reading ------------------------------------------------------------------------
+
+
+def render_image(
+    family: Family, category: str, params: dict, split: str, defect: str | None, index: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """One image (S, S, 3) uint8 and its mask (S, S) bool of ``family``."""
+    split_code = {"train": 0, "test": 1}[split]
+    defect_code = 0 if defect is None else 1 + family.defect_types.index(defect)
+    entropy = (
+        int(params["seed"]),
+        _code(family.name),
+        _code(category),
+        split_code,
+        defect_code,
+        int(index),
+    )
+    rng = np.random.default_rng(np.random.SeedSequence(entropy))
+    size = int(params["image_size"])
+    scene = family.render(category, rng, size, params)
+    if defect is None:
+        image, mask = scene.image, np.zeros((size, size), bool)
+    else:
+        image, mask = family.add_defect(rng, scene, defect, params)
+    return synthetic_defects.finish(rng, image), mask
+
+
+def _full_params(family: Family, params: dict) -> dict:
+    unknown = sorted(set(params) - set(family.defaults))
+    if unknown:
+        raise ValueError(
+            f"unknown {family.name} options {unknown}; known: {sorted(family.defaults)}"
+        )
+    full = {**family.defaults, **{k: int(v) for k, v in params.items()}}
+    if min(full["n_train_good"], full["n_test_good"], full["n_test_defect"]) < 0:
+        raise ValueError(f"{family.name}: counts must be >= 0")
+    if full["image_size"] < 32:
+        raise ValueError(f"{family.name}: image_size must be >= 32")
+    return {"version": PROCEDURAL_VERSION, "dataset": family.name, **full}
+
+
+def generate(
+    family: Family | str, root: str, categories: Sequence[str] | None = None, **params
+) -> str:
+    """Writes ``family`` (or some of its categories) to ``root``; returns ``root``."""
+    family = FAMILIES[family] if isinstance(family, str) else family
+    full = _full_params(family, params)
+    known = family.categories(full)
+    categories = tuple(known if categories is None else categories)
+    unknown = [c for c in categories if c not in known]
+    if unknown:
+        raise ValueError(f"unknown {family.name} categories {unknown}; known: {list(known)}")
+    if os.path.isdir(root) and os.listdir(root) and _read_manifest(root) is None:
+        raise ValueError(
+            f"{root} is a non-empty folder without {MANIFEST}; refusing to write {family.name} "
+            "into it. Choose an empty or new folder"
+        )
+    os.makedirs(root, exist_ok=True)
+    manifest = os.path.join(root, MANIFEST)
+    if os.path.exists(manifest):
+        os.remove(manifest)
+    kinds = family.defect_types
+    for category in categories:
+        shutil.rmtree(os.path.join(root, category), ignore_errors=True)
+        jobs = [("train", None, i) for i in range(full["n_train_good"])]
+        jobs += [("test", None, i) for i in range(full["n_test_good"])]
+        per_type = [0] * len(kinds)
+        for i in range(full["n_test_defect"]):
+            k = i % len(kinds)
+            jobs.append(("test", kinds[k], per_type[k]))
+            per_type[k] += 1
+        for split, defect, index in jobs:
+            image, mask = render_image(family, category, full, split, defect, index)
+            folder = os.path.join(root, category, split, defect or "good")
+            os.makedirs(folder, exist_ok=True)
+            synthetic._save_png(os.path.join(folder, f"{index:03d}.png"), image)
+            if defect is not None:
+                gt = os.path.join(root, category, readers.GROUND_TRUTH_DIR, defect)
+                os.makedirs(gt, exist_ok=True)
+                synthetic._save_png(
+                    os.path.join(gt, f"{index:03d}_mask.png"), mask.astype(np.uint8) * 255
+                )
+    with open(manifest, "w") as f:
+        json.dump({**full, "categories": list(categories)}, f, indent=1, sort_keys=True)
+    return root
+
+
+def _read_manifest(root: str) -> dict | None:
+    try:
+        with open(os.path.join(root, MANIFEST)) as f:
+            return json.load(f)
+    except (FileNotFoundError, json.JSONDecodeError, NotADirectoryError):
+        return None
+
+
+def default_root(family: Family, full: dict) -> str:
+    cache = os.environ.get("ZSAD_JAX_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "zsad_jax"
+    )
+    tag = "-".join(f"{k}{full[k]}" for k in sorted(family.defaults))
+    return os.path.join(cache, f"{family.name}-v{PROCEDURAL_VERSION}-{tag}")
+
+
+def ensure(family: Family | str, root: str | None = None, **params) -> str:
+    """A folder holding all of ``family`` with ``params``, generated (atomically) if needed."""
+    family = FAMILIES[family] if isinstance(family, str) else family
+    full = _full_params(family, params)
+    root = root or default_root(family, full)
+    wanted = {**full, "categories": list(family.categories(full))}
+    if _read_manifest(root) == wanted:
+        return root
+    if os.path.isdir(root) and os.listdir(root) and _read_manifest(root) is None:
+        raise ValueError(
+            f"{root} exists, is not empty and holds no {MANIFEST}: it is not a {family.name} "
+            "dataset. Point the dataset at a new folder (or None for the cache)"
+        )
+    parent = os.path.dirname(os.path.abspath(root))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{family.name}-", dir=parent)
+    try:
+        generate(family, staging, **{k: full[k] for k in family.defaults})
+        if os.path.isdir(root):
+            if _read_manifest(root) == wanted:
+                return root
+            stale = tempfile.mkdtemp(prefix=f".{family.name}-stale-", dir=parent)
+            os.rename(root, os.path.join(stale, "old"))
+            shutil.rmtree(stale, ignore_errors=True)
+        try:
+            os.rename(staging, root)
+        except OSError:
+            if _read_manifest(root) != wanted:
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return root
+
+
+def read(
+    family: Family | str,
+    root: str | None = None,
+    split: str = "test",
+    categories: Sequence[str] | None = None,
+    **params,
+) -> list[Record]:
+    """Generates ``family`` into ``root`` if absent (``None`` = cache folder), then reads it."""
+    family = FAMILIES[family] if isinstance(family, str) else family
+    full = _full_params(family, params)
+    if categories is not None:
+        known = family.categories(full)
+        unknown = [c for c in categories if c not in known]
+        if unknown:
+            raise ValueError(f"unknown {family.name} categories {unknown}; known: {list(known)}")
+    root = ensure(family, root, **params)
+    return readers.read_mvtec_layout(root, split, categories, dataset=family.name)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Generate a procedural anomaly dataset.")
+    parser.add_argument("--dataset", required=True, choices=sorted(FAMILIES))
+    parser.add_argument("--out", required=True, help="folder to write (MVTec-AD layout)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--image_size", type=int, default=128)
+    parser.add_argument("--sheet", help="also write a contact-sheet PNG here")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    generate(args.dataset, args.out, seed=args.seed, image_size=args.image_size)
+    print(f"wrote {args.out} in {time.perf_counter() - start:.1f} s")
+    if args.sheet:
+        print(f"contact sheet: {synthetic.contact_sheet(args.out, args.sheet)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Backbones pretrained by zsad_jax itself on procedural normal images (``backbone``)."""

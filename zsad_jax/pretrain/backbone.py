@@ -1,0 +1,476 @@
+r"""Pretrain a small DINOv3 on procedural *normal* images with a self-supervised pretext task.
+
+    python -m zsad_jax.pretrain.backbone --out pretrained/dinov3-small-procedural
+
+writes a converted encoder checkpoint (``zsad_jax.encoders.checkpoint``: ``config.json`` +
+``weights.safetensors``) that ``configs/demo.py`` loads as its frozen backbone, plus
+``pretrain.json`` (the command, every option, the validation metrics, seconds).
+
+What it sees (training side only): normal images rendered from the auxiliary families
+(``zsad_jax.data.procedural_scenes``, fresh styles drawn per image) and the synthetic benchmark's
+six *training* categories. No held-out category (the benchmark's wood/dots/washer/pill, the
+``synthetic_novel`` family) and no defect generator is ever rendered; no image carries a label.
+
+Pretext task (self-supervised anomaly synthesis, as CutPaste / NSA): with probability
+``--p_corrupt`` an image gets one or two blobs of *normal* content pasted in from elsewhere, from
+the same image (rotated, rescaled, flipped, re-tinted) or from another normal image of the pool.
+The network learns to say where (per patch, linear probes on the per-image standardised tokens of
+each tapped block, as AVA-DINO reads them) and whether (a linear probe on the CLS token of each
+tapped block), and to reconstruct the clean patch pixels from the last block's tokens. The probes
+and the decoder are thrown away; only the backbone is written.
+
+Validation (``pretrain.json`` ``val``): on a fixed set of corrupted images from a separate seed,
+the AUROC of the last probe's patch scores (``patch_AUROC``) and of the CLS probe
+(``image_AUROC``), and the mean loss. After the full run the script also runs the same options at
+the reduced scale ``REDUCED`` and records that run as ``reduced``; ``tests/test_demo_transfer.py``
+re-runs it and compares.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from zsad_jax.data import (
+    procedural,
+    procedural_scenes,
+    synthetic,
+    synthetic_defects,
+    synthetic_scenes,
+)
+from zsad_jax.data.procedural_defects import sample
+from zsad_jax.data.synthetic_defects import _blob_sdf
+from zsad_jax.data.synthetic_scenes import coverage
+from zsad_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+DEFAULTS = {
+    "seed": 0,
+    "image_size": 128,
+    "hidden_size": 96,
+    "num_layers": 6,
+    "num_heads": 4,
+    "mlp_dim": 192,
+    "patch_size": 8,
+    "layer_scale": 1.0,
+    "layers": "2,4,6",
+    "pool": 2048,
+    "val": 96,
+    "steps": 1600,
+    "batch": 16,
+    "crop": 64,
+    "crop_fraction": 0.75,
+    "lr": 2e-3,
+    "weight_decay": 0.05,
+    "warmup": 100,
+    "p_corrupt": 0.6,
+    "recon_weight": 0.5,
+    "image_weight": 0.5,
+    "log_every": 50,
+}
+# The reduced-scale run recorded beside a full one (``pretrain.json`` ``reduced``) and re-run by
+# tests/test_demo_transfer.py: the same options at a smaller scale.
+REDUCED = {"steps": 40, "pool": 64, "val": 32, "batch": 8, "warmup": 10, "log_every": 10}
+# The benchmark's training categories are drawn with this probability, else an auxiliary style.
+P_BENCHMARK = 0.3
+# Initial patch-probe bias: about the share of pasted patches (~5 %).
+PATCH_PRIOR_LOGIT = -3.0
+# Logit scale of the patch probe's cosine (AVA-DINO's maps use 100 on a difference of two).
+PROBE_SCALE = 20.0
+
+
+# --- data ---------------------------------------------------------------------------------------
+
+
+def render_normal(rng: np.random.Generator, size: int, seed: int) -> np.ndarray:
+    """One normal training-side image (S, S, 3) uint8: a benchmark training category, or a fresh
+    style of an auxiliary family."""
+    if rng.random() < P_BENCHMARK:
+        names = synthetic.SYNTHETIC_TRAIN_CATEGORIES
+        scene = synthetic_scenes.RENDERERS[names[int(rng.integers(len(names)))]](rng, size)
+    else:
+        families = list(procedural_scenes.AUX_FAMILIES)
+        family = families[int(rng.integers(len(families)))]
+        style = procedural.aux_style(family, int(rng.integers(1_000_000)), seed)
+        scene = procedural_scenes.AUX_FAMILIES[family][1](style, rng, size)
+    return synthetic_defects.finish(rng, scene.image)
+
+
+def normal_pool(n: int, size: int, seed: int, stream: int = 0) -> np.ndarray:
+    """(n, S, S, 3) uint8 normal images; image i from ``SeedSequence((seed, stream, i))``."""
+    out = np.empty((n, size, size, 3), np.uint8)
+    for i in range(n):
+        rng = np.random.default_rng(np.random.SeedSequence((int(seed), int(stream), i)))
+        out[i] = render_normal(rng, size, seed)
+    return out
+
+
+def corrupt(rng: np.random.Generator, image: np.ndarray, pool: np.ndarray, ref: int = 128):
+    """Pastes 1-2 blobs of normal content into ``image`` (S, S, 3) float in [0, 1]; returns the
+    image and its (S, S) float mask (1 inside a visible pasted blob). Blob sizes are fractions of
+    ``ref`` pixels (the full image side, also when ``image`` is a crop)."""
+    size = image.shape[0]
+    x, y = synthetic_scenes.pixel_grid(size)
+    out = image.copy()
+    mask = np.zeros((size, size), np.float32)
+    for _ in range(1 + int(rng.random() < 0.3)):
+        for _attempt in range(6):
+            cx, cy = rng.uniform(0.1, 0.9, 2) * size
+            radius = rng.uniform(0.04, 0.14) * ref
+            cov = coverage(
+                _blob_sdf(rng, size, cx, cy, radius, roughness=rng.uniform(0.05, 0.3)),
+                rng.choice([1.0, rng.uniform(1.0, 4.0)]),
+            )
+            if rng.random() < 0.5:
+                source = out
+            else:
+                source = pool[int(rng.integers(len(pool)))].astype(np.float32) / 255.0
+            sx, sy = rng.uniform(0.1, 0.9, 2) * source.shape[0]
+            a, scale = rng.uniform(0, 2 * np.pi), math.exp(rng.uniform(-0.5, 0.5))
+            flip = rng.choice([-1.0, 1.0])
+            du, dv = (x - cx) / scale, flip * (y - cy) / scale
+            patch = sample(
+                source,
+                sx + math.cos(a) * du - math.sin(a) * dv,
+                sy + math.sin(a) * du + math.cos(a) * dv,
+            )
+            if rng.random() < 0.5:
+                patch = patch * rng.uniform(0.75, 1.25, 3) + rng.uniform(-0.08, 0.08)
+            alpha = cov * rng.uniform(0.6, 1.0)
+            blended = out + (np.clip(patch, 0, 1) - out) * alpha[..., None]
+            inside = cov >= 0.5
+            change = np.abs(blended - out).max(-1)
+            if inside.sum() >= 8 and float(change[inside].mean()) >= 0.05:
+                out = blended
+                mask = np.maximum(mask, inside.astype(np.float32))
+                break
+    return out, mask
+
+
+def make_batch(
+    rng: np.random.Generator,
+    pool: np.ndarray,
+    batch: int,
+    p_corrupt: float,
+    patch: int,
+    crop: int | None = None,
+):
+    """A training batch: normalised corrupted images (B, S, S, 3), clean normalised images, patch
+    targets (B, N) (fraction of each patch's pixels inside a pasted blob), image labels (B,).
+    ``crop``: random ``crop x crop`` windows of the pool images instead (S = crop)."""
+    mean, std = np.array(IMAGENET_MEAN, np.float32), np.array(IMAGENET_STD, np.float32)
+    picks = rng.integers(len(pool), size=batch)
+    images, clean, targets, labels = [], [], [], []
+    for k in picks:
+        base = pool[k].astype(np.float32) / 255.0
+        if rng.random() < 0.5:  # flips and quarter turns of the clean image
+            base = base[:, ::-1]
+        base = np.rot90(base, int(rng.integers(4)))
+        if crop:
+            y0, x0 = rng.integers(0, base.shape[0] - crop + 1, 2)
+            base = base[y0 : y0 + crop, x0 : x0 + crop]
+        base = base.copy()
+        if rng.random() < p_corrupt:
+            img, mask = corrupt(rng, base, pool, ref=pool.shape[1])
+        else:
+            img, mask = base, np.zeros(base.shape[:2], np.float32)
+        s = base.shape[0] // patch
+        frac = mask.reshape(s, patch, s, patch).mean(axis=(1, 3)).reshape(-1)
+        images.append((img - mean) / std)
+        clean.append((base - mean) / std)
+        targets.append(frac)
+        labels.append(float(mask.any()))
+    return (
+        np.stack(images).astype(np.float32),
+        np.stack(clean).astype(np.float32),
+        np.stack(targets).astype(np.float32),
+        np.asarray(labels, np.float32),
+    )
+
+
+# --- model --------------------------------------------------------------------------------------
+
+
+class PatchProbe(nnx.Module):
+    """Reads a patch score off standardised tokens the way AVA-DINO's heads can: a residual
+    bottleneck without biases (LeakyReLU), L2-normalised, then a dot product, so the score
+    depends on the token's direction only (``zsad_jax.methods.ava_dino`` ``DualAdapter`` + the
+    cross-modal map). A plain linear probe cannot see "far from the image's other tokens in any
+    direction", which is what a pasted blob first looks like; this one can."""
+
+    def __init__(self, d: int, rngs: nnx.Rngs, bottleneck: int = 64):
+        init = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+        self.fc1 = nnx.Linear(d, bottleneck, use_bias=False, kernel_init=init, rngs=rngs)
+        self.fc2 = nnx.Linear(bottleneck, d, use_bias=False, kernel_init=init, rngs=rngs)
+        self.direction = nnx.Param(nnx.initializers.normal(0.01)(rngs.params(), (d,)))
+        self.bias = nnx.Param(jnp.full((), PATCH_PRIOR_LOGIT, jnp.float32))
+
+    def __call__(self, z: jax.Array) -> jax.Array:
+        """(B, N, D) standardised tokens -> (B, N) logits."""
+        y = jax.nn.leaky_relu(self.fc2(jax.nn.leaky_relu(self.fc1(z), 0.01)), 0.01)
+        v = z + y
+        v = v / jnp.maximum(jnp.linalg.norm(v, axis=-1, keepdims=True), 1e-12)
+        return PROBE_SCALE * (v @ self.direction[...]) + self.bias[...]
+
+
+def dinov3_config(opts: dict):
+    from zsad_jax.encoders import dinov3
+
+    return dinov3.DinoV3Config(
+        hidden_size=int(opts["hidden_size"]),
+        num_layers=int(opts["num_layers"]),
+        num_heads=int(opts["num_heads"]),
+        mlp_dim=int(opts["mlp_dim"]),
+        patch_size=int(opts["patch_size"]),
+    )
+
+
+def _layers(opts: dict) -> tuple[int, ...]:
+    return tuple(int(i) for i in str(opts["layers"]).split(","))
+
+
+def build(opts: dict):
+    """(backbone, probes) with weights from ``opts["seed"]``."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from zsad_jax.encoders import dinov3
+
+    rngs = nnx.Rngs(int(opts["seed"]))
+    cfg = dinov3_config(opts)
+    backbone = dinov3.DinoV3(cfg, rngs=rngs)
+    # DINOv3's LayerScale starts at 1e-5, which for a few thousand steps from scratch leaves the
+    # blocks (and their gradients) all but switched off; start the residual branches at this.
+    for block in backbone.blocks:
+        for scale in (block.layer_scale1, block.layer_scale2):
+            scale.gamma[...] = jnp.full_like(scale.gamma[...], float(opts["layer_scale"]))
+    d, p, n = cfg.hidden_size, cfg.patch_size, len(_layers(opts))
+
+    small = nnx.initializers.normal(0.01)
+
+    def probe(bias: float):
+        # Starts at the base rate (a bias Adam would need thousands of steps to reach).
+        return nnx.Linear(
+            d, 1, kernel_init=small, bias_init=nnx.initializers.constant(bias), rngs=rngs
+        )
+
+    class Probes(nnx.Module):
+        def __init__(self):
+            self.patch = nnx.List([PatchProbe(d, rngs) for _ in range(n)])
+            self.image = nnx.List([probe(0.0) for _ in range(n)])
+            self.decoder = nnx.Linear(d, p * p * 3, rngs=rngs)
+
+    return backbone, Probes()
+
+
+def forward(backbone, probes, images, layers: Sequence[int]):
+    """-> patch logits per layer (L, B, N), image logits (L, B), reconstruction (B, N, p*p*3)."""
+    import jax.numpy as jnp
+
+    from zsad_jax.methods.ava_dino import standardize_tokens
+
+    _, aux = backbone(images, layers=layers)
+    prefix = backbone.num_prefix_tokens
+    patch_logits, image_logits = [], []
+    tokens = None
+    for k, i in enumerate(layers):
+        tokens = backbone.norm(aux["layers"][i])
+        patches = standardize_tokens(tokens[:, prefix:])
+        patch_logits.append(probes.patch[k](patches))
+        image_logits.append(probes.image[k](tokens[:, 0])[..., 0])
+    recon = probes.decoder(tokens[:, prefix:])
+    return jnp.stack(patch_logits), jnp.stack(image_logits), recon
+
+
+def _patchify(images, p: int):
+    import jax.numpy as jnp
+
+    b, h, w, c = images.shape
+    x = images.reshape(b, h // p, p, w // p, p, c)
+    return jnp.transpose(x, (0, 1, 3, 2, 4, 5)).reshape(b, (h // p) * (w // p), p * p * c)
+
+
+def losses(backbone, probes, batch, opts: dict):
+    import jax.numpy as jnp
+    import optax
+
+    images, clean, targets, labels = batch
+    layers = _layers(opts)
+    patch_logits, image_logits, recon = forward(backbone, probes, images, layers)
+    patch_bce = jnp.mean(optax.sigmoid_binary_cross_entropy(patch_logits, targets[None]))
+    image_bce = jnp.mean(optax.sigmoid_binary_cross_entropy(image_logits, labels[None]))
+    rec = jnp.mean((recon - _patchify(clean, int(opts["patch_size"]))) ** 2)
+    total = patch_bce + float(opts["image_weight"]) * image_bce + float(opts["recon_weight"]) * rec
+    return total, {"patch_bce": patch_bce, "image_bce": image_bce, "recon": rec}
+
+
+# --- training -----------------------------------------------------------------------------------
+
+
+def validation_set(opts: dict, pool_val: np.ndarray):
+    rng = np.random.default_rng(np.random.SeedSequence((int(opts["seed"]), 99)))
+    return make_batch(rng, pool_val, len(pool_val), 0.5, int(opts["patch_size"]))
+
+
+def evaluate_val(backbone, probes, val, opts: dict, batch: int = 32) -> dict[str, float]:
+    """Patch and image AUROC of the last tapped block's probes, and the mean loss, on ``val``."""
+    import jax
+
+    from zsad_jax import metrics
+
+    layers = _layers(opts)
+    fwd = jax.jit(lambda x: forward(backbone, probes, x, layers)[:2])
+    loss_fn = jax.jit(lambda b: losses(backbone, probes, b, opts)[0])
+    patch, image, loss = [], [], []
+    n = len(val[0])
+    for s in range(0, n, batch):
+        part = tuple(v[s : s + batch] for v in val)
+        pl, il = fwd(part[0])
+        patch.append(np.asarray(pl[-1]))
+        image.append(np.asarray(il[-1]))
+        loss.append(float(loss_fn(part)) * len(part[0]))
+    patch_scores = np.concatenate(patch).reshape(-1)
+    patch_labels = (val[2].reshape(-1) >= 0.5).astype(np.int32)
+    return {
+        "patch_AUROC": float(metrics.auroc(patch_scores, patch_labels)),
+        "image_AUROC": float(metrics.auroc(np.concatenate(image), val[3].astype(np.int32))),
+        "loss": float(np.sum(loss) / n),
+    }
+
+
+def pretrain(opts: dict, *, log=print) -> tuple[object, dict]:
+    """Runs the pretraining of ``opts`` (``DEFAULTS`` keys); returns (backbone, record)."""
+    import jax
+    import optax
+    from flax import nnx
+
+    start = time.time()
+    opts = {**DEFAULTS, **opts}
+    size, seed = int(opts["image_size"]), int(opts["seed"])
+    pool = normal_pool(int(opts["pool"]), size, seed, stream=0)
+    pool_val = normal_pool(int(opts["val"]), size, seed, stream=1)
+    val = validation_set(opts, pool_val)
+    log(f"pool {pool.shape} + val {pool_val.shape} rendered in {time.time() - start:.1f} s")
+    backbone, probes = build(opts)
+    steps = int(opts["steps"])
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0,
+        float(opts["lr"]),
+        min(int(opts["warmup"]), max(steps - 1, 1)),
+        max(steps, 2),
+        float(opts["lr"]) * 0.01,
+    )
+    tx = optax.chain(
+        optax.clip_by_global_norm(1.0),
+        optax.adamw(schedule, weight_decay=float(opts["weight_decay"])),
+    )
+    both = nnx.List([backbone, probes])
+    optimizer = nnx.Optimizer(both, tx, wrt=nnx.Param)
+
+    @nnx.jit
+    def step(both, optimizer, batch):
+        def loss_fn(both):
+            return losses(both[0], both[1], batch, opts)
+
+        (loss, parts), grads = nnx.value_and_grad(loss_fn, has_aux=True)(both)
+        optimizer.update(both, grads)
+        return loss, parts
+
+    rng = np.random.default_rng(np.random.SeedSequence((seed, 1)))
+    history = []
+    running = []
+    crop_steps = int(round(steps * float(opts["crop_fraction"])))
+    crop = int(opts["crop"])
+    for i in range(steps):
+        if i < crop_steps:  # twice the images at a quarter of the pixels: ~2x cheaper steps
+            batch = make_batch(
+                rng,
+                pool,
+                2 * int(opts["batch"]),
+                float(opts["p_corrupt"]),
+                int(opts["patch_size"]),
+                crop=crop,
+            )
+        else:
+            batch = make_batch(
+                rng, pool, int(opts["batch"]), float(opts["p_corrupt"]), int(opts["patch_size"])
+            )
+        loss, parts = step(both, optimizer, batch)
+        running.append((loss, parts))
+        if (i + 1) % int(opts["log_every"]) == 0 or i + 1 == steps:
+            mean = {k: float(np.mean([float(p[k]) for _, p in running])) for k in running[0][1]}
+            mean["loss"] = float(np.mean([float(v) for v, _ in running]))
+            running = []
+            history.append({"step": i + 1, **mean})
+            log(
+                json.dumps(
+                    {
+                        "step": i + 1,
+                        **{k: round(v, 4) for k, v in mean.items()},
+                        "seconds": round(time.time() - start, 1),
+                    }
+                )
+            )
+    record = {
+        "options": opts,
+        "val": evaluate_val(backbone, probes, val, opts),
+        "history": history,
+        "seconds": round(time.time() - start, 1),
+        "jax": jax.__version__,
+        "numpy": np.__version__,
+    }
+    return backbone, record
+
+
+def save(backbone, out: str, record: dict, command: str) -> str:
+    """Writes ``out`` as a converted dinov3 checkpoint plus ``pretrain.json``."""
+    import tempfile
+
+    from zsad_jax.encoders import checkpoint
+
+    record = {**record, "command": command}
+    with tempfile.TemporaryDirectory() as tmp:
+        side = os.path.join(tmp, "pretrain.json")
+        with open(side, "w") as f:
+            json.dump(record, f, indent=1, sort_keys=True)
+        checkpoint.save(
+            out,
+            "dinov3",
+            backbone.config.to_dict(),
+            {k: np.asarray(v) for k, v in checkpoint.flat_state(backbone).items()},
+            source=f"zsad_jax.pretrain.backbone: {command}",
+            extra_files=[side],
+        )
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Pretrain the demo's small DINOv3.")
+    parser.add_argument("--out", required=True, help="converted checkpoint folder to write")
+    for key, value in DEFAULTS.items():
+        parser.add_argument(f"--{key}", type=type(value), default=value)
+    args = parser.parse_args(argv)
+    opts = {k: getattr(args, k) for k in DEFAULTS}
+    command = "python -m zsad_jax.pretrain.backbone " + " ".join(
+        [f"--out {args.out}"] + [f"--{k} {v}" for k, v in opts.items() if v != DEFAULTS[k]]
+    )
+    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    backbone, record = pretrain(opts, log=log)
+    # The reduced-scale reference run (same options, smaller scale) that the tests re-run.
+    _, reduced = pretrain({**opts, **REDUCED}, log=log)
+    record["reduced"] = {k: reduced[k] for k in ("options", "val", "seconds")}
+    save(backbone, args.out, record, command)
+    print(json.dumps({"out": args.out, "val": record["val"], "seconds": record["seconds"]}))
+
+
+if __name__ == "__main__":
+    main()
