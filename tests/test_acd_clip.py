@@ -7,12 +7,16 @@ with torch's fan_in = rank); every N in {2, 3, 4, 6} builds, picks the official 
 whole forward (adapters written back into both towers, blends, heads, gate, fusion, kornia blur,
 align_corners upsampling, scores) and the loss with its gradient equal a PyTorch transcription of
 the official code written here (cockmake/ACD-CLIP @2026067, read, not copied); the optimiser
-config gives the official lr groups and per-module clipping.
+config gives the official lr groups and per-module clipping; the text tower runs (counted at run
+time) zero times per inference batch after ``set_classes``, once per call for all classes when the
+text adapters changed since (never stale), and once per distinct class per training step, with the
+loss and gradients of encoding every image's class separately.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 
@@ -30,6 +34,7 @@ from zsad_jax import optim as optim_lib
 from zsad_jax.encoders import clip as clip_lib
 from zsad_jax.layers.conv_lora import AdaptiveBlend, norm_match
 from zsad_jax.methods import backbone as backbone_lib
+from zsad_jax.methods.acd_clip import AcdClip
 from zsad_jax.nn import Trainable
 from zsad_jax.prompts import acd_clip_sentences
 
@@ -633,3 +638,142 @@ def test_every_group_count_builds_and_runs(n_groups, monkeypatch):
     assert out["gate_weights"].shape == (n_groups, 1, n_groups, 2)
     assert np.isfinite(np.asarray(out["pred_score"])).all()
     assert len(model.image_lora) == n_groups and len(model.text_lora) == n_groups
+
+
+# ---------------------------------------------------------------------------------------------
+# How often the text tower runs: counted at run time (jax.debug.callback fires each time the
+# traced encode_text executes, so a branch not taken or a slot skipped counts nothing).
+
+
+@pytest.fixture
+def text_encodes(monkeypatch):
+    """The number of prompt rows of each executed ``encode_text`` call, in order."""
+    calls: list[int] = []
+    original = AcdClip.encode_text
+
+    def counted(self, ids):
+        jax.debug.callback(functools.partial(calls.append, int(ids.shape[0])))
+        return original(self, ids)
+
+    monkeypatch.setattr(AcdClip, "encode_text", counted)
+    return calls
+
+
+def _jitted_forward(graphdef):
+    # A new jit per test: the counting encode_text must be traced into it.
+    return jax.jit(lambda params, rest, batch: nnx.merge(graphdef, params, rest)(batch))
+
+
+def _batch_of(class_ids, seed=1):
+    rng = np.random.default_rng(seed)
+    b = len(class_ids)
+    cells = rng.random((b, GRID, GRID)) < 0.3
+    masks = np.kron(cells, np.ones((4, 4))).astype(np.float32)
+    return {
+        "image": jnp.asarray(rng.normal(size=(b, SIZE, SIZE, 3)).astype(np.float32)),
+        "gt_mask": jnp.asarray(masks),
+        "gt_label": jnp.asarray(cells.reshape(b, -1).any(-1).astype(np.int32)),
+        "has_mask": jnp.ones((b,), bool),
+        "class_id": jnp.asarray(class_ids, jnp.int32),
+    }
+
+
+def test_inference_encodes_text_once_per_class_not_per_batch(setup, text_encodes):
+    """After set_classes (or prepare_text) a forward runs no text; with adapters changed since
+    then it re-encodes the C classes once in that call (never stale), with the same outputs as a
+    freshly prepared model."""
+    model, batch = setup["model"], _batch_of([2, 0, 2, 1])
+    n_classes, rows = len(CLASSES), model.n_normal + model.n_abnormal
+    # The fixture edited the blend weights after set_classes: its cached text is stale.
+    graphdef, params, stale_rest = nnx.split(model, Trainable, ...)
+    forward = _jitted_forward(graphdef)
+    stale = jax.block_until_ready(forward(params, stale_rest, batch))
+    assert text_encodes == [n_classes * rows]
+    text_encodes.clear()
+
+    model.prepare_text()
+    text_encodes.clear()  # (prepare_text's own jit may predate the counter)
+    graphdef, params, rest = nnx.split(model, Trainable, ...)
+    forward = _jitted_forward(graphdef)
+    for _ in range(2):
+        fresh = jax.block_until_ready(forward(params, rest, batch))
+    assert text_encodes == []  # zero text encodes per batch
+    for key in ("anomaly_map", "pred_score", "image_logits", "gate_weights"):
+        np.testing.assert_allclose(fresh[key], stale[key], atol=1e-6, err_msg=key)
+
+    # Trained weights arriving after prepare_text (evaluate/predict load, then set_classes; the
+    # training loop's evaluations): the forward sees the change and re-encodes.
+    changed = nnx.from_flat_state(
+        [
+            (p, v.replace(v.get_value() + 0.05) if p[:2] == ("text_blend", 0) else v)
+            for p, v in nnx.to_flat_state(params)
+        ]
+    )
+    moved = jax.block_until_ready(forward(changed, rest, batch))
+    assert text_encodes == [n_classes * rows]
+    assert np.abs(np.asarray(moved["image_logits"]) - np.asarray(fresh["image_logits"])).max() > 0
+    text_encodes.clear()
+    # The same weights set on the model and prepared: the table is used, the outputs agree.
+    nnx.update(model, changed)
+    try:
+        model.prepare_text()
+        text_encodes.clear()
+        graphdef, params2, rest2 = nnx.split(model, Trainable, ...)
+        again = jax.block_until_ready(_jitted_forward(graphdef)(params2, rest2, batch))
+        assert text_encodes == []
+        np.testing.assert_allclose(again["image_logits"], moved["image_logits"], atol=1e-6)
+        np.testing.assert_allclose(again["anomaly_map"], moved["anomaly_map"], atol=1e-6)
+    finally:
+        nnx.update(model, params)
+        model.prepare_text()
+
+
+def _per_image_text(model, class_id):
+    """The previous ``encode_class_text``: every image's 16 prompts through the tower."""
+    table = model.class_prompt_ids[...]
+    ids = jnp.take(table, class_id.astype(jnp.int32), axis=0, mode="clip")
+    return model.state_embeddings(ids)
+
+
+def test_training_encodes_text_once_per_distinct_class(setup, text_encodes):
+    """A training forward encodes the 16 prompts of each distinct class of the batch once; its
+    backward re-runs each distinct class once (distinct_class_text's VJP); the loss and every
+    gradient equal those of encoding each image's class separately."""
+    model = setup["model"]
+    graphdef, params, rest = nnx.split(model, Trainable, ...)
+    rows = model.n_normal + model.n_abnormal
+
+    def loss_fn(p, batch, per_image):
+        m = nnx.merge(graphdef, p, rest)
+        if per_image:
+            m.encode_class_text = functools.partial(_per_image_text, m)
+        out = m(batch, train=True)
+        return m.loss(out, batch)[0], out
+
+    forward = jax.jit(loss_fn, static_argnums=2)
+    grad = jax.jit(jax.value_and_grad(loss_fn, has_aux=True), static_argnums=2)
+    for class_ids in ([2, 2, 0, 2], [1, 1, 1, 1], [0, 1, 2, 0]):  # one compilation for all
+        batch, distinct = _batch_of(class_ids), len(set(class_ids))
+        jax.block_until_ready(forward(params, batch, False))
+        assert text_encodes == [rows] * distinct, class_ids
+        text_encodes.clear()
+        (loss, out), grads = jax.block_until_ready(grad(params, batch, False))
+        assert text_encodes == [rows] * (2 * distinct), class_ids
+        text_encodes.clear()
+        (ref_loss, ref_out), ref_grads = jax.block_until_ready(grad(params, batch, True))
+        assert text_encodes == [rows * len(class_ids)]
+        text_encodes.clear()
+        np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-6)
+        np.testing.assert_allclose(out["map_probs"], ref_out["map_probs"], atol=1e-6)
+        g, want = _flat(grads), _flat(ref_grads)
+        assert set(g) == set(want)
+        for name, value in want.items():
+            scale = max(float(np.abs(value).max()), 1e-8)
+            # Float32 sums in another order (per class, not per image): the parity tests'
+            # criterion.
+            assert np.abs(g[name] - value).max() <= 1e-4 * scale, (class_ids, name)
+    # The text of each image equals its class's row of the per-image encoding.
+    class_id = jnp.asarray([2, 0, 2, 1], jnp.int32)
+    np.testing.assert_allclose(
+        model.encode_class_text(class_id), _per_image_text(model, class_id), atol=1e-6
+    )

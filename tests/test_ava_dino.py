@@ -8,7 +8,10 @@ norm, unbiased per-channel standardisation), the prompt ensemble, and the heads 
 adapters, interleaved or paper text columns, cross-modal / AACM maps, global logits, layer
 averaging) equal a PyTorch transcription of the official ``tools/utils.py`` / ``CLIP/adapter.py``
 / ``utils.py`` written here (aqeeelmirza/AVA-DINO @a5474a1, read, not copied); the loss equals
-the official ``tools/loss.py`` + ``train.py`` composition in torch, with and without the AACM term.
+the official ``tools/loss.py`` + ``train.py`` composition in torch, with and without the AACM term;
+``set_classes`` encodes in fixed batches with a progress bar, returns with the values computed,
+and a second evaluation reads them from the ``zsad_jax.text_cache`` directory (none is written for
+random weights unless ``ZSAD_TEXT_CACHE`` names one).
 """
 
 from __future__ import annotations
@@ -24,8 +27,9 @@ import torch.nn.functional as F
 from flax import nnx
 
 from configs.ava_dino import get_config
-from zsad_jax import methods
+from zsad_jax import methods, text_cache
 from zsad_jax.encoders import clip
+from zsad_jax.methods import ava_dino
 from zsad_jax.methods.ava_dino import text_columns
 from zsad_jax.nn import Buffer, Trainable
 from zsad_jax.prompts import ensemble_sentences
@@ -450,3 +454,67 @@ def test_variants_and_bad_fields():
         methods.build(bad, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="unknown variant"):
         get_config("tiny,foo")
+
+
+def _count_text_batches(monkeypatch) -> list[int]:
+    """Rows of each jitted text-tower call of set_classes."""
+    calls: list[int] = []
+    original = ava_dino._unit_text_embeddings
+
+    def counted(graphdef, state, ids):
+        calls.append(int(ids.shape[0]))
+        return original(graphdef, state, ids)
+
+    monkeypatch.setattr(ava_dino, "_unit_text_embeddings", counted)
+    return calls
+
+
+def test_set_classes_encodes_in_batches_blocks_and_caches_on_disk(
+    setup, tmp_path, monkeypatch, capsys
+):
+    """set_classes encodes every prompt in fixed batches with a bar on stderr and returns with the
+    values computed; a second evaluation (a new process: memory cleared) reads them from the
+    cache directory without running the tower; other weights or classes are encoded anew."""
+    monkeypatch.setenv(text_cache.ENV_VAR, str(tmp_path))
+    text_cache.clear_memory()
+    calls = _count_text_batches(monkeypatch)
+    capsys.readouterr()
+    model = _build()
+    per_class = len(ensemble_sentences(CLASSES[0])[0]) + len(ensemble_sentences(CLASSES[0])[1])
+    batch = text_cache.DEFAULT_BATCH
+    assert calls == [batch] * -(-len(CLASSES) * per_class // batch)
+    assert "AVA-DINO class text" in capsys.readouterr().err
+    assert model.class_text[...].is_ready()  # nothing left running into the first forward
+    np.testing.assert_allclose(model.class_text[...], setup["model"].class_text[...], atol=1e-6)
+    files = sorted(tmp_path.glob("*.npy"))
+    assert [f.name.split("-")[0] for f in files] == sorted(CLASSES)
+
+    text_cache.clear_memory()
+    calls.clear()
+    again = _build()
+    assert calls == [] and capsys.readouterr().err == ""  # no work, no bar
+    np.testing.assert_array_equal(again.class_text[...], model.class_text[...])
+
+    # A new class is encoded alone; the cached one is read.
+    calls.clear()
+    again.set_classes([CLASSES[0], "zipper"])
+    assert sum(calls) == -(-per_class // batch) * batch
+    np.testing.assert_array_equal(again.class_text[...][0], model.class_text[...][0])
+
+    # Other text-tower weights: another key, everything encoded again.
+    calls.clear()
+    ln = again.text_encoder.ln_final
+    ln.scale[...] = ln.scale[...] * 1.5
+    again.set_classes(CLASSES)
+    assert sum(calls) == -(-len(CLASSES) * per_class // batch) * batch
+    assert len(list(tmp_path.glob("*.npy"))) == 5
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_random_weights_write_no_cache_without_the_env_var(tmp_path, monkeypatch):
+    monkeypatch.delenv(text_cache.ENV_VAR, raising=False)
+    monkeypatch.chdir(tmp_path)
+    text_cache.clear_memory()
+    model = _build()
+    assert model._text_cache_dir() is None
+    assert not list(tmp_path.rglob("*.npy"))

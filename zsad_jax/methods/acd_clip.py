@@ -17,13 +17,13 @@ Vision (``encode_image``)::
     per group: seg_k = l2n(LN(MLP_seg,k(t)))  (B, P, 768)
                det_k = mean_P l2n(LN(MLP_det,k(t)))  (B, 768), not re-normalised
 
-Text (``encode_class_text``), per image, the class of ``class_id`` (6 normal + 10 abnormal
-sentences of its descriptive name, ``zsad_jax.prompts.acd_clip_sentences``)::
+Text (``encode_classes``), per class (6 normal + 10 abnormal sentences of its descriptive name,
+``zsad_jax.prompts.acd_clip_sentences``), then picked per image by ``class_id``::
 
     ids -> CLIP token + positional embedding -> blocks 1..12, and after block 3 k:
       x <- (1 - v_k) x + v_k norm_match(TextLoRA_k(x), x)   on all tokens, written back [trained]
       group k's sentence feature = LN_k(x)[EOT]               (no ln_final, no text_projection)
-    per state: l2n each sentence, mean, l2n -> T_k (B, 768, 2) (normal, abnormal)
+    per state: l2n each sentence, mean, l2n -> T_k (768, 2) per class (normal, abnormal)
 
 Scoring::
 
@@ -37,12 +37,26 @@ Scoring::
 Two exact rewrites of the official order save work (linear maps commute): the group mean is taken
 before the (linear) blur and upsampling instead of after, and prompts are run only up to the
 longest EOT of the class table (the causal mask keeps later positions out of every feature used).
-The text is re-encoded with gradients at every step, one set of 16 sentences per image (the official
-code encodes each class present once; the values and the summed gradients are the same).
+
+How often the text tower runs (it goes through the trained text adapters, so it cannot be cached
+once and for all like a frozen text):
+
+* training (``train=True``): once per *distinct* class of the batch, with gradients, as the
+  official ``train.py`` (``encode_class_text``: a fixed-size unique of ``class_id``, then
+  ``distinct_class_text``, whose backward re-runs each distinct class once instead of storing its
+  activations; gathered back per image, so the gradient of a class shared by several images is
+  their sum, as before);
+* inference: ``set_classes`` encodes every class once into ``class_text`` and stores the text
+  adapters' weights (and the prompt table) it was computed from in ``class_text_key``. The forward
+  compares that key with the live weights (a ~0.1 M-element equality, inside the jit) and reads
+  the table when they match: no text work per batch, as the official ``test.py``. When they
+  differ (weights loaded, trained or edited after ``set_classes``) it re-encodes all classes inside
+  that call instead, so the text used is never stale.
 """
 
 from __future__ import annotations
 
+import functools
 import types
 from collections.abc import Sequence
 from typing import Any
@@ -66,7 +80,7 @@ from zsad_jax.layers.resize import resize_bilinear
 from zsad_jax.layers.smoothing import gaussian_blur2d
 from zsad_jax.methods.backbone import build_backbone, build_tokenizer
 from zsad_jax.methods.base import AnomalyModel
-from zsad_jax.nn import Buffer, trainable
+from zsad_jax.nn import Buffer, Trainable, trainable
 from zsad_jax.prompts import acd_clip_sentences
 
 _HERE = "zsad_jax/methods/acd_clip.py"
@@ -115,6 +129,73 @@ def group_levels(levels: Any, n_groups: int, depth: int, field: str) -> tuple[in
     return out
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _prepare_text(graphdef, state) -> tuple[jax.Array, jax.Array]:
+    """``(encode_classes(), text_key())`` of a split model, jitted (one compilation per model
+    structure and class table shape)."""
+    model = nnx.merge(graphdef, state)
+    return model.encode_classes(), model.text_key()
+
+
+# The trained weights of the text path: the explicit inputs of ``distinct_class_text``'s VJP.
+_TEXT_TRAINABLE = nnx.All(
+    Trainable, nnx.Any(*(nnx.PathContains(n) for n in ("text_lora", "text_blend", "text_norm")))
+)
+
+
+def _slot_text(model: AcdClip, table: jax.Array, slot: jax.Array) -> jax.Array:
+    """One class's (N, text width, 2) state embeddings; ``slot`` a traced class index."""
+    return model.state_embeddings(jax.lax.dynamic_index_in_dim(table, slot, 0))[:, 0]
+
+
+def _skip_empty(slot: jax.Array, run, zeros):
+    # lax.cond executes one branch: an empty slot (-1) costs nothing.
+    return jax.lax.cond(slot >= 0, run, lambda: zeros)
+
+
+def distinct_class_text(model: AcdClip, table: jax.Array, slots: jax.Array) -> jax.Array:
+    """(C, 16, T) prompt table, (K,) sorted distinct class ids padded with -1 -> (K, N, E, 2),
+    rows of -1 zero; one text encode per distinct class in the forward pass and one per distinct
+    class in the backward pass, which re-runs that class's forward and takes its VJP.
+
+    Why a custom VJP instead of differentiating ``lax.map(lax.cond(...))``: JAX's linearisation
+    of ``cond`` returns every residual of the taken branch, the frozen tower's weights included,
+    as a cond output, and ``scan`` stacks those per slot: K copies of the text weights (measured,
+    ViT-L/14 text tower, 6 images of 6 classes: 4.0 GB of temporaries for the text gradient, 2.0
+    GB encoding per image, 0.3 GB with this VJP). Here the forward stores nothing per slot and
+    the backward loops over the slots with the weights as loop constants; the price is one extra
+    text forward per distinct class, the gain no stored text activations at all. The gradient is
+    exact (the recomputed forward is the same computation). The frozen weights are closed over:
+    differentiating with respect to them raises instead of returning zeros.
+    """
+    graphdef, params, rest = nnx.split(model, _TEXT_TRAINABLE, ...)
+    width = model.backbone.text.config.width
+    zeros = jnp.zeros((model.n_groups, width, 2), jnp.float32)
+
+    def slot_text(p, slot):
+        return _slot_text(nnx.merge(graphdef, p, rest), table, slot)
+
+    def forward(p):
+        return jax.lax.map(lambda slot: _skip_empty(slot, lambda: slot_text(p, slot), zeros), slots)
+
+    def backward(p, cotangent):
+        def add_slot(total, slot_and_cotangent):
+            slot, g = slot_and_cotangent
+
+            def vjp():
+                return jax.vjp(lambda q: slot_text(q, slot), p)[1](g)[0]
+
+            grad = _skip_empty(slot, vjp, jax.tree.map(jnp.zeros_like, p))
+            return jax.tree.map(jnp.add, total, grad), None
+
+        total, _ = jax.lax.scan(add_slot, jax.tree.map(jnp.zeros_like, p), (slots, cotangent))
+        return (total,)
+
+    run = jax.custom_vjp(forward)
+    run.defvjp(lambda p: (forward(p), p), backward)
+    return run(params)
+
+
 class MlpProjection(nnx.Module):
     """``MLPAdapter``: Linear -> LeakyReLU(0.01) -> Linear (PyTorch default inits)."""
 
@@ -139,7 +220,8 @@ class AcdClip(AnomalyModel):
     ``seg_proj.k``, ``seg_norm.k``, ``det_proj.k``, ``det_norm.k``, ``fusion_gate.k`` (the
     official ``image_adapter``) and ``text_lora.k``, ``text_blend.k``, ``text_norm.k`` (the
     official ``text_adapter``); 13,283,360 weights at ViT-L/14 with N = 4. Frozen: ``backbone``,
-    the tokenised class prompts ``class_prompt_ids``.
+    the tokenised class prompts ``class_prompt_ids``, and for inference their encoded text
+    ``class_text`` with the adapter weights it was encoded with, ``class_text_key``.
     """
 
     def __init__(self, config, *, rngs: nnx.Rngs, load_weights: bool = True):
@@ -234,6 +316,10 @@ class AcdClip(AnomalyModel):
         self.class_prompt_ids = Buffer(
             jnp.zeros((1, self.n_normal + self.n_abnormal, 2), jnp.int32)
         )
+        # Per-class text at inference (N, C, text width, 2), and what it was computed from; NaN
+        # never equals anything, so the table is unused until set_classes fills both.
+        self.class_text = Buffer(jnp.zeros((n, 1, text_width, 2), jnp.float32))
+        self.class_text_key = Buffer(jnp.full((1,), jnp.nan, jnp.float32))
 
     # ------------------------------------------------------------------------------------------
     # Text side.
@@ -263,12 +349,27 @@ class AcdClip(AnomalyModel):
     def set_classes(self, names: Sequence[str]) -> None:
         """Tokenises each class's prompts (descriptive ``REAL_NAMES``; an unknown class uses its
         name with underscores replaced by spaces, where the official code would stop) into
-        ``class_prompt_ids`` (C, 16, T), indexed by ``batch["class_id"]``."""
+        ``class_prompt_ids`` (C, 16, T), indexed by ``batch["class_id"]``, and encodes them with
+        the current text adapters for inference (``prepare_text``)."""
         names = tuple(str(n) for n in names)
         if not names:
             raise ValueError(f"{_HERE}: set_classes needs at least one class name")
         self.class_prompt_ids = Buffer(jnp.asarray(self.tokenize_classes(names)))
         self.class_names = names
+        self.prepare_text()
+
+    def prepare_text(self) -> None:
+        """Encodes every class with the current text adapters into ``class_text`` (N, C, E, 2) and
+        records their weights in ``class_text_key``. ``set_classes`` calls it; calling it again
+        after loading or training weights only saves the forward's one re-encode per call."""
+        # Fixed-shape placeholders while encoding: the jitted encode does not read the old table,
+        # and its shape would otherwise make each call after the first compile again.
+        self.class_text = Buffer(jnp.zeros((self.n_groups, 1, self.class_text.shape[2], 2)))
+        self.class_text_key = Buffer(jnp.full((1,), jnp.nan, jnp.float32))
+        graphdef, state = nnx.split(self)
+        table, key = _prepare_text(graphdef, state)
+        self.class_text = Buffer(table)
+        self.class_text_key = Buffer(key)
 
     def encode_text(self, ids: jax.Array) -> list[jax.Array]:
         """ids (S, T) -> per group the adapted EOT feature ``LN_k(x)[EOT]`` (S, text width) float32
@@ -290,26 +391,80 @@ class AcdClip(AnomalyModel):
                 out.append(self.text_norm[k](pooled))  # LN is per token: LN then pick == pick
         return out
 
-    def encode_class_text(self, class_id: jax.Array) -> jax.Array:
-        """class_id (B,) -> per-group state embeddings (N, B, text width, 2) (normal, abnormal),
-        each column unit-norm (``get_multiple_adapted_single_class_text_embedding``)."""
+    def _check_classes(self) -> None:
         if not self.class_names:
             raise ValueError(
                 f"{_HERE}: call model.set_classes(class_names) before running the model: the "
                 "prompts depend on the categories that batch['class_id'] indexes"
             )
-        table = self.class_prompt_ids[...]
-        # Ids outside 0..C-1 are clipped (no data-dependent error under jit): give ids of the
-        # categories passed to set_classes.
-        ids = jnp.take(table, class_id.astype(jnp.int32), axis=0, mode="clip")  # (B, S, T)
-        b, s, t = ids.shape
+
+    def state_embeddings(self, ids: jax.Array) -> jax.Array:
+        """ids (C, 16, T) -> per-group state embeddings (N, C, text width, 2) (normal, abnormal),
+        each column unit-norm (``get_multiple_adapted_single_class_text_embedding``)."""
+        c, s, t = ids.shape
         groups = []
-        for feats in self.encode_text(ids.reshape(b * s, t)):
-            feats = _unit(feats.reshape(b, s, -1))
+        for feats in self.encode_text(ids.reshape(c * s, t)):
+            feats = _unit(feats.reshape(c, s, -1))
             normal = _unit(jnp.mean(feats[:, : self.n_normal], axis=1))
             abnormal = _unit(jnp.mean(feats[:, self.n_normal :], axis=1))
             groups.append(jnp.stack([normal, abnormal], axis=-1))
         return jnp.stack(groups)
+
+    def encode_classes(self) -> jax.Array:
+        """Every class of ``set_classes`` with the current adapters: (N, C, text width, 2)."""
+        self._check_classes()
+        return self.state_embeddings(self.class_prompt_ids[...])
+
+    def text_key(self) -> jax.Array:
+        """What the text of ``encode_classes`` depends on besides the frozen tower, flat float32:
+        the trained text adapters' weights and the prompt table (ids < 2^24 are exact)."""
+        states = [nnx.state(m) for m in (self.text_lora, self.text_blend, self.text_norm)]
+        parts = [jnp.ravel(x).astype(jnp.float32) for x in jax.tree.leaves(states)]
+        parts.append(jnp.ravel(self.class_prompt_ids[...]).astype(jnp.float32))
+        return jnp.concatenate(parts)
+
+    def _class_ids(self, class_id: jax.Array) -> jax.Array:
+        # Ids outside 0..C-1 are clipped (no data-dependent error under jit): give ids of the
+        # categories passed to set_classes.
+        return jnp.clip(class_id.astype(jnp.int32), 0, self.class_prompt_ids.shape[0] - 1)
+
+    def encode_class_text(self, class_id: jax.Array) -> jax.Array:
+        """class_id (B,) -> per-group state embeddings (N, B, text width, 2), with gradients,
+        running the text tower once per distinct class of the batch (``distinct_class_text``).
+
+        ``min(B, C)`` slots hold the sorted distinct ids (then -1, static shapes); the per-image
+        rows are a gather of the slots, whose transpose sums the gradient of the images of one
+        class: the same sum as encoding each image's class separately.
+        """
+        self._check_classes()
+        table = self.class_prompt_ids[...]
+        ids = self._class_ids(class_id)
+        n_slots = min(ids.shape[0], table.shape[0])
+        if n_slots == 1:  # one class or one image: nothing to deduplicate
+            return jnp.take(self.state_embeddings(table[ids[:1]]), jnp.zeros_like(ids), axis=1)
+        slots, inverse = jnp.unique(ids, size=n_slots, fill_value=-1, return_inverse=True)
+        per_slot = distinct_class_text(self, table, slots)  # (slots, N, E, 2)
+        return jnp.moveaxis(jnp.take(per_slot, inverse.reshape(-1), axis=0), 0, 1)
+
+    def inference_table(self) -> jax.Array:
+        """(N, C, text width, 2): ``class_text`` when ``class_text_key`` matches the live text
+        adapters and prompts, else ``encode_classes()`` in this call (all C classes at once)."""
+        key, stored = self.text_key(), self.class_text_key[...]
+        table = self.class_text[...]
+        if key.shape != stored.shape or table.shape[1] != self.class_prompt_ids.shape[0]:
+            return self.encode_classes()  # other prompts or adapters: stale for sure
+        fresh = jnp.array_equal(key, stored)
+        if isinstance(fresh, jax.core.Tracer):
+            return jax.lax.cond(fresh, lambda: table, self.encode_classes)
+        return table if bool(fresh) else self.encode_classes()  # eager: no branch compiled
+
+    def inference_class_text(self, class_id: jax.Array) -> jax.Array:
+        """class_id (B,) -> (N, B, text width, 2) of ``inference_table``: no text encode per
+        image, none at all per batch once ``set_classes`` ran on the current weights. No gradient
+        flows into the text adapters (training uses ``encode_class_text``)."""
+        self._check_classes()
+        table = jax.lax.stop_gradient(self.inference_table())
+        return jnp.take(table, self._class_ids(class_id), axis=1)
 
     # ------------------------------------------------------------------------------------------
     # Vision side.
@@ -412,7 +567,10 @@ class AcdClip(AnomalyModel):
             raise ValueError(f"{_HERE}: batch['class_id'] (B,) is needed to pick the prompts")
         b, height, width, _ = images.shape
         grid = (height // self.patch_size, width // self.patch_size)
-        text = self.encode_class_text(batch["class_id"])
+        if train:
+            text = self.encode_class_text(batch["class_id"])
+        else:
+            text = self.inference_class_text(batch["class_id"])
         seg, det = self.heads(self.encode_image(images))
         group_logits, gates = self.segmentation_logits(seg, text)
         image_logits = self.image_logits(det, text)

@@ -35,6 +35,7 @@ resolution (no smoothing); image score = its maximum (the global head is unused 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from types import SimpleNamespace
 from typing import Any
@@ -44,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from zsad_jax import losses
+from zsad_jax import losses, text_cache
 from zsad_jax.layers import resize_bilinear
 from zsad_jax.methods.backbone import build_backbone, build_tokenizer
 from zsad_jax.methods.base import AnomalyModel
@@ -57,6 +58,9 @@ COMPUTE_DTYPES = ("float32", "bfloat16")
 # torch.nn.LeakyReLU's default negative slope.
 LEAKY_SLOPE = 0.01
 _HIGHEST = jax.lax.Precision.HIGHEST
+# Names the pooling recipe of ``ensemble_embeddings`` in the text cache key: bump it when the recipe
+# changes, so files written by the old one are not read.
+ENSEMBLE_CACHE_TAG = "ava_dino.prompt_ensemble/1"
 
 
 def torch_linear_kernel_init():
@@ -69,6 +73,13 @@ def l2_normalize(x: jax.Array, axis: int = -1) -> jax.Array:
     """``torch.nn.functional.normalize`` (eps 1e-12 on the norm), float32."""
     x = x.astype(jnp.float32)
     return x / jnp.maximum(jnp.linalg.norm(x, axis=axis, keepdims=True), 1e-12)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _unit_text_embeddings(graphdef, state, ids: jax.Array) -> jax.Array:
+    """ids (S, T) -> L2-normalised CLIP text embeddings (S, E); one compilation per (S, T) and
+    text tower structure, shared by every model and ``set_classes`` call of the process."""
+    return l2_normalize(nnx.merge(graphdef, state)(ids)[0])
 
 
 def standardize_tokens(patches: jax.Array, eps: float = 1e-6) -> jax.Array:
@@ -239,27 +250,69 @@ class AvaDino(AnomalyModel):
         # ensemble sentences then exceed 77 ids. Real BPE ids never do; never truncate them.
         return tokenizer(sentences, self.text_encoder.config.context_length, truncate=random_init)
 
+    def class_prompts(self, name: str) -> tuple[np.ndarray, int]:
+        """A class's ensemble -> (ids (420, T) of its 245 normal then 175 anomalous sentences,
+        245). T is the longest sentence (SOS and EOT included) rounded up to a multiple of 8:
+        positions after EOT never reach the EOT feature through the causal mask, so the cut is
+        exact and saves most of the 77-token context (CLIP BPE sentences are ~10-20 tokens)."""
+        normal, abnormal = ensemble_sentences(name)
+        ids = self.tokenize(normal + abnormal)
+        longest = int(ids.argmax(axis=-1).max()) + 1  # EOT has the largest id
+        return ids[:, : min(ids.shape[1], -(-longest // 8) * 8)], len(normal)
+
+    def _text_cache_dir(self):
+        checkpoint, random_init = self._tokenizer_source
+        return text_cache.cache_dir(checkpoint, random_init=random_init)
+
     def ensemble_embeddings(self, names: Sequence[str]) -> jax.Array:
         """class names -> (C, 2, E) (normal, anomalous): every sentence embedding L2-normalised,
-        averaged, re-normalised (``encode_text_with_prompt_ensemble``)."""
+        averaged, re-normalised (``encode_text_with_prompt_ensemble``).
+
+        Classes found in ``zsad_jax.text_cache`` (same text tower weights and architecture, same
+        prompt ids) are read from it; the others are encoded in batches of
+        ``text_cache.DEFAULT_BATCH`` prompts with a progress bar, and stored. Returns when every
+        value is computed (no work is left running into the first forward)."""
+        names = [str(n) for n in names]
+        tokenized = {name: self.class_prompts(name) for name in dict.fromkeys(names)}
+        # The split between the states is part of what a cached value depends on.
+        prompts = {name: (ids, f"normal={n}") for name, (ids, n) in tokenized.items()}
+        key = text_cache.CacheKey(self.text_encoder, ENSEMBLE_CACHE_TAG)
+        shape = (2, self.text_encoder.config.output_dim)
+        found = text_cache.cached_per_class(
+            prompts,
+            key,
+            self._text_cache_dir(),
+            lambda missing: self._encode_ensembles([tokenized[name] for name in missing]),
+            shape,
+        )
+        return jnp.asarray(np.stack([found[name] for name in names]))
+
+    def _encode_ensembles(self, prompts: list[tuple[np.ndarray, int]]) -> list[np.ndarray]:
+        """[(ids (S, T), n_normal)] per class -> per class (2, E), in one batched pass over every
+        sentence of every class."""
         graphdef, state = nnx.split(self.text_encoder)
-
-        @jax.jit
-        def unit_embeddings(state, ids):
-            return l2_normalize(nnx.merge(graphdef, state)(ids)[0])
-
-        out = []
-        for name in names:
-            normal, abnormal = ensemble_sentences(name)
-            # One call per class (both states), so the tower compiles once for every class.
-            emb = unit_embeddings(state, jnp.asarray(self.tokenize(normal + abnormal)))
-            means = [jnp.mean(emb[: len(normal)], axis=0), jnp.mean(emb[len(normal) :], axis=0)]
-            out.append(l2_normalize(jnp.stack(means)))
-        return jnp.stack(out)
+        width = max(ids.shape[1] for ids, _ in prompts)
+        # A common length: id 0 after EOT, which the EOT position never attends to (causal).
+        rows = np.concatenate(
+            [np.pad(ids, ((0, 0), (0, width - ids.shape[1]))) for ids, _ in prompts]
+        )
+        emb = text_cache.encode_in_batches(
+            functools.partial(_unit_text_embeddings, graphdef, state),
+            rows,
+            desc=f"AVA-DINO class text ({len(prompts)} classes)",
+        )
+        out, start = [], 0
+        for ids, n_normal in prompts:
+            unit = jnp.asarray(emb[start : start + ids.shape[0]])
+            start += ids.shape[0]
+            means = [jnp.mean(unit[:n_normal], axis=0), jnp.mean(unit[n_normal:], axis=0)]
+            out.append(np.asarray(l2_normalize(jnp.stack(means))))
+        return out
 
     def set_classes(self, names: Sequence[str]) -> None:
         """Caches the frozen ensemble text of each class (raw folder names, underscores kept, as
-        the official ``image_path.split('/')[-4]``) in ``class_text`` (C, 2, E)."""
+        the official ``image_path.split('/')[-4]``) in ``class_text`` (C, 2, E); see
+        ``ensemble_embeddings`` for the disk cache and the progress bar."""
         names = tuple(str(n) for n in names)
         if not names:
             raise ValueError(f"{_HERE}: set_classes needs at least one class name")

@@ -29,8 +29,16 @@ class AnomalyModel(nnx.Module):
     def set_classes(self, names: Sequence[str]) -> None:
         """Prepares per-class text (tokenised prompts, cached embeddings) for ``class_id`` lookups.
 
-        Called outside ``jit`` before training or evaluation with the categories of that split.
-        Methods without class-dependent text may ignore it.
+        Called outside ``jit`` before training or evaluation with the categories of that split
+        (evaluation calls it after the trained weights are loaded). Methods without
+        class-dependent text may ignore it. Contract:
+
+        * it returns with the text computed (block on it): its cost belongs to the set-up, not to
+          the first forward;
+        * text through frozen weights only is computed once per class and may be kept on disk
+          (``zsad_jax.text_cache``, e.g. AVA-DINO's prompt ensemble);
+        * text through trained weights (ACD-CLIP's text adapters) may be cached for inference only
+          if the forward detects weights changed after this call and never uses stale text.
         """
 
     def __call__(self, batch: dict[str, jax.Array], *, train: bool = False) -> dict[str, jax.Array]:
