@@ -23,7 +23,7 @@ then a Markdown table of all of them. Sections, in the order they run:
 * ``attention``: the path each platform gets (``zsad_jax.encoders.attention.plan``) and, on this
   device, the chosen path's and XLA's forward and gradient against float32 XLA attention of the
   same inputs (CLIP@518's shapes, batch 4).
-* ``encoders``: forward images/s of the CLIP ViT-L/14 vision tower (``ClipConfig.vit_l14_336``;
+* ``encoders``: forward images/s of the CLIP ViT-L/14 vision tower (``presets.clip_vit_l14_336``;
   518 resizes the position grid) at 336 and 518 and DINOv3 ViT-L/16 (``vitl16``) at 336 and 512,
   in bfloat16 and float32, random weights, batch ``--encoder-batch``; compile seconds; MFU =
   FLOPs / time / peak, FLOPs from XLA's cost analysis of the compiled forward
@@ -168,7 +168,8 @@ def bench_peak(small: bool) -> dict[str, float]:
 def _clip_model(image_size: int, dtype: str, small: bool):
     from flax import nnx
 
-    from zsad_jax.encoders.clip import ClipConfig, ClipVision, ClipVisionConfig
+    from zsad_jax.encoders.clip import ClipVision, ClipVisionConfig
+    from zsad_jax.encoders.presets import clip_vit_l14_336
 
     if small:
         config = ClipVisionConfig(
@@ -181,7 +182,7 @@ def _clip_model(image_size: int, dtype: str, small: bool):
             dtype=dtype,
         )
     else:
-        config = ClipConfig.vit_l14_336(dtype=dtype).vision
+        config = clip_vit_l14_336(dtype=dtype).vision
     return ClipVision(config, rngs=nnx.Rngs(0)), config
 
 
@@ -190,9 +191,10 @@ def _dinov3_model(image_size: int, dtype: str, small: bool):
 
     from flax import nnx
 
-    from zsad_jax.encoders.dinov3 import DinoV3, vitl16
+    from zsad_jax.encoders.dinov3 import DinoV3
+    from zsad_jax.encoders.presets import dinov3_vitl16
 
-    config = dataclasses.replace(vitl16(), dtype=dtype)
+    config = dataclasses.replace(dinov3_vitl16(), dtype=dtype)
     if small:
         config = dataclasses.replace(
             config,
@@ -545,12 +547,12 @@ def _eval_method(method: str, records: list, args, deadline: float) -> None:
 
 def _forward_images_per_s(model, config, records: list, iters: int) -> float:
     """The method's jitted inference alone (``BatchedInference``) on one batch of real inputs."""
-    from zsad_jax import evaluate
+    from zsad_jax import inference
     from zsad_jax.data import pipeline, transforms
 
     batch = int(config.eval.batch_size)
     model.set_classes(sorted({r.category for r in records}))
-    infer = evaluate.BatchedInference(model)
+    infer = inference.BatchedInference(model)
     transform = transforms.make_transform(str(config.data.transform), int(config.data.image_size))
     source = pipeline.RecordSource(records)
     host = next(iter(pipeline.eval_batches(source, batch_size=batch, transform=transform)))

@@ -94,9 +94,10 @@ def _clip_pair(image: int, layers: int, attention_block: int | None):
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
     from zsad_jax.encoders import attention
-    from zsad_jax.encoders.clip import ClipConfig, ClipVision
+    from zsad_jax.encoders.clip import ClipVision
+    from zsad_jax.encoders.presets import clip_vit_l14_336
 
-    config = ClipConfig.vit_l14_336()
+    config = clip_vit_l14_336()
     vision = ClipVision(
         config.vision.__class__(**{**config.vision.to_dict(), "layers": layers}),
         rngs=nnx.Rngs(0),
@@ -146,9 +147,10 @@ def _dinov3_pair(image: int, layers: int):
     from transformers import DINOv3ViTConfig, DINOv3ViTModel
 
     from convert.dinov3 import transformers_config_dict
-    from zsad_jax.encoders.dinov3 import DinoV3, DinoV3Config, vitl16
+    from zsad_jax.encoders.dinov3 import DinoV3, DinoV3Config
+    from zsad_jax.encoders.presets import dinov3_vitl16
 
-    config = DinoV3Config.from_dict({**vitl16().to_dict(), "num_layers": layers})
+    config = DinoV3Config.from_dict({**dinov3_vitl16().to_dict(), "num_layers": layers})
     model = DinoV3(config, rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(model)
 

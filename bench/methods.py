@@ -16,7 +16,7 @@ character, longer than with CLIP's BPE):
   model array is ready (work left running asynchronously would land in the first forward
   otherwise), and a second call with the same classes (AVA-DINO's text cache; with
   ``--cache-dir`` unset a temporary ``ZSAD_TEXT_CACHE`` directory is used and removed).
-* inference: ``zsad_jax.evaluate.BatchedInference`` (what ``evaluate``/``predict`` run), compile +
+* inference: ``zsad_jax.inference.BatchedInference`` (what ``evaluate``/``predict`` run), compile +
   first call, then the median of ``--repeats`` calls on a batch of ``--batch`` images.
 * train step: the step of ``zsad_jax.train`` (``make_train_step``, the config's optimiser,
   params/opt state/mutable donated), compile + first step, then the median of ``--repeats``.
@@ -104,24 +104,6 @@ def _config(method: str, variant: str, batch: int):
     return config
 
 
-def _batch(config, batch: int, seed: int = 0) -> dict:
-    import numpy as np
-
-    size = int(config.data.image_size)
-    r = np.random.default_rng(seed)
-    mask = np.zeros((batch, size, size), np.float32)
-    for i in range(0, batch, 2):  # every other image anomalous, a square defect
-        y, x = r.integers(0, size // 2, 2)
-        mask[i, y : y + size // 4, x : x + size // 4] = 1
-    return {
-        "image": r.normal(size=(batch, size, size, 3)).astype(np.float32),
-        "gt_mask": mask,
-        "gt_label": (mask.max(axis=(1, 2)) > 0).astype(np.int32),
-        "has_mask": np.ones(batch, bool),
-        "class_id": (np.arange(batch) % len(CLASS_NAMES)).astype(np.int32),
-    }
-
-
 def _image_encoder(model):
     """The frozen image encoder and how to call it on images."""
     for owner in ("backbone", "clip"):
@@ -139,62 +121,13 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-class _TrainStep:
-    """``zsad_jax.train``'s jitted step on a copy of the model's trainable state."""
-
-    def __init__(self, model, config, mesh, batch):
-        import jax
-        import jax.numpy as jnp
-
-        from zsad_jax import optim as optim_lib
-        from zsad_jax import sharding as shard_lib
-        from zsad_jax import train as train_lib
-
-        split = train_lib.SplitModel(model)
-        params, mutable, self.frozen = split.take_arrays()
-        # Copies: the step donates them, and BatchedInference uses the model's own arrays.
-        self.params = jax.tree.map(jnp.copy, params)
-        self.mutable = jax.tree.map(jnp.copy, mutable)
-        optimizer = optim_lib.build_optimizer(
-            config.optim, sorted(self.params), steps_per_epoch=100, total_steps=100
-        )
-        self.opt_state = optimizer.tx.init(self.params)
-        self.mesh = mesh
-        self.local = batch
-        grad_accum = int(config.optim.get("grad_accum", 1) or 1)
-        step = jax.jit(
-            train_lib.make_train_step(split, optimizer.tx, grad_accum=grad_accum, mesh=mesh),
-            donate_argnums=(0, 1, 2),
-        )
-        with jax.set_mesh(mesh):
-            args = self._args(shard_lib)
-            self.compiled = step.lower(*args).compile()
-        self.memory = self.compiled.memory_analysis()
-
-    def _args(self, shard_lib):
-        batch = shard_lib.global_batch_from_local(self.local, self.mesh)
-        return self.params, self.opt_state, self.mutable, self.frozen, batch
-
-    def __call__(self) -> float:
-        import jax
-
-        from zsad_jax import sharding as shard_lib
-
-        with jax.set_mesh(self.mesh):
-            self.params, self.opt_state, self.mutable, metrics = self.compiled(
-                *self._args(shard_lib)
-            )
-            jax.block_until_ready(metrics)
-        return float(metrics["loss"])
-
-
 def measure(method: str, variant: str, batch: int, repeats: int, train: bool) -> dict:
     """One method in this process (see the module docstring)."""
     import jax
     from flax import nnx
+    from train_step import TrainStep, fake_batch  # bench/train_step.py: the one train-step setup
 
-    from zsad_jax import evaluate as eval_lib
-    from zsad_jax import methods
+    from zsad_jax import inference, methods
     from zsad_jax import sharding as shard_lib
 
     out: dict = {"method": method, "variant": variant or "full", "batch": batch}
@@ -218,13 +151,13 @@ def measure(method: str, variant: str, batch: int, repeats: int, train: bool) ->
     )
     out["peak_set_classes_mib"] = _mib_peak_and_reset()
 
-    local = _batch(config, batch)
+    local = fake_batch(config, batch)
     mesh = shard_lib.make_mesh({"data": 1, "fsdp": 1})
     step = None
     if train:
         t0 = time.perf_counter()
-        step = _TrainStep(model, config, mesh, local)
-        out["train_loss"] = step()
+        step = TrainStep(model, config, mesh, local)
+        out["train_loss"] = float(step()["loss"])
         out["train_compile_s"] = round(time.perf_counter() - t0, 2)
         out["peak_train_mib"] = _mib_peak_and_reset()
         memory = step.memory
@@ -233,8 +166,8 @@ def measure(method: str, variant: str, batch: int, repeats: int, train: bool) ->
                 value = getattr(memory, f"{key}_size_in_bytes", 0)
                 out[f"train_xla_{key}_mib"] = round(value / 2**20, 1)
 
-    infer = eval_lib.BatchedInference(model, mesh)
-    inputs = {k: local[k] for k in eval_lib.MODEL_INPUTS}
+    infer = inference.BatchedInference(model, mesh)
+    inputs = {k: local[k] for k in inference.MODEL_INPUTS}
     out["infer_compile_s"] = round(_timed(lambda: infer(inputs)), 2)
     out["peak_infer_mib"] = _mib_peak_and_reset()
 

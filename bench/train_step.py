@@ -36,11 +36,14 @@ CLASS_NAMES = ["bottle", "screw"]
 def _load_config(path: str, variant: str):
     spec = importlib.util.spec_from_file_location(Path(path).stem + "_bench_config", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses in a config look their module up there
     spec.loader.exec_module(module)
     return module.get_config(variant or None)
 
 
-def _fake_batch(config, batch: int, seed: int = 0):
+def fake_batch(config, batch: int, seed: int = 0) -> dict:
+    """A random training batch of ``batch`` images at the config's size, every other one with a
+    square defect."""
     import numpy as np
 
     size = int(config.data.image_size)
@@ -58,60 +61,91 @@ def _fake_batch(config, batch: int, seed: int = 0):
     }
 
 
+class TrainStep:
+    """``zsad_jax.train``'s jitted step (the config's optimiser; params, opt state and mutable
+    donated) over the model's state placed on ``mesh``, compiled for the host batch ``local``.
+
+    The trained state is a copy (the step donates it; the model keeps its arrays, e.g. for
+    inference afterwards); the frozen state is placed without a copy where it already is.
+    """
+
+    def __init__(self, model, config, mesh, local):
+        import jax
+
+        from zsad_jax import optim as optim_lib
+        from zsad_jax import sharding as shard_lib
+        from zsad_jax import state as state_lib
+        from zsad_jax import train as train_lib
+
+        split, params, mutable, frozen = state_lib.split_for_training(model)
+        self.trainable_params = sum(int(v.size) for v in params.values())
+        self.frozen_params = sum(int(v.size) for v in jax.tree.leaves(frozen))
+        optimizer = optim_lib.build_optimizer(
+            config.optim, sorted(params), steps_per_epoch=100, total_steps=100
+        )
+        opt_state = optimizer.tx.init(params)
+        shardings = [shard_lib.state_shardings(mesh, t) for t in (params, opt_state, mutable)]
+        self.params, self.opt_state, self.mutable = (
+            shard_lib.put_state(t, s)
+            for t, s in zip((params, opt_state, mutable), shardings, strict=True)
+        )
+        self.frozen = jax.device_put(frozen, shard_lib.state_shardings(mesh, frozen))
+        self.mesh, self.local = mesh, local
+        grad_accum = int(config.optim.get("grad_accum", 1) or 1)
+        step = jax.jit(
+            train_lib.make_train_step(split, optimizer.tx, grad_accum=grad_accum, mesh=mesh),
+            out_shardings=(*shardings, shard_lib.replicated(mesh)),
+            donate_argnums=(0, 1, 2),
+        )
+        with jax.set_mesh(mesh):
+            t0 = time.perf_counter()
+            self.compiled = step.lower(*self._args()).compile()
+            self.compile_s = time.perf_counter() - t0
+        self.memory = self.compiled.memory_analysis()
+
+    def device_batch(self):
+        """The host batch as the step's global device batch."""
+        import jax
+
+        from zsad_jax import sharding as shard_lib
+
+        with jax.set_mesh(self.mesh):
+            return shard_lib.global_batch_from_local(self.local, self.mesh)
+
+    def _args(self, batch=None) -> tuple:
+        batch = self.device_batch() if batch is None else batch
+        return self.params, self.opt_state, self.mutable, self.frozen, batch
+
+    def __call__(self, batch=None) -> dict:
+        """One step (on ``device_batch()`` unless given); returns its metrics, ready."""
+        import jax
+
+        with jax.set_mesh(self.mesh):
+            self.params, self.opt_state, self.mutable, metrics = self.compiled(*self._args(batch))
+            return jax.block_until_ready(metrics)
+
+
 def measure(config_path: str, variant: str, batch: int, steps: int, devices: int) -> dict:
     """One method's step on a mesh of ``devices`` devices (this process)."""
-    import jax
-
     from zsad_jax import methods
-    from zsad_jax import optim as optim_lib
     from zsad_jax import sharding as shard_lib
-    from zsad_jax import train as train_lib
 
     config = _load_config(config_path, variant)
     config.data.batch_size = batch
     model = methods.build(config, load_weights=True)
     model.set_classes(CLASS_NAMES)
     mesh = shard_lib.make_mesh({"data": devices, "fsdp": 1})
-    split = train_lib.SplitModel(model)
+    step = TrainStep(model, config, mesh, fake_batch(config, batch))
     del model
-    params, mutable, frozen = split.take_arrays()
-    n_trainable = sum(int(v.size) for v in params.values())
-    n_frozen = sum(int(v.size) for v in frozen.values())
-    optimizer = optim_lib.build_optimizer(
-        config.optim, sorted(params), steps_per_epoch=100, total_steps=100
-    )
-    opt_state = optimizer.tx.init(params)
-    shardings = [shard_lib.state_shardings(mesh, t) for t in (params, opt_state, mutable, frozen)]
-    params, opt_state, mutable, frozen = (
-        shard_lib.put_state(t, s)
-        for t, s in zip((params, opt_state, mutable, frozen), shardings, strict=True)
-    )
-    local = _fake_batch(config, batch)
-    grad_accum = int(config.optim.get("grad_accum", 1) or 1)
-    step = jax.jit(
-        train_lib.make_train_step(split, optimizer.tx, grad_accum=grad_accum, mesh=mesh),
-        out_shardings=(*shardings[:3], shard_lib.replicated(mesh)),
-        donate_argnums=(0, 1, 2),
-    )
-    with jax.set_mesh(mesh):
-        batch_arrays = shard_lib.global_batch_from_local(local, mesh)
+    metrics = step()  # warm-up
+    times = []
+    for _ in range(steps):
+        batch_arrays = step.device_batch()
         t0 = time.perf_counter()
-        compiled = step.lower(params, opt_state, mutable, frozen, batch_arrays).compile()
-        compile_s = time.perf_counter() - t0
-        memory = compiled.memory_analysis()
-        params, opt_state, mutable, metrics = compiled(
-            params, opt_state, mutable, frozen, batch_arrays
-        )
-        jax.block_until_ready(metrics)
-        times = []
-        for _ in range(steps):
-            batch_arrays = shard_lib.global_batch_from_local(local, mesh)
-            t0 = time.perf_counter()
-            params, opt_state, mutable, metrics = compiled(
-                params, opt_state, mutable, frozen, batch_arrays
-            )
-            jax.block_until_ready(metrics)
-            times.append(time.perf_counter() - t0)
+        metrics = step(batch_arrays)
+        times.append(time.perf_counter() - t0)
+    memory, compile_s = step.memory, step.compile_s
+    n_trainable, n_frozen = step.trainable_params, step.frozen_params
     step_s = statistics.median(times)
     out = {
         "config": config_path,

@@ -67,8 +67,9 @@ Quirks of the official code, each a named switch (methods.md §9):
 
 Other fields: ``model.remat`` runs the frozen blocks under ``jax.checkpoint`` (the adapters'
 gradients flow back through every later vision and text block; saves activation memory at full
-size); ``compute_dtype = "bfloat16"`` runs the backbone's matrix products in bfloat16 (the official
-code is float32), heads, norms, logits and losses stay float32.
+size); ``compute_dtype = "auto"`` (the default) runs the backbone's matrix products in bfloat16 on
+GPU/TPU and float32 on CPU; heads, norms, logits and losses stay float32. The official code is
+float32: ``--config.compute_dtype=float32`` gives that on a GPU too (README, "Precision").
 
 Known differences from the official run: the data pipeline drops the last partial batch
 (official ``drop_last=False``); checkpoint selection on the test set is not the default (only the

@@ -44,18 +44,9 @@ data; ``python -m zsad_jax.reproduce --config=configs/af_clip.py ...`` compares 
 
 Quirks of the official code, each a named switch (methods.md §9):
 
-* ``model.loss.normal_target = -1.0`` (default; 0.0 = the clean loss of the paper). Evidence: in
-  ``main.py:patch_alignment_loss`` the official step does ``new_gts = copy.copy(gts)`` and then
-  ``new_gts[new_gts == 0] = -1``. A torch Tensor has no ``__copy__``; ``copy.copy`` goes through
-  ``__reduce_ex__``, which rebuilds a tensor on the *same storage* with a fresh version counter, so
-  the rewrite changes the pixel targets that ``F.binary_cross_entropy`` and ``inputs * targets``
-  of the pixel focal loss saved for backward, without autograd's in-place error. The backward pass
-  therefore uses target -1 for normal patches (stronger push-down), while the logged loss value is
-  the one computed with 0. ``tests/test_losses.py::
-  test_binary_focal_normal_target_reproduces_official_in_place_rewrite`` runs exactly that torch
-  sequence (and asserts that the storage really is shared) and shows that
-  ``zsad_jax.losses.binary_focal_loss(normal_target=-1)`` gives torch's gradient; the L1 term's
-  backward ``sign(p - t)`` is the same for t = 0 and t = -1 because p > 0.
+* ``model.loss.normal_target = -1.0`` (0.0: the paper's clean loss): the official step rewrites
+  the focal loss's saved targets through a storage-sharing ``copy.copy``, so its gradient uses -1
+  for normal patches (``tests/test_losses.py``, ``..._reproduces_official_in_place_rewrite``).
 * ``model.few_shot.rescale = True``: AF-CLIP+'s combined scores lie in [0, 1 + alpha]; they are
   divided by ``1 + alpha`` so that ``anomaly_map``/``pred_score`` stay in [0, 1] as the method
   interface promises. A positive scale changes no metric (AUROC, AP, F1-max, AUPRO with min-max
@@ -63,8 +54,10 @@ Quirks of the official code, each a named switch (methods.md §9):
 * ``model.pos_resize = "bilinear"``: the official CLIP code resizes the 24 x 24 positional grid to
   37 x 37 with ``F.interpolate(mode="bilinear")`` (align_corners False, no antialias).
 * ``model.act = "quick_gelu"``: the OpenAI weights' activation, as the official code runs.
-* ``compute_dtype = "float32"``: the official ``clip/model.py:build_model`` has ``convert_weights``
-  (fp16) commented out, so it runs CLIP in float32; ``bfloat16`` is available for speed.
+* ``compute_dtype = "auto"``: bfloat16 matrix products on GPU/TPU, float32 on CPU (LayerNorms,
+  softmax, logits and losses are float32 either way). The official ``clip/model.py:build_model``
+  has ``convert_weights`` (fp16) commented out, so it runs CLIP in float32; for that on a GPU too,
+  pass ``--config.compute_dtype=float32`` (README, "Precision").
 
 Known differences from the official run:
 

@@ -9,9 +9,9 @@ categories mixed; evaluated on the other dataset)::
 Variants after the colon (comma-separated): ``train_set=mvtec_ad|visa`` (default mvtec_ad, tested
 on the other), ``tiny`` (random 2-block DINOv3 + 3-block CLIP text tower, 64 px: tests and smoke
 runs), ``small`` (random 6-block DINOv3 + small CLIP text tower, 128 px: the CPU demo
-``configs/demo.py``), ``paper`` (the paper's / README's version: non-interleaved text columns and
-no AACM loss term), ``fc2`` (also build the prompt adapters' unused ``fc2``, as the official
-state dict has).
+``configs/demo.py``), ``paper`` (the paper's / README's version: non-interleaved text columns,
+real VisA class names and no AACM loss term), ``fc2`` (also build the prompt adapters' unused
+``fc2``, as the official state dict has).
 
 Needs two converted encoders: DINOv3 ViT-L/16 (LVD-1689M) in ``weights/dinov3-vitl16``
 (``python -m convert.dinov3 --src dinov3_vitl16_pretrain_lvd1689m-8aa4cbdd.pth --out
@@ -58,9 +58,17 @@ Quirks of the official code, each a named switch (methods.md §9):
 * ``model.text_act = "gelu"``: the official ``create_model('ViT-L-14-336', img_size=512)`` builds
   CLIP from a JSON without ``quick_gelu``, so the OpenAI text weights run with exact (erf) GELU.
 * ``model.prompt_adapter_fc2`` (above).
+* ``model.visa_class_name_quirk = True``: the prompts' class name is ``image_path.split('/')[-4]``,
+  the category for MVTec-layout paths but "Data" for every VisA path (``candle/Data/Images/...``),
+  so on VisA (training or test) every prompt reads "... damaged Data."; False = the real names.
 * The README/abstract call the text embeddings frozen; the code trains the prompt adapters and
   the text projection on top of them (as here). The README's VisA example uses 20 epochs and batch
   64; the defaults (10 / 16) are used.
+
+Precision: ``compute_dtype = "auto"`` (the default) runs DINOv3's matrix products in bfloat16 on
+GPU/TPU and float32 on CPU; the residual stream, LayerNorms, adapters, logits and losses stay
+float32 (the text tower runs in float32 always). The official code is float32:
+``--config.compute_dtype=float32`` gives that on a GPU too (README, "Precision").
 
 Known differences from the official run: the official loader keeps the last partial batch
 (``drop_last=False``); our pipeline drops it. Masks: the official MVTec GT is thresholded at
@@ -124,6 +132,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     m.patch_std_eps = 1e-6
     m.text_interleave_quirk = True
     m.prompt_adapter_fc2 = False
+    m.visa_class_name_quirk = True
     m.loss = ml_collections.ConfigDict(
         {"aacm": 0.25, "seg": 0.5, "global": 0.25, "routing": 0.1, "include_aacm": True}
     )
@@ -131,9 +140,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.image_size = 512
     c.data.transform = "dinov3"
     c.data.train_transform = "dinov3"
-    # Official GT: bilinear resize, then > 0.5 (MVTec) or > 0 (VisA).
-    c.data.mask_resize = _official_mask_resize(c.data.test_set)
-    c.data.train_mask_resize = _official_mask_resize(c.data.train_set)
+    # Official GT: bilinear resize, then > 0.5 (MVTec) or > 0 (VisA), by each side's dataset.
+    c.data.mask_resize = c.data.train_mask_resize = "bilinear_by_dataset"
     c.data.batch_size = 16
     c.optim.update(
         {
@@ -153,6 +161,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if variant.get("paper"):
         m.text_interleave_quirk = False
         m.loss.include_aacm = False
+        m.visa_class_name_quirk = False
     if variant.get("fc2"):
         m.prompt_adapter_fc2 = True
     if variant.get("tiny") or variant.get("small"):
@@ -171,8 +180,3 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.optim.epochs = 1
         use_synthetic_benchmark(c)
     return c
-
-
-def _official_mask_resize(dataset: str) -> str:
-    """The official data classes resize masks bilinearly, then keep > 0 (VisA) or > 0.5 (others)."""
-    return "bilinear_any" if dataset == "visa" else "bilinear_threshold"

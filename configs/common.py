@@ -125,7 +125,10 @@ def base_config(method: str, arg: str | None = None) -> ml_collections.ConfigDic
         {"enabled": True, "every_steps": 0, "batch_size": 8, "num_vis": 8}
     )
     c.seed = 0
-    c.compute_dtype = "float32"
+    # The matrix products' dtype: "auto" = bfloat16 on GPU/TPU, float32 on CPU, decided when the
+    # model is built (zsad_jax.nn.resolve_compute_dtype); "float32" / "bfloat16" force one.
+    # LayerNorms, softmax, logits and losses are float32 whatever this says.
+    c.compute_dtype = "auto"
     # Steps in a row with a non-finite loss or gradient (each one skipped) before training stops.
     c.max_bad_steps = 10
     # metrics.jsonl / TensorBoard rows are means over this many steps.

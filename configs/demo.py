@@ -25,7 +25,7 @@ DINOv3), ``benchmark`` (train on the benchmark's six training categories only). 
 the tiny random encoders and the benchmark (tests and smoke runs).
 
 ``config.eval.extra_test_sets`` and ``config.eval.baselines`` name the further held-out sets and the
-training-free baselines (``zsad_jax.data.baselines``) reported beside the model.
+training-free baselines (``zsad_jax.methods.baselines``) reported beside the model.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optim.lr = 1e-3
     c.ckpt.every_steps = 200
     c.eval.num_vis = 2
-    # Reported beside the model by zsad_jax.data.baselines.transfer_report (not for ``tiny``, which
+    # Reported beside the model by zsad_jax.transfer.transfer_report (not for ``tiny``, which
     # tests and smoke runs use).
     c.eval.extra_test_sets = "" if tiny else "synthetic_novel"
     c.eval.baselines = "" if tiny else "colour_median,random_token_median"

@@ -162,6 +162,10 @@ Vision side:
   paper's "global CLS feature"; ``False`` = AnomalyCLIP's ``x_ori[0] @ proj``, a quirk of its code,
   in ``anomalyclip``), temperature 0.07 (CHOICE (AnomalyCLIP)); BCE on ``S_p`` (as two-class
   cross-entropy on the logits, the same value).
+- Precision: ``compute_dtype = "auto"`` (shared field) runs CLIP's matrix products in bfloat16 on
+  GPU/TPU and float32 on CPU; heads, LayerNorms, logits and losses stay float32. The paper states
+  no precision and released no code; float32 is the reference (the parity tests'):
+  ``--config.compute_dtype=float32`` gives that on a GPU too (README, "Precision").
 - ``model.remat`` (shared field): rematerialise the prompted pass's blocks in the backward pass
   (the visual prompts are trained, so gradients flow through every vision block at 37x37+M
   tokens); same gradients, less activation memory.

@@ -22,8 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-import torch.nn.functional as F
+from extras import optional
 from flax import nnx
 
 from configs.ava_dino import get_config
@@ -33,6 +32,11 @@ from zsad_jax.methods import ava_dino
 from zsad_jax.methods.ava_dino import text_columns
 from zsad_jax.nn import Buffer, Trainable
 from zsad_jax.prompts import ensemble_sentences
+
+# None without the convert extra; the tests that use them are marked torch (tests/extras.py).
+torch = optional("torch")
+F = optional("torch.nn.functional")
+torch_ref = optional("official.ava_dino")  # the PyTorch transcription of the official code
 
 B, SIZE = 3, 64  # tiny DINOv3: patch 16 -> 4 x 4 grid
 GRID = (4, 4)
@@ -93,116 +97,6 @@ def setup():
         "features": features,
         "batch": _batch(),
     }
-
-
-# ---------------------------------------------------------------------------------------------
-# PyTorch transcription of the official forward (written from reading the official code).
-
-
-def torch_bottleneck(x, fc1, fc2):
-    """``BottleneckAdapter.forward``: (LeakyReLU(fc1 x), LeakyReLU(fc2 h))."""
-    h = F.leaky_relu(F.linear(x, fc1))
-    return h, (None if fc2 is None else F.leaky_relu(F.linear(h, fc2)))
-
-
-def torch_official_heads(cls_tokens, patch_tokens, text, w, *, interleave, grid, size):
-    """``ava_dino_forward`` after feature extraction. ``text`` (B, E, 2) as the official code
-    holds it; ``w`` a dict of torch weights (out, in). Returns NCHW maps."""
-    b, e = text.shape[0], text.shape[1]
-    tn, ta = text[:, :, 0], text[:, :, 1]
-    adj0 = torch_bottleneck(tn, w["pa0"], None)[0]
-    adj1 = torch_bottleneck(ta, w["pa1"], None)[0]
-    if interleave:
-        adjusted = torch.cat([adj0, adj1], dim=1).view(b, e, 2)
-    else:
-        adjusted = torch.stack([adj0, adj1], dim=2)
-    proj = F.linear(adjusted.permute(0, 2, 1), w["P"]).permute(0, 2, 1)  # (B, D, 2)
-    cms, aacms, globals_, wns, was = [], [], [], [], []
-    for i, (cls_i, patch_i) in enumerate(zip(cls_tokens, patch_tokens, strict=True)):
-        t_n = F.normalize(F.linear(tn, w["P"]), dim=-1)
-        t_a = F.normalize(F.linear(ta, w["P"]), dim=-1)
-        f = F.normalize(cls_i, dim=-1)
-        r = F.softmax(torch.stack([(f * t_n).sum(-1), (f * t_a).sum(-1)], dim=1) / 0.1, dim=1)
-        w_n, w_a = r[:, 0], r[:, 1]
-        wns.append(w_n)
-        was.append(w_a)
-        c_n = torch_bottleneck(cls_i, *w["cls_n"][i])[1]
-        c_a = torch_bottleneck(cls_i, *w["cls_a"][i])[1]
-        cls_feat = F.normalize(w_n.view(-1, 1) * c_n + w_a.view(-1, 1) * c_a + cls_i, dim=-1)
-        p_n = torch_bottleneck(patch_i, *w["patch_n"][i])[1]
-        p_a = torch_bottleneck(patch_i, *w["patch_a"][i])[1]
-        patch_feat = w_n.view(-1, 1, 1) * p_n + w_a.view(-1, 1, 1) * p_a + patch_i
-        patch_feat = F.normalize(patch_feat, dim=-1)
-        cm = 100 * patch_feat @ proj
-        cm = F.interpolate(
-            cm.permute(0, 2, 1).reshape(-1, 2, *grid),
-            size=size,
-            mode="bilinear",
-            align_corners=True,
-        )
-        cms.append(torch.softmax(cm, dim=1))
-        a = 10 * patch_feat @ cls_feat.unsqueeze(-1)
-        a = F.interpolate(
-            a.permute(0, 2, 1).reshape(-1, 1, *grid),
-            size=size,
-            mode="bilinear",
-            align_corners=True,
-        )
-        a = torch.sigmoid(a)
-        aacms.append(torch.cat([1 - a, a], dim=1))
-        globals_.append((100 * (cls_feat.unsqueeze(1) @ proj)).squeeze(1))
-    return {
-        "cross_modal": torch.stack(cms).mean(0),
-        "aacm": torch.stack(aacms).mean(0),
-        "global_logits": torch.stack(globals_).mean(0),
-        "w_n": torch.stack(wns).mean(0),
-        "w_a": torch.stack(was).mean(0),
-    }
-
-
-def torch_weights(model):
-    def k(lin):
-        return _t(lin.kernel[...]).T.contiguous()
-
-    def pair(ad):
-        return (k(ad.fc1), k(ad.fc2))
-
-    return {
-        "pa0": k(model.prompt_adapters[0].fc1),
-        "pa1": k(model.prompt_adapters[1].fc1),
-        "P": k(model.text_projection),
-        "cls_n": [pair(a.normal) for a in model.cls_adapters],
-        "cls_a": [pair(a.anomaly) for a in model.cls_adapters],
-        "patch_n": [pair(a.normal) for a in model.patch_adapters],
-        "patch_a": [pair(a.anomaly) for a in model.patch_adapters],
-    }
-
-
-def torch_official_loss(ava_map, cm_map, global_score, w_n, w_a, mask, labels):
-    """``train.py`` loss with ``tools/loss.py``'s FocalLoss (alpha None, gamma 2, smooth 1e-5)
-    and BinaryDiceLoss; maps (B, 2, H, W), mask (B, 1, H, W) in {0, 1}."""
-
-    def focal(logit, target, gamma=2, smooth=1e-5):
-        c = logit.shape[1]
-        logit = logit.reshape(logit.size(0), c, -1).permute(0, 2, 1).reshape(-1, c)
-        target = target.reshape(-1, 1)
-        one_hot = torch.zeros(target.size(0), c).scatter_(1, target.long(), 1)
-        one_hot = torch.clamp(one_hot, smooth / (c - 1), 1.0 - smooth)
-        pt = (one_hot * logit).sum(1) + smooth
-        return (-1.0 * torch.pow(1 - pt, gamma) * pt.log()).mean()
-
-    def dice(pred, target):
-        n = target.size(0)
-        p, t = pred.reshape(n, -1), target.reshape(n, -1)
-        return 1 - ((2 * (p * t).sum(1) + 1) / (p.sum(1) + t.sum(1) + 1)).mean()
-
-    y = labels.float()
-    routing = F.mse_loss(w_n, 1.0 - y) + F.mse_loss(w_a, y)
-    aware = focal(ava_map, mask) + dice(ava_map[:, 1], mask)
-    seg = focal(cm_map, mask) + dice(cm_map[:, 1], mask)
-    glob = F.cross_entropy(global_score, labels.long())
-    parts = {"aware": aware, "seg": seg, "global": glob, "routing": routing}
-    return 0.25 * aware + 0.5 * seg + 0.25 * glob + 0.1 * routing, parts
 
 
 # ---------------------------------------------------------------------------------------------
@@ -318,6 +212,7 @@ def test_full_size_trainable_count():
     assert out["routing_weights_per_layer"].shape == (4, 1, 2) and loss.shape == ()
 
 
+@pytest.mark.torch
 def test_features_match_torch(setup):
     model, images = setup["model"], setup["batch"]["image"]
     cls, patches = setup["features"](setup["params"], setup["rest"], images)
@@ -357,6 +252,7 @@ def test_prompt_ensemble_matches_numpy(setup):
         )
 
 
+@pytest.mark.torch
 def test_text_columns_interleave_is_torch_view():
     a0 = np.arange(6, dtype=np.float32)[None] + 10
     a1 = np.arange(6, dtype=np.float32)[None] + 20
@@ -368,11 +264,12 @@ def test_text_columns_interleave_is_torch_view():
     np.testing.assert_array_equal(paper[0], np.concatenate([a0, a1]))
 
 
+@pytest.mark.torch
 def test_heads_match_torch(setup):
     model, batch = setup["model"], setup["batch"]
     cls, patches = setup["features"](setup["params"], setup["rest"], batch["image"])
     text = model.class_text[...][batch["class_id"]]
-    weights = torch_weights(model)
+    weights = torch_ref.torch_weights(model)
     outs = {}
     for interleave in (True, False):
         model.interleave = interleave
@@ -382,7 +279,7 @@ def test_heads_match_torch(setup):
             )
         finally:
             model.interleave = True
-        ref = torch_official_heads(
+        ref = torch_ref.torch_official_heads(
             [_t(c) for c in cls],
             [_t(p) for p in patches],
             _t(text).permute(0, 2, 1),  # official (B, E, 2)
@@ -407,11 +304,12 @@ def test_heads_match_torch(setup):
     np.testing.assert_allclose(full["cross_modal"], outs[True]["cross_modal"], atol=1e-6)
 
 
+@pytest.mark.torch
 def test_loss_matches_official_composition(setup):
     model, batch = setup["model"], setup["batch"]
     out = setup["forward"](setup["params"], setup["rest"], batch)
     total, parts = model.loss(out, batch)
-    ref_total, ref_parts = torch_official_loss(
+    ref_total, ref_parts = torch_ref.torch_official_loss(
         _t(out["aacm"]).permute(0, 3, 1, 2),
         _t(out["cross_modal"]).permute(0, 3, 1, 2),
         _t(out["global_logits"]),
@@ -425,11 +323,11 @@ def test_loss_matches_official_composition(setup):
     np.testing.assert_allclose(total, ref_total.item(), rtol=1e-5)
 
     # README loss (include_aacm False): the official total without the 0.25 AACM term.
-    model.loss_weights = dict(model.loss_weights, aacm=0.0)
+    model.loss_weights = tuple(dict(model.loss_weights, aacm=0.0).items())
     try:
         readme, _ = model.loss(out, batch)
     finally:
-        model.loss_weights = dict(model.loss_weights, aacm=0.25)
+        model.loss_weights = tuple(dict(model.loss_weights, aacm=0.25).items())
     np.testing.assert_allclose(
         readme, ref_total.item() - 0.25 * ref_parts["aware"].item(), rtol=1e-5
     )
@@ -518,3 +416,42 @@ def test_random_weights_write_no_cache_without_the_env_var(tmp_path, monkeypatch
     model = _build()
     assert model._text_cache_dir() is None
     assert not list(tmp_path.rglob("*.npy"))
+
+
+def test_visa_class_name_quirk_names_every_visa_class_data():
+    """The official class name is ``image_path.split('/')[-4]``: the category for MVTec-layout
+    paths, "Data" for VisA's ``<cls>/Data/Images/<state>/x.JPG``."""
+    official, paper = get_config(), get_config("paper")
+    visa = ["candle", "pcb1"]
+    assert methods.text_class_names(official, "visa", visa) == ["Data", "Data"]
+    assert methods.text_class_names(official, "mvtec_ad", ["bottle"]) == ["bottle"]
+    assert methods.text_class_names(paper, "visa", visa) == visa
+    # A config stored before the switch existed keeps the names it was trained with.
+    del official.model["visa_class_name_quirk"]
+    assert methods.text_class_names(official, "visa", visa) == visa
+
+
+def test_evaluating_visa_prompts_data_for_every_category(tmp_path, monkeypatch):
+    from zsad_jax import evaluate as evaluate_lib
+    from zsad_jax.data import protocol, synthetic
+
+    categories = ("pill", "wood")
+    root = synthetic.generate(
+        str(tmp_path / "bench"), image_size=48, n_train_good=1, n_test_good=1,
+        n_test_defect=1, categories=categories,
+    )  # fmt: skip
+    records = protocol.read_dataset("mvtec_ad", root, "test", categories)
+    seen = []
+    original = ava_dino.AvaDino.set_classes
+    monkeypatch.setattr(
+        ava_dino.AvaDino,
+        "set_classes",
+        lambda self, names: (seen.append(names), original(self, names))[1],
+    )
+    config = get_config("tiny")
+    model = methods.build(config, rngs=nnx.Rngs(0))
+    config.data.test_set = "visa"  # scored as VisA's categories are
+    result = evaluate_lib.evaluate(model, config, records=records)
+    assert seen == [["Data", "Data"]]
+    assert sorted(result["per_category"]) == sorted(categories)  # reported under the real names
+    np.testing.assert_array_equal(model.class_text[0], model.class_text[1])

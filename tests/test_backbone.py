@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from zsad_jax.encoders import checkpoint, clip
+from zsad_jax.encoders import checkpoint, clip, presets
 from zsad_jax.methods import backbone
 
 
@@ -79,7 +79,7 @@ def test_kind_mismatch_and_unknown_preset_are_named(saved_clip):
 def test_byte_tokenizer_fits_random_text_towers():
     tok = backbone.byte_tokenizer()
     ids = tok(["a photo of a damaged bottle."])
-    assert tok.vocab_size == backbone.BYTE_VOCAB_SIZE
+    assert tok.vocab_size == presets.BYTE_VOCAB_SIZE
     text = "a photo of a damaged bottle."
     assert ids[0, 0] == tok.sos_id and ids[0, len(text.replace(" ", "")) + 1] == tok.eot_id
     assert tok.decode(ids[0]).strip() == "a photo of a damaged bottle ."  # "." is its own word

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import pytest
 
 from zsad_jax import compile_cache
@@ -16,7 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _run(args, tmp_path, timeout=900, **env):
     environment = {
-        **os.environ,
+        # Not the session's cache (tests/conftest.py): these commands find theirs through ours.
+        **{k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"},
         "JAX_PLATFORMS": "cpu",
         "XLA_FLAGS": "",  # one CPU device, not the tests' 8 fake ones
         "ZSAD_JAX_CACHE_DIR": str(tmp_path / "jax_cache"),
@@ -74,7 +76,13 @@ def test_cache_dir_default_override_and_off(monkeypatch):
     assert compile_cache.cache_dir() == "/tmp/somewhere"
     monkeypatch.setenv(compile_cache.ENV_VAR, "")
     assert compile_cache.cache_dir() is None
-    assert compile_cache.enable_compilation_cache() is None  # off: jax's config untouched
+    session_cache = jax.config.jax_compilation_cache_dir  # tests/conftest.py's
+    jax.config.update("jax_compilation_cache_dir", None)
+    try:
+        assert compile_cache.enable_compilation_cache() is None  # off: jax's config untouched
+        assert jax.config.jax_compilation_cache_dir is None
+    finally:
+        jax.config.update("jax_compilation_cache_dir", session_cache)
 
 
 def test_enable_compilation_cache_stores_compiled_programs(tmp_path):

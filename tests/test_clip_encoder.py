@@ -9,12 +9,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-import torch.nn.functional as F
+from extras import optional
 from flax import nnx
-from transformers import CLIPConfig, CLIPModel
 
-from convert import clip as convert_clip
 from zsad_jax.encoders import checkpoint
 from zsad_jax.encoders.attention import dot_product_attention
 from zsad_jax.encoders.clip import (
@@ -24,6 +21,14 @@ from zsad_jax.encoders.clip import (
     ClipVisionConfig,
     resize_grid,
 )
+from zsad_jax.encoders.presets import clip_tiny, clip_vit_l14_336
+
+# None without the convert extra; the tests that use them are marked torch (tests/extras.py).
+torch = optional("torch")
+F = optional("torch.nn.functional")
+transformers = optional("transformers")
+convert_clip = optional("convert.clip")
+hf_clip = optional("official.hf_clip")
 
 TOL = 1e-5
 VOCAB = 64
@@ -56,18 +61,9 @@ SMALL = dict(
 @pytest.fixture(scope="module")
 def pair():
     """(transformers CLIPModel with random O(1)-activation weights, our converted Clip)."""
-    hf = CLIPModel._from_config(CLIPConfig(**SMALL), attn_implementation="eager")
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            if "norm" in name and name.endswith("weight"):
-                p.copy_(1.0 + 0.1 * noise)
-            elif p.ndim >= 2 and "embedding" not in name:
-                p.copy_(0.5 * noise / np.sqrt(np.prod(p.shape[1:])))
-            else:
-                p.copy_(0.1 * noise)
-    hf.eval()
+    config = transformers.CLIPConfig(**SMALL)
+    hf = transformers.CLIPModel._from_config(config, attn_implementation="eager")
+    hf = hf_clip.randomise(hf, seed=0)
     state = {k: v.numpy().copy() for k, v in hf.state_dict().items()}
     config, arrays, _ = convert_clip.convert_state(state, source="test")
     abstract = nnx.eval_shape(lambda: Clip(config, rngs=nnx.Rngs(0)))
@@ -99,6 +95,7 @@ def _images(h, w, batch=2, seed=0):
 # Position-embedding resizing
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize(
     "mode,torch_kwargs",
     [
@@ -114,6 +111,7 @@ def test_resize_grid_matches_torch_interpolate(mode, torch_kwargs, out_hw):
     np.testing.assert_allclose(ours, ref[0].permute(1, 2, 0).numpy(), atol=1e-6, rtol=0)
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize(
     "mode,torch_kwargs",
     [
@@ -139,6 +137,7 @@ def test_embed_at_new_size_matches_torch(pair, mode, torch_kwargs):
     np.testing.assert_allclose(ours.vision.embed(images), ref, atol=TOL, rtol=0)
 
 
+@pytest.mark.torch
 def test_load_overrides_set_act_resize_and_dtype(pair, tmp_path):
     _, ours = pair
     meta_config = ours.config.to_dict()
@@ -155,6 +154,7 @@ def test_load_overrides_set_act_resize_and_dtype(pair, tmp_path):
 # Vision tower outputs
 
 
+@pytest.mark.torch
 def test_vision_layers_and_attention_map_match_transformers(pair):
     hf, ours = pair
     images = _images(24, 24)
@@ -174,6 +174,7 @@ def test_vision_layers_and_attention_map_match_transformers(pair):
     np.testing.assert_allclose(head[:, 0], emb, atol=1e-6)
 
 
+@pytest.mark.torch
 def test_vision_runs_under_jit_on_split_state(pair):
     _, ours = pair
     graphdef, state = nnx.split(ours.vision)
@@ -191,6 +192,7 @@ def test_vision_runs_under_jit_on_split_state(pair):
     np.testing.assert_allclose(tokens, eager_aux["layers"][2], atol=1e-6)
 
 
+@pytest.mark.torch
 def test_bfloat16_compute_stays_close_to_float32(pair):
     _, ours = pair
     bf16 = _with_overrides(ours, dtype="bfloat16")
@@ -237,6 +239,7 @@ def _torch_text(hf, ids, context=None, deep_prompts=()):
     return hf.text_projection(x[torch.arange(batch), eot]).detach().numpy()
 
 
+@pytest.mark.torch
 def test_torch_text_reference_is_transformers(pair):
     hf, _ = pair
     ids = _ids()
@@ -245,6 +248,7 @@ def test_torch_text_reference_is_transformers(pair):
     np.testing.assert_allclose(_torch_text(hf, ids), ref, atol=1e-6)
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("batched", [False, True])
 def test_context_before_sos_matches_torch(pair, batched):
     hf, ours = pair
@@ -260,6 +264,7 @@ def test_context_before_sos_matches_torch(pair, batched):
     assert np.abs(plain - ours_emb).max() > 1e-3  # the context really changes the output
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("batched", [False, True])
 def test_deep_prompts_match_torch(pair, batched):
     hf, ours = pair
@@ -280,6 +285,7 @@ def test_deep_prompts_match_torch(pair, batched):
         ours.text(ids, deep_prompts=deep * 2)
 
 
+@pytest.mark.torch
 def test_text_loop_pieces_reproduce_call(pair):
     """embed -> blocks (causal mask) -> pool_and_project, as ACD-CLIP runs it."""
     from zsad_jax.encoders.clip import causal_mask
@@ -325,7 +331,7 @@ def test_blocked_attention_matches_numpy_and_dense_gradients(query_block):
 
 
 def test_config_round_trip_presets_and_errors():
-    config = ClipConfig.vit_l14_336()
+    config = clip_vit_l14_336()
     assert ClipConfig.from_dict(config.to_dict()) == config
     v, t = config.vision, config.text
     assert (v.width, v.layers, v.heads, v.patch_size, v.image_size, v.output_dim) == (
@@ -345,7 +351,7 @@ def test_config_round_trip_presets_and_errors():
         768,
     )
     assert v.act == t.act == "quick_gelu" and v.pos_resize == "bilinear"
-    tiny = ClipConfig.tiny(act="gelu", dtype="bfloat16")
+    tiny = clip_tiny(act="gelu", dtype="bfloat16")
     assert tiny.vision.act == tiny.text.act == "gelu" and tiny.text.dtype == "bfloat16"
     with pytest.raises(ValueError, match=r"ClipVisionConfig\.act='relu'"):
         ClipVisionConfig(act="relu")
@@ -357,6 +363,7 @@ def test_config_round_trip_presets_and_errors():
         config.with_overrides(layers=12)
 
 
+@pytest.mark.torch
 def test_bad_inputs_say_what_to_do(pair):
     _, ours = pair
     with pytest.raises(ValueError, match="not divisible by the patch size 4"):

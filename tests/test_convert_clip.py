@@ -2,115 +2,38 @@
 
 A small ``CLIPModel`` with random weights is saved with ``save_pretrained`` and converted through
 the CLI entry; every block output and both embeddings must match transformers to 1e-5 (float32). The
-OpenAI/open_clip layout is built from the same weights with this file's own (inverse) mapping and
-must give identical arrays. Full-size (ViT-L/14@336) key and shape coverage uses transformers on the
-meta device and ``nnx.eval_shape``, so nothing of that size is allocated.
+OpenAI/open_clip layout is built from the same weights with the tests' own (inverse) mapping
+(tests/official/hf_clip.py) and must give identical arrays. Full-size (ViT-L/14@336) key and shape
+coverage uses transformers on the meta device and ``nnx.eval_shape``, so nothing of that size is
+allocated.
 """
 
 import json
 import shutil
 
-import numpy as np
 import pytest
-import torch
-from safetensors.numpy import load_file, save_file
-from transformers import CLIPConfig, CLIPModel
+from extras import CONVERT_EXTRA
 
-from convert import clip as convert_clip
-from convert import verify
-from zsad_jax.encoders import checkpoint
-from zsad_jax.encoders.clip import ClipConfig
+torch = pytest.importorskip("torch", reason=CONVERT_EXTRA)  # every test here compares with torch
+pytest.importorskip("transformers", reason=CONVERT_EXTRA)
+
+import numpy as np  # noqa: E402
+from official.hf_clip import VOCAB, hf_to_openai, numpy_state, small_clip  # noqa: E402
+from safetensors.numpy import load_file, save_file  # noqa: E402
+from transformers import CLIPConfig, CLIPModel  # noqa: E402
+
+from convert import clip as convert_clip  # noqa: E402
+from convert import verify  # noqa: E402
+from zsad_jax.encoders import checkpoint  # noqa: E402
+from zsad_jax.encoders.clip import ClipConfig  # noqa: E402
+from zsad_jax.encoders.presets import clip_vit_l14_336  # noqa: E402
 
 TOL = 1e-5
-VOCAB = 100
-
-# Widths are multiples of 64 so that OpenAI's head rule (width // 64) gives the same heads.
-SMALL = dict(
-    projection_dim=48,
-    vision_config=dict(
-        hidden_size=192,
-        intermediate_size=384,
-        num_hidden_layers=3,
-        num_attention_heads=3,
-        patch_size=4,
-        image_size=16,
-        projection_dim=48,
-    ),
-    text_config=dict(
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=3,
-        num_attention_heads=2,
-        max_position_embeddings=16,
-        vocab_size=VOCAB,
-        bos_token_id=VOCAB - 2,
-        eos_token_id=VOCAB - 1,
-        pad_token_id=0,
-        projection_dim=48,
-    ),
-)
-
-
-def randomise(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Non-trivial values everywhere (transformers initialises LayerNorms to 1/0, biases to 0),
-    scaled so that activations stay O(1), as in a trained CLIP's first layers."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            if "norm" in name and name.endswith("weight"):
-                p.copy_(1.0 + 0.1 * noise)
-            elif p.ndim >= 2 and "embedding" not in name:
-                p.copy_(0.5 * noise / np.sqrt(np.prod(p.shape[1:])))
-            else:
-                p.copy_(0.1 * noise)
-    return model.eval()
-
-
-def hf_to_openai(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """This test's own transformers -> OpenAI key mapping (the inverse of the converter's)."""
-    out = {}
-    for tower, prefix in (("vision_model", "visual.transformer"), ("text_model", "transformer")):
-        layers = {k.split(".")[3] for k in state if k.startswith(f"{tower}.encoder.layers.")}
-        for i in layers:
-            hf, oa = f"{tower}.encoder.layers.{i}", f"{prefix}.resblocks.{i}"
-            for kind in ("weight", "bias"):
-                out[f"{oa}.attn.in_proj_{kind}"] = np.concatenate(
-                    [state[f"{hf}.self_attn.{n}_proj.{kind}"] for n in "qkv"], axis=0
-                )
-                out[f"{oa}.attn.out_proj.{kind}"] = state[f"{hf}.self_attn.out_proj.{kind}"]
-                out[f"{oa}.ln_1.{kind}"] = state[f"{hf}.layer_norm1.{kind}"]
-                out[f"{oa}.ln_2.{kind}"] = state[f"{hf}.layer_norm2.{kind}"]
-                out[f"{oa}.mlp.c_fc.{kind}"] = state[f"{hf}.mlp.fc1.{kind}"]
-                out[f"{oa}.mlp.c_proj.{kind}"] = state[f"{hf}.mlp.fc2.{kind}"]
-    emb = "vision_model.embeddings"
-    out["visual.conv1.weight"] = state[f"{emb}.patch_embedding.weight"]
-    out["visual.class_embedding"] = state[f"{emb}.class_embedding"]
-    out["visual.positional_embedding"] = state[f"{emb}.position_embedding.weight"]
-    out["visual.proj"] = state["visual_projection.weight"].T
-    out["token_embedding.weight"] = state["text_model.embeddings.token_embedding.weight"]
-    out["positional_embedding"] = state["text_model.embeddings.position_embedding.weight"]
-    out["text_projection"] = state["text_projection.weight"].T
-    out["logit_scale"] = state["logit_scale"]
-    for kind in ("weight", "bias"):
-        out[f"visual.ln_pre.{kind}"] = state[f"vision_model.pre_layrnorm.{kind}"]
-        out[f"visual.ln_post.{kind}"] = state[f"vision_model.post_layernorm.{kind}"]
-        out[f"ln_final.{kind}"] = state[f"text_model.final_layer_norm.{kind}"]
-    # What OpenAI's TorchScript archives also carry.
-    out["input_resolution"] = np.asarray(16)
-    out["context_length"] = np.asarray(16)
-    out["vocab_size"] = np.asarray(VOCAB)
-    return out
-
-
-def numpy_state(model: torch.nn.Module) -> dict[str, np.ndarray]:
-    return {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
 
 
 @pytest.fixture(scope="module")
 def hf_model():
-    config = CLIPConfig(**SMALL)
-    return randomise(CLIPModel._from_config(config, attn_implementation="eager"), seed=0)
+    return small_clip()
 
 
 @pytest.fixture(scope="module")
@@ -298,7 +221,7 @@ def test_full_size_vit_l14_336_every_key_mapped(tmp_path):
     )
     hf_config.save_pretrained(tmp_path)
     state, hf_params = _meta_state(hf_config)
-    expected = ClipConfig.vit_l14_336()
+    expected = clip_vit_l14_336()
     shapes = convert_clip.model_shapes(expected)
     assert sum(int(np.prod(s)) for s in shapes.values()) == hf_params
 

@@ -5,11 +5,11 @@ from the structure of the official code, read not copied: Faustinaqq/AF-CLIP ``c
 aqeeelmirza/AVA-DINO ``CLIP/adapter.py``, cockmake/ACD-CLIP ``model/adapter*.py``) get random
 weights and are saved in the official format (AF-CLIP's whole pickled ``clip.adaptor.Adaptor``
 module included, converted while that class is not importable); ``python -m convert.heads``'s
-``main`` turns them into a workdir that ``zsad_jax.evaluate.load_model`` (the loader of evaluate
+``main`` turns them into a workdir that ``zsad_jax.inference.load_model`` (the loader of evaluate
 and predict) reads like a trained one; the loaded model's maps and scores equal the torch forward
-of the official modules (the PyTorch transcriptions of tests/test_af_clip.py, test_ava_dino.py and
-test_acd_clip.py) within 1e-5. Mismatched, corrupt or code-naming files are refused with an error
-naming the key or the file, and nothing in them is run.
+of the official modules (the PyTorch transcriptions in tests/official/) within 1e-5. Mismatched,
+corrupt or code-naming files are refused with an error naming the key or the file, and nothing in
+them is run.
 """
 
 from __future__ import annotations
@@ -25,24 +25,33 @@ import types
 import zipfile
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
-import numpy as np
 import pytest
-import scipy.ndimage
-import test_acd_clip as acd_ref
-import test_af_clip as af_ref
-import test_ava_dino as ava_ref
-import torch
-import torch.nn.functional as F
-from flax import nnx
-from torch import nn
+from extras import CONVERT_EXTRA
 
-from convert import heads, torchscript
-from zsad_jax import checkpoint as ckpt_lib
-from zsad_jax import evaluate
+torch = pytest.importorskip("torch", reason=CONVERT_EXTRA)  # every test here compares with torch
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import scipy.ndimage  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from flax import nnx  # noqa: E402
+from official import acd_clip as acd_ref  # noqa: E402
+from official import af_clip as af_ref  # noqa: E402
+from official import ava_dino as ava_ref  # noqa: E402
+from official import to_torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from convert import heads, torchscript  # noqa: E402
+from zsad_jax import checkpoint as ckpt_lib  # noqa: E402
+from zsad_jax import inference  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+# The tiny models' inputs.
+AVA_DINO_CLASSES = ("bottle", "metal_nut")
+# Short descriptive names keep the byte-tokenised prompts under the 77-token context.
+ACD_CLIP_CLASSES = ("screw", "candle", "foo_bar")
+ACD_CLIP_SIZE = 32
 
 
 def _config_file(method: str, variant: str = "tiny") -> str:
@@ -65,7 +74,7 @@ def _convert(tmp_path: Path, method: str, files: dict[str, Path], variant: str =
 
 
 def _load(out: Path):
-    model, config, threshold, info = evaluate.load_model(str(out))
+    model, config, threshold, info = inference.load_model(str(out))
     assert threshold is None and info["step"] == 0
     meta = ckpt_lib.read_meta(out)
     assert meta["format"] == ckpt_lib.FORMAT and meta["threshold"] is None
@@ -207,7 +216,7 @@ def test_af_clip_pickled_module_converts_without_its_class_and_matches_official(
     ids = torch.from_numpy(np.array(model.state_prompt_ids[...])).long()
     with torch.no_grad():
         cls_prob, amap, _ = af_ref.torch_official_forward(
-            model, [af_ref._t(taps[i]) for i in model.feature_layers], ids, adaptor, prompt
+            model, [to_torch(taps[i]) for i in model.feature_layers], ids, adaptor, prompt
         )
     size = batch["image"].shape[1]
     up = F.interpolate(amap, size=(size, size), mode="bilinear").numpy()
@@ -302,6 +311,12 @@ def _ava_dino_heads(template, n_layers):
     return OfficialAvaDinoHeads(width, text_width, bottleneck, n_layers)
 
 
+def _ava_dino_batch() -> dict[str, jax.Array]:
+    """Three 64 x 64 images of the two classes (what the forward reads)."""
+    images = np.random.default_rng(0).normal(size=(3, 64, 64, 3)).astype(np.float32)
+    return {"image": jnp.asarray(images), "class_id": jnp.asarray([0, 1, 1], jnp.int32)}
+
+
 @pytest.mark.slow
 def test_ava_dino_epoch_file_converts_and_matches_official(tmp_path):
     config, template = _template("ava_dino")
@@ -313,17 +328,17 @@ def test_ava_dino_epoch_file_converts_and_matches_official(tmp_path):
     assert record["ignored_values"] == {"epoch": 3}
     assert "prompt_adapter.1.fc2.0.weight" in record["ignored"]  # the unused fc2, by name
 
-    model.set_classes(ava_ref.CLASSES)
-    batch = ava_ref._batch()
+    model.set_classes(AVA_DINO_CLASSES)
+    batch = _ava_dino_batch()
     out_jax, (cls, patches) = _forward(model, batch, lambda m, x: m.features(x))
     text = model.class_text[...][batch["class_id"]]
     size = batch["image"].shape[1:3]
     grid = model.backbone.patch_grid(*size)
     with torch.no_grad():
         ref = ava_ref.torch_official_heads(
-            [ava_ref._t(c) for c in cls],
-            [ava_ref._t(p) for p in patches],
-            ava_ref._t(text).permute(0, 2, 1),  # official (B, E, 2)
+            [to_torch(c) for c in cls],
+            [to_torch(p) for p in patches],
+            to_torch(text).permute(0, 2, 1),  # official (B, E, 2)
             official.reference_weights(),
             interleave=True,
             grid=grid,
@@ -516,18 +531,18 @@ def test_acd_clip_adapter_file_converts_and_matches_official(tmp_path, monkeypat
         "image_adapter.lora_adapters.0.fusion_conv.weight"
     )
 
-    model.set_classes(acd_ref.CLASSES)
+    model.set_classes(ACD_CLIP_CLASSES)
     rng = np.random.default_rng(0)
-    size = acd_ref.SIZE
+    size = ACD_CLIP_SIZE
     images = jnp.asarray(rng.normal(size=(2, size, size, 3)).astype(np.float32))
     class_ids = [0, 2]
     batch = {"image": images, "class_id": jnp.asarray(class_ids, jnp.int32)}
     out_jax, embedded = _forward(model, batch, lambda m, x: m.backbone.vision.embed(x))
-    embedded = acd_ref._t(embedded)
+    embedded = to_torch(embedded)
     reference = official.into(acd_ref.TorchAcdClip(model))
     monkeypatch.setattr(acd_ref, "TorchAcdClip", lambda _: reference)
     with torch.no_grad():
-        _, ref = acd_ref.torch_reference(model, embedded, class_ids, test_mode=True)
+        _, ref = acd_ref.torch_reference(model, embedded, class_ids, size=size, test_mode=True)
     amap = ref["seg_pred"].numpy()
     p_img = torch.softmax(ref["cls_logits"], dim=1)[:, 1].numpy()
     w = model.image_score_weight

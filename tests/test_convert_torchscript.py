@@ -15,15 +15,24 @@ import pickle
 import zipfile
 from collections import OrderedDict
 
-import numpy as np
 import pytest
-import torch
-from safetensors.numpy import load_file
-from test_convert_clip import hf_model, hf_to_openai, numpy_state  # noqa: F401 - a fixture
+from extras import CONVERT_EXTRA
 
-from convert import clip as convert_clip
-from convert import common, torchscript
-from zsad_jax.encoders import checkpoint
+torch = pytest.importorskip("torch", reason=CONVERT_EXTRA)  # the convert package needs torch
+pytest.importorskip("transformers", reason=CONVERT_EXTRA)
+
+import numpy as np  # noqa: E402
+from official.hf_clip import hf_to_openai, numpy_state, small_clip  # noqa: E402
+from safetensors.numpy import load_file  # noqa: E402
+
+from convert import clip as convert_clip  # noqa: E402
+from convert import common, torchscript  # noqa: E402
+from zsad_jax.encoders import checkpoint  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def hf_model():
+    return small_clip()
 
 
 class _Block(torch.nn.Module):
@@ -107,7 +116,7 @@ def _script_archive(state: dict[str, np.ndarray], path) -> None:
     torch.jit.script(root).save(str(path))
 
 
-def test_openai_torchscript_archive_converts_like_its_state_dict(hf_model, tmp_path, monkeypatch):  # noqa: F811
+def test_openai_torchscript_archive_converts_like_its_state_dict(hf_model, tmp_path, monkeypatch):
     half = {
         k: v.astype(np.float16) if v.dtype.kind == "f" else v
         for k, v in hf_to_openai(numpy_state(hf_model)).items()

@@ -13,14 +13,17 @@ import os
 
 import numpy as np
 import pytest
-import torch
-import torch.nn.functional as F
+from extras import optional
 from PIL import Image
 
 from zsad_jax.data import decode, protocol, transforms
 from zsad_jax.data.decode import DataError, load_image, load_mask, load_record
 from zsad_jax.data.protocol import read_dataset
 from zsad_jax.data.records import Record
+
+# None without the convert extra; the tests that use it are marked torch (tests/extras.py).
+torch = optional("torch")
+F = optional("torch.nn.functional")
 
 RNG = np.random.default_rng(0)
 
@@ -474,6 +477,7 @@ def test_acd_clip_train_is_reproducible_and_joint():
         np.testing.assert_array_equal(image[..., 1], moved)
 
 
+@pytest.mark.torch
 def test_rotation_matches_torch_grid_sample_convention():
     x = RNG.normal(size=(20, 20, 2)).astype(np.float32)
     np.testing.assert_array_equal(transforms.rotate_nearest(x, 90.0), np.rot90(x, 1, axes=(0, 1)))

@@ -15,19 +15,22 @@ import numpy as np
 import pytest
 
 from configs import demo
+from zsad_jax import train as train_lib
 from zsad_jax.data import (
-    baselines,
     novel_scenes,
     procedural,
     procedural_defects,
     procedural_scenes,
+    protocol,
     synthetic,
     synthetic_defects,
     synthetic_scenes,
 )
 from zsad_jax.data.protocol import read_dataset
+from zsad_jax.methods import baselines
 
 SMALL = {"image_size": 64, "n_train_good": 1, "n_test_good": 1}
+SMALL_TEST = {"n_train_good": 1, "n_test_good": 2, "n_test_defect": 2}
 
 
 def _files(root):
@@ -134,6 +137,36 @@ def test_token_baseline_uses_a_random_small_dinov3():
     assert model.backbone.config.hidden_size == 96 and model.layers == (2, 4, 6)
     out = model({"image": jnp.zeros((1, 128, 128, 3))})
     assert out["anomaly_map"].shape == (1, 128, 128)
+
+
+def test_training_reports_transfer_on_every_held_out_set_beside_the_baselines(
+    tmp_path, monkeypatch
+):
+    """The demo's last JSON line: ``train.default_evaluator`` adds ``zsad_jax.transfer``'s report.
+    The model here *is* the colour baseline, so both routes must give the same numbers."""
+    main_root = synthetic.generate(
+        str(tmp_path / "a"), image_size=48, categories=("pill",), **SMALL_TEST
+    )
+    extra_root = synthetic.generate(
+        str(tmp_path / "b"), image_size=48, categories=("wood",), **SMALL_TEST
+    )
+    monkeypatch.setattr(protocol, "default_root", lambda name: extra_root)
+    config = demo.get_config("tiny")
+    config.data.update(test_set="mvtec_ad", test_root=main_root, test_categories=("pill",))
+    config.data.transform = "plain"
+    config.eval.update(extra_test_sets="mpdd", baselines="colour_median", num_vis=0)
+    result = train_lib.default_evaluator(config)(baselines.ColourMedianDistance(), 0)
+    report = result["transfer"]
+    assert sorted(report) == ["mpdd", "mvtec_ad"]
+    assert report["mvtec_ad"]["model"]["pixel_AUROC"] == result["pixel_AUROC"]
+    for row in report.values():
+        assert set(row) == {"model", "colour_median"}
+        assert row["model"] == row["colour_median"]
+        assert 0.0 <= row["model"]["image_AUROC"] <= 1.0
+    config.eval.update(extra_test_sets="", baselines="")
+    assert "transfer" not in train_lib.default_evaluator(config)(
+        baselines.ColourMedianDistance(), 0
+    )
 
 
 # ----------------------------------------------------------------------------------------------

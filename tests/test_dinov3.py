@@ -5,18 +5,23 @@ LayerScale in [0.1, 0.6], non-zero biases and tokens), so attention is far from 
 matters, and every weight shows up in the outputs.
 """
 
+from __future__ import annotations
+
 import json
 
 import numpy as np
 import pytest
-import torch
+from extras import optional
 from flax import nnx
 from safetensors.numpy import load_file, save_file
-from transformers import DINOv3ViTConfig, DINOv3ViTModel
 
-from convert import dinov3 as convert_dinov3
-from convert import verify
-from zsad_jax.encoders import checkpoint, dinov3
+from zsad_jax.encoders import checkpoint, dinov3, presets
+
+# None without the convert extra; the tests that use them are marked torch (tests/extras.py).
+torch = optional("torch")
+transformers = optional("transformers")
+convert_dinov3 = optional("convert.dinov3")
+verify = optional("convert.verify")
 
 TINY = dict(
     hidden_size=64,
@@ -29,7 +34,7 @@ TINY = dict(
 TOL = 1e-5
 
 
-def _randomise(model: DINOv3ViTModel, seed: int) -> DINOv3ViTModel:
+def _randomise(model: transformers.DINOv3ViTModel, seed: int) -> transformers.DINOv3ViTModel:
     gen = torch.Generator().manual_seed(seed)
 
     def randn(shape):
@@ -48,9 +53,11 @@ def _randomise(model: DINOv3ViTModel, seed: int) -> DINOv3ViTModel:
     return model.eval()
 
 
-def _reference(seed: int = 0, **overrides) -> DINOv3ViTModel:
-    config = DINOv3ViTConfig(**{**TINY, **overrides})
-    return _randomise(DINOv3ViTModel._from_config(config, attn_implementation="eager"), seed)
+def _reference(seed: int = 0, **overrides) -> transformers.DINOv3ViTModel:
+    config = transformers.DINOv3ViTConfig(**{**TINY, **overrides})
+    return _randomise(
+        transformers.DINOv3ViTModel._from_config(config, attn_implementation="eager"), seed
+    )
 
 
 def _run_reference(model, images):
@@ -103,6 +110,7 @@ def _assert_parity(reference, ours_model, images):
     return last
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("height,width", [(64, 64), (48, 80)], ids=["square", "non_square"])
 def test_converted_matches_transformers_every_block(hf_model, converted, height, width):
     model = checkpoint.load(converted)
@@ -126,6 +134,7 @@ def test_converted_matches_transformers_every_block(hf_model, converted, height,
     assert np.abs(wrong_tokens - last).max() > 100 * TOL
 
 
+@pytest.mark.torch
 def test_gated_mlp_without_registers_matches_transformers(tmp_path):
     reference = _reference(
         seed=1, use_gated_mlp=True, hidden_act="silu", num_register_tokens=0, num_hidden_layers=2
@@ -138,6 +147,7 @@ def test_gated_mlp_without_registers_matches_transformers(tmp_path):
     _assert_parity(reference, model, _images(32, 48))
 
 
+@pytest.mark.torch
 def test_in_memory_key_names_convert_identically(hf_dir, converted, tmp_path):
     """Files name blocks ``layer.N``; transformers >= 5 state dicts call them ``model.layer.N``."""
     renamed = tmp_path / "renamed"
@@ -159,7 +169,9 @@ def _assert_same_arrays(a, b):
     assert checkpoint.read_meta(a)["config"] == checkpoint.read_meta(b)["config"]
 
 
-def _original_layout(hf_model: DINOv3ViTModel, *, key_bias=0.7, with_mask=True) -> dict:
+def _original_layout(
+    hf_model: transformers.DINOv3ViTModel, *, key_bias=0.7, with_mask=True
+) -> dict:
     """The facebookresearch/dinov3 state dict holding ``hf_model``'s weights."""
     sd = {k: v.clone() for k, v in hf_model.state_dict().items()}
     d = TINY["hidden_size"]
@@ -202,6 +214,7 @@ def _original_layout(hf_model: DINOv3ViTModel, *, key_bias=0.7, with_mask=True) 
     return out
 
 
+@pytest.mark.torch
 def test_original_pth_converts_to_the_same_arrays(hf_model, converted, tmp_path, capsys):
     src = tmp_path / "dinov3_vitt16_pretrain_test-00000000.pth"
     torch.save(_original_layout(hf_model), src)
@@ -216,6 +229,7 @@ def test_original_pth_converts_to_the_same_arrays(hf_model, converted, tmp_path,
     assert summary["outputs_compared"] == TINY["num_hidden_layers"] + 1
 
 
+@pytest.mark.torch
 def test_original_unmasked_key_bias_is_rejected(hf_model, tmp_path):
     src = tmp_path / "unmasked.pth"
     torch.save(_original_layout(hf_model, with_mask=False), src)
@@ -223,6 +237,7 @@ def test_original_unmasked_key_bias_is_rejected(hf_model, tmp_path):
         convert_dinov3.convert(src, tmp_path / "out")
 
 
+@pytest.mark.torch
 def test_original_rope_periods_must_match_theta(hf_model, tmp_path):
     state = _original_layout(hf_model)
     state["rope_embed.periods"] = state["rope_embed.periods"] * 1.5
@@ -232,6 +247,7 @@ def test_original_rope_periods_must_match_theta(hf_model, tmp_path):
         convert_dinov3.convert(src, tmp_path / "out")
 
 
+@pytest.mark.torch
 def test_verify_cli_reports_every_block(hf_dir, converted, capsys):
     capsys.readouterr()
     assert verify.main(["--src", str(hf_dir), "--converted", str(converted)]) == 0
@@ -247,6 +263,7 @@ def test_verify_cli_reports_every_block(hf_dir, converted, capsys):
     ]
 
 
+@pytest.mark.torch
 def test_missing_and_unknown_keys_are_listed(hf_dir, tmp_path):
     state = load_file(hf_dir / "model.safetensors")
     del state["layer.1.mlp.up_proj.bias"]
@@ -263,9 +280,10 @@ def test_missing_and_unknown_keys_are_listed(hf_dir, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.torch
 def test_vitl16_matches_transformers_by_shape():
     """Full-size ViT-L/16 without allocating weights: every key mapped, same parameter count."""
-    config = dinov3.vitl16()
+    config = presets.dinov3_vitl16()
     assert (config.hidden_size, config.num_layers, config.num_heads, config.mlp_dim) == (
         1024,
         24,
@@ -273,7 +291,7 @@ def test_vitl16_matches_transformers_by_shape():
         4096,
     )
     # facebook/dinov3-vitl16-pretrain-lvd1689m config.json (architecture fields).
-    hf_config = DINOv3ViTConfig(
+    hf_config = transformers.DINOv3ViTConfig(
         hidden_size=1024,
         intermediate_size=4096,
         num_hidden_layers=24,
@@ -288,7 +306,7 @@ def test_vitl16_matches_transformers_by_shape():
     )
     assert convert_dinov3.config_from_transformers(hf_config.to_dict(), source="hub") == config
     with torch.device("meta"):
-        reference = DINOv3ViTModel(hf_config)
+        reference = transformers.DINOv3ViTModel(hf_config)
     # Zero-stride stand-ins: the name table only transposes, so nothing is allocated.
     state = {
         k: np.broadcast_to(np.float32(0), tuple(v.shape)) for k, v in reference.state_dict().items()
@@ -305,6 +323,7 @@ def test_vitl16_matches_transformers_by_shape():
     assert 300_000_000 < ours < 305_000_000
 
 
+@pytest.mark.torch
 def test_compute_dtype_override_and_input_checks(converted):
     reference = checkpoint.load(converted)
     half = checkpoint.load(converted, dtype="bfloat16")
@@ -325,4 +344,5 @@ def test_compute_dtype_override_and_input_checks(converted):
         checkpoint.load(converted, patch_size=8)
     with pytest.raises(ValueError, match="unknown field"):
         dinov3.DinoV3Config.from_dict({"hidden": 3})
-    assert dinov3.DinoV3Config.from_dict(dinov3.vitb16().to_dict()) == dinov3.vitb16()
+    vitb16 = presets.dinov3_vitb16()
+    assert dinov3.DinoV3Config.from_dict(vitb16.to_dict()) == vitb16

@@ -6,7 +6,7 @@ category, and the means are plain means; a category without masks gets NaN pixel
 listed and left out of the means; the threshold is the argmax of F1 over scikit-learn's PR curve;
 few-shot evaluation gives each category the memory of its own reference images; 8 devices give the
 maps of 1 device; the command writes every result file and ends with JSON.
-The placeholder ``ToyDetector`` is also used by ``tests/test_predict.py``.
+The placeholder ``ToyDetector`` lives in tests/toys.py.
 """
 
 from __future__ import annotations
@@ -21,112 +21,19 @@ import warnings
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
+from toys import CATEGORIES, IMAGE_SIZE, ToyDetector, toy_config, toy_numpy_forward
 
-from configs.common import base_config
 from zsad_jax import evaluate as eval_lib
+from zsad_jax import inference
 from zsad_jax import metrics as metrics_lib
 from zsad_jax.data import decode, protocol, synthetic, transforms
 from zsad_jax.data.records import Record
-from zsad_jax.methods.base import AnomalyModel
-from zsad_jax.nn import Trainable
 
 REPO = Path(__file__).resolve().parents[1]
-IMAGE_SIZE = 16
-CATEGORIES = ("wood", "pill")
-
-# ----------------------------------------------------------------------------------------------
-# The placeholder method.
-
-
-class ToyDetector(AnomalyModel):
-    """Per-pixel ``sigmoid(x . weight + bias)`` on the normalised image; score = map mean + max.
-
-    ``weight`` and ``bias`` are Trainable (what a checkpoint restores); ``offset`` is frozen.
-    """
-
-    def __init__(self, config, *, rngs: nnx.Rngs, load_weights: bool = True):
-        del load_weights
-        self.weight = Trainable(jnp.asarray(config.model.weight, jnp.float32))
-        self.bias = Trainable(jnp.zeros((), jnp.float32))
-        self.offset = nnx.Param(jnp.asarray(config.model.offset, jnp.float32))
-        self.noise = Trainable(0.01 * jax.random.normal(rngs.params(), (3,)))
-        self.class_names: list[str] = []
-
-    def set_classes(self, names):
-        self.class_names = list(names)
-
-    def build_memory(self, images):
-        """Few-shot stand-in: the mean colour (3,) of k reference images."""
-        return jnp.mean(images, axis=(0, 1, 2))
-
-    def __call__(self, batch, *, train=False, memory=None):
-        x = batch["image"]
-        logits = x @ (self.weight[...] + self.noise[...]) + self.bias[...] + self.offset[...]
-        if memory is not None:
-            logits = logits - jnp.sum(memory)
-        amap = jax.nn.sigmoid(logits)
-        score = 0.5 * (amap.mean(axis=(1, 2)) + amap.max(axis=(1, 2)))
-        return {"anomaly_map": amap, "pred_score": score, "logits": logits}
-
-    def loss(self, outputs, batch):
-        pixel = jnp.mean((outputs["anomaly_map"] - batch["gt_mask"]) ** 2)
-        return pixel, {"pixel": pixel}
-
-
-def toy_numpy_forward(
-    model: ToyDetector, image: np.ndarray, references: np.ndarray | None = None
-) -> tuple[np.ndarray, float]:
-    """The placeholder's map and score in NumPy float64 (the independent forward)."""
-    w = np.asarray(model.weight[...], np.float64) + np.asarray(model.noise[...], np.float64)
-    logits = image.astype(np.float64) @ w + float(model.bias[...]) + float(model.offset[...])
-    if references is not None:
-        logits -= references.astype(np.float64).mean(axis=(0, 1, 2)).sum()
-    amap = 1.0 / (1.0 + np.exp(-logits))
-    return amap, 0.5 * (amap.mean() + amap.max())
-
-
-def toy_config(root: str | None = None) -> ml_collections.ConfigDict:
-    c = base_config("test_evaluate:ToyDetector")
-    # Weights that make dark pixels anomalous: the synthetic defects include holes and stains.
-    c.model.weight = (-2.0, -1.5, -1.0)
-    c.model.offset = -0.5
-    c.model.random_init = True
-    c.data.test_set = "mvtec_ad"  # the synthetic benchmark is written in the MVTec-AD layout
-    c.data.test_root = root or ""
-    c.data.test_categories = CATEGORIES
-    c.data.transform = "plain"
-    c.data.image_size = IMAGE_SIZE
-    c.eval.batch_size = 8
-    c.eval.num_vis = 2
-    return c
-
-
-def toy_train_data(config):
-    """``config.data.train_set`` for training the placeholder (tests/test_predict.py)."""
-    from zsad_jax import train as train_lib
-
-    r = np.random.default_rng(0)
-    n, s = 16, int(config.data.image_size)
-    mask = (r.random((n, s, s)) > 0.8).astype(np.float32)
-    image = (r.normal(size=(n, s, s, 3)) - mask[..., None]).astype(np.float32)
-    return train_lib.InMemoryTrainData(
-        {
-            "image": image,
-            "gt_mask": mask,
-            "gt_label": (mask.max(axis=(1, 2)) > 0).astype(np.int32),
-            "has_mask": np.ones(n, bool),
-            "class_id": np.zeros(n, np.int32),
-        },
-        global_batch=int(config.data.batch_size),
-        seed=int(config.seed),
-        class_names=["toy"],
-    )
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +71,7 @@ def test_choose_threshold_is_the_f1_argmax_of_sklearns_curve():
         labels[0] = True
         # Heavy ties in half of the trials.
         scores = r.random(n) if trial % 2 else np.round(r.random(n) * 4) / 4
-        t = eval_lib.choose_threshold(scores, labels)
+        t = metrics_lib.choose_threshold(scores, labels)
         precision, recall, thresholds = precision_recall_curve(labels, scores)
         with np.errstate(invalid="ignore", divide="ignore"):
             f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0)
@@ -176,14 +83,14 @@ def test_choose_threshold_is_the_f1_argmax_of_sklearns_curve():
         # ... and is the highest of sklearn's thresholds that does.
         assert t == pytest.approx(thresholds[np.isclose(f1[:-1], best, atol=1e-12)].max())
     with pytest.warns(metrics_lib.UndefinedMetricWarning):
-        assert math.isnan(eval_lib.choose_threshold([0.1, 0.2], [0, 0]))
+        assert math.isnan(metrics_lib.choose_threshold([0.1, 0.2], [0, 0]))
 
 
 def test_maps_and_metrics_equal_direct_numpy_and_sklearn(bench):
     config = toy_config(bench)
     model = ToyDetector(config, rngs=nnx.Rngs(0))
     result = eval_lib.evaluate(model, config, keep_outputs=True)
-    assert model.class_names == list(CATEGORIES)
+    assert model.class_names == tuple(CATEGORIES)
 
     # The maps: an independent forward on the same files through the same transform.
     records = protocol.read_dataset("mvtec_ad", bench, "test", CATEGORIES)
@@ -218,7 +125,7 @@ def test_maps_and_metrics_equal_direct_numpy_and_sklearn(bench):
             np.mean([result["per_category"][c][metric] for c in CATEGORIES]), abs=1e-12
         )
     assert result["excluded"] == {}
-    assert result["threshold"] == eval_lib.choose_threshold(out["pred_score"], out["gt_label"])
+    assert result["threshold"] == metrics_lib.choose_threshold(out["pred_score"], out["gt_label"])
 
 
 def test_few_shot_uses_each_categorys_own_reference_images(bench):
@@ -294,7 +201,7 @@ def test_command_writes_every_result_file_and_ends_with_json(bench, tmp_path):
     """``python -m zsad_jax.evaluate`` with a config file (random-init placeholder)."""
     config_file = tmp_path / "toy_eval_config.py"
     config_file.write_text(
-        "from test_evaluate import toy_config\n\n"
+        "from toys import toy_config\n\n"
         f"def get_config(arg=None):\n    return toy_config({bench!r})\n"
     )
     out = tmp_path / "eval"
@@ -337,18 +244,21 @@ def test_without_checkpoint_a_trained_config_is_refused():
     config = toy_config()
     config.model.random_init = False
     with pytest.raises(ValueError, match="--checkpoint is required"):
-        eval_lib.load_model(None, config)
+        inference.load_model(None, config)
 
 
 def test_repeated_evaluations_of_one_model_structure_reuse_the_compiled_forward():
-    """Training evaluates periodically: one jitted function per model structure and mesh."""
+    """Training evaluates periodically: one compiled forward per model structure and mesh (jax's
+    own cache, keyed on the hashable graphdef)."""
     config = toy_config()
-    first = eval_lib.BatchedInference(ToyDetector(config, rngs=nnx.Rngs(0)))
-    again = eval_lib.BatchedInference(ToyDetector(config, rngs=nnx.Rngs(1)))
-    assert again._forward is first._forward
-    other = ToyDetector(config, rngs=nnx.Rngs(0))
-    other.class_names = ["changed"]  # a different static attribute: a different function
-    assert eval_lib.BatchedInference(other)._forward is not first._forward
     batch = {"image": np.ones((8, 4, 4, 3), np.float32), "class_id": np.zeros(8, np.int32)}
+    first = inference.BatchedInference(ToyDetector(config, rngs=nnx.Rngs(0)))(batch)
+    compiled = inference._forward._cache_size()
+    again = inference.BatchedInference(ToyDetector(config, rngs=nnx.Rngs(1)))(batch)
+    assert inference._forward._cache_size() == compiled
+    other = ToyDetector(config, rngs=nnx.Rngs(0))
+    other.class_names = ("changed",)  # a different static attribute: another compilation
+    inference.BatchedInference(other)(batch)
+    assert inference._forward._cache_size() == compiled + 1
     # Same function, each call with its own weights.
-    assert not np.allclose(first(batch)["pred_score"], again(batch)["pred_score"])
+    assert not np.allclose(first["pred_score"], again["pred_score"])

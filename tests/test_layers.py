@@ -7,8 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.ndimage
-import torch
-import torch.nn.functional as F
+from extras import optional
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -20,6 +19,10 @@ from zsad_jax.layers import (
     gaussian_kernel,
     resize_bilinear,
 )
+
+# None without the convert extra; the tests that use it are marked torch (tests/extras.py).
+torch = optional("torch")
+F = optional("torch.nn.functional")
 
 RNG = np.random.default_rng(11)
 
@@ -37,6 +40,7 @@ def _torch_resize_nhwc(x, size, align_corners):
 # ----------------------------------------------------------------------------- resize
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("align_corners", [False, True])
 @pytest.mark.parametrize(
     ("in_size", "out_size"),
@@ -50,6 +54,7 @@ def test_resize_matches_torch_interpolate(in_size, out_size, align_corners):
     np.testing.assert_allclose(np.asarray(ours), ref, atol=1e-6, rtol=0)
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("align_corners", [False, True])
 def test_resize_maps_without_channel_axis_and_under_jit(align_corners):
     maps = _uniform((3, 37, 37))
@@ -60,6 +65,7 @@ def test_resize_maps_without_channel_axis_and_under_jit(align_corners):
     np.testing.assert_allclose(np.asarray(ours), ref, atol=1e-6, rtol=0)
 
 
+@pytest.mark.torch
 def test_resize_downsample_differs_from_antialiased_jax_image_resize():
     # Why this layer exists: jax.image.resize antialiases, torch (antialias=False) does not.
     x = _uniform((1, 518, 518, 1))
@@ -69,6 +75,7 @@ def test_resize_downsample_differs_from_antialiased_jax_image_resize():
     assert np.max(np.abs(smoothed - ours)) > 1e-2
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("align_corners", [False, True])
 def test_resize_gradient_matches_torch_autograd(align_corners):
     x = _uniform((2, 7, 5, 2))
@@ -82,6 +89,7 @@ def test_resize_gradient_matches_torch_autograd(align_corners):
     np.testing.assert_allclose(np.asarray(ours), np.moveaxis(t.grad.numpy(), 1, -1), atol=1e-5)
 
 
+@pytest.mark.torch
 def test_resize_keeps_low_precision_dtype():
     x = _uniform((1, 6, 6, 2))
     out = jax.jit(lambda v: resize_bilinear(v, (12, 9)))(jnp.asarray(x, jnp.bfloat16))
@@ -186,6 +194,7 @@ def _kornia_reference(x_nchw, kernel_size, sigma, border_type):
     return t.numpy()
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize(
     ("kernel_size", "sigma", "border_type"),
     [
@@ -206,6 +215,7 @@ def test_gaussian_blur2d_matches_kornia_formula(kernel_size, sigma, border_type)
     np.testing.assert_allclose(np.asarray(ours), np.moveaxis(ref, 1, -1), atol=1e-6)
 
 
+@pytest.mark.torch
 def test_gaussian_blur2d_scalar_arguments_and_maps():
     maps = _uniform((2, 37, 37))
     ours = jax.jit(lambda m: gaussian_blur2d(m, 7, 1.0))(jnp.asarray(maps))
@@ -262,6 +272,7 @@ def _torch_unfold_aggregate(tokens, grid, size, sigma):
     return torch.cat([cls_token, out], dim=1).numpy()
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("grid", [(37, 37), (6, 9)])
 def test_aggregate_neighbours_matches_torch_unfold(grid):
     sizes = (1, 3, 5)

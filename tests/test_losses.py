@@ -6,10 +6,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-import torch.nn.functional as F
+from extras import optional
 
 from zsad_jax import losses
+
+# None without the convert extra; the tests that use it are marked torch (tests/extras.py).
+torch = optional("torch")
+F = optional("torch.nn.functional")
 
 RNG = np.random.default_rng(0)
 
@@ -28,6 +31,7 @@ def _torch_binary_focal(p, t, gamma):
     return (ce * (1 - p_t) ** gamma).mean()
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("gamma", [2.0, 4.0])
 def test_binary_focal_value_and_grad_match_torch(gamma):
     p, t = _probs((3, 5, 5)), _mask((3, 5, 5))
@@ -47,13 +51,19 @@ def test_binary_focal_accepts_0_255_and_bool_targets():
     np.testing.assert_allclose(losses.binary_focal_loss(p, t.astype(bool)), ref)
 
 
+@pytest.mark.torch
 def test_binary_focal_normal_target_reproduces_official_in_place_rewrite():
-    """The official AF-CLIP step: pixel focal loss, then the alignment loss rewrites its targets.
+    """The official AF-CLIP step: pixel focal loss, then the alignment loss rewrites its targets
+    (``main.py:patch_alignment_loss``: ``new_gts = copy.copy(gts)``, ``new_gts[new_gts == 0] = -1``;
+    the gradient of normal patches is then pushed down harder than the logged loss says).
 
-    ``copy.copy`` of a torch tensor shares storage, so ``new[new == 0] = -1`` changes the targets
-    autograd saved for the focal loss without a version-counter error. This runs that sequence in
-    torch and checks that the loss value is the clean one while the gradient is reproduced by
-    ``normal_target=-1``.
+    ``copy.copy`` of a torch tensor shares storage (a Tensor has no ``__copy__``; ``__reduce_ex__``
+    rebuilds it on the same storage with a fresh version counter), so ``new[new == 0] = -1``
+    changes the targets autograd saved for the focal loss (in ``F.binary_cross_entropy`` and
+    ``inputs * targets``) without an in-place error. This runs that sequence in torch and checks
+    that the loss value is the clean one while the gradient is reproduced by ``normal_target=-1``.
+    The L1 term needs no switch: its backward ``sign(p - t)`` is the same for t = 0 and t = -1
+    because p > 0.
     """
     p, t = _probs((2, 6, 6)), _mask((2, 6, 6))
     tp = torch.tensor(p, requires_grad=True)
@@ -84,6 +94,7 @@ def _torch_focal_two_class(probs_nchw, target, gamma=2.0, smooth=1e-5):
     return (-torch.pow(1 - pt, gamma) * pt.log()).mean()
 
 
+@pytest.mark.torch
 def test_focal_two_class_matches_torch_transcription():
     logits = RNG.normal(size=(2, 7, 7, 2)).astype(np.float32)
     probs = np.asarray(jax.nn.softmax(logits, axis=-1))
@@ -150,6 +161,7 @@ def test_patch_alignment_is_zero_not_nan_without_mixed_pairs():
         assert float(value) == 0.0 and np.isfinite(np.asarray(grad)).all()
 
 
+@pytest.mark.torch
 def test_routing_and_cross_entropy_match_numpy():
     wn = RNG.uniform(size=5).astype(np.float32)
     y = np.array([0, 1, 1, 0, 1])

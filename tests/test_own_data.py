@@ -23,6 +23,7 @@ from absl import flags
 from flax import nnx
 from ml_collections import config_flags
 from PIL import Image
+from toys import ToyDetector, toy_config, toy_numpy_forward
 
 from configs.common import base_config
 from zsad_jax import evaluate as eval_lib
@@ -330,8 +331,6 @@ def test_corrupt_file_advice_names_the_real_flags(tmp_path):
 
 
 def _toy(root, **data):
-    from test_evaluate import ToyDetector, toy_config
-
     config = toy_config(str(root))
     config.data.update({"test_set": "folder", "test_categories": (), **data})
     return ToyDetector(config, rngs=nnx.Rngs(0)), config
@@ -352,8 +351,6 @@ def test_few_shot_refuses_references_that_are_test_images(tmp_path):
 
 
 def test_few_shot_draws_references_from_the_train_folder_only(tmp_path):
-    from test_evaluate import toy_numpy_forward
-
     root = tmp_path / "split"
     train = _images(root / "train/good", ["r1.png", "r2.png"])
     _images(root / "test/good", ["a.png", "b.png"])

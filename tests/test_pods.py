@@ -1,7 +1,7 @@
 """Pods end to end: ``train``, ``evaluate`` and ``predict`` as 2 processes x 4 CPU devices
 (jax.distributed on 127.0.0.1, gloo collectives) give what 1 process x 8 devices gives.
 
-On the placeholder ``ToyDetector`` (tests/test_evaluate.py) and the synthetic benchmark: a 2 x 4
+On the placeholder ``ToyDetector`` (tests/toys.py) and the synthetic benchmark: a 2 x 4
 training run's final evaluation equals ``evaluate`` of its checkpoint on 1 x 8; ``evaluate`` on
 2 x 4 equals 1 x 8 on every metric (zero-shot and few-shot), computes each category's metrics on one
 process, prints the same last line on both and writes every file once; the TFDS array_record route
@@ -10,8 +10,7 @@ equals the files route; ``predict`` on a folder gives the single process's ``pre
 the uninterrupted metrics. "Written once" is observed, not assumed: every command runs with an
 audit hook (``sitecustomize`` below) that logs each file it opens for writing or renames into place.
 
-This file is also the config file of those commands (``get_config``), as tests/test_train.py is
-for tests/test_train_cli.py.
+The commands' config file is tests/toys.py (``train:BENCH``, ``slow:BENCH``).
 """
 
 from __future__ import annotations
@@ -27,18 +26,17 @@ import sys
 import time
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 from PIL import Image
-from test_evaluate import CATEGORIES, ToyDetector, toy_config
+from toys import CATEGORIES, SlowToyDetector, ToyDetector, detector_command_config, toy_config
 
 from zsad_jax.data import synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG = str(Path(__file__).resolve())
+CONFIG = str(ROOT / "tests" / "toys.py")
 METRICS = (
     "image_AUROC", "image_AP", "image_F1max", "pixel_AUROC", "pixel_AP", "pixel_F1max",
     "pixel_AUPRO",
@@ -74,53 +72,15 @@ if _root and _log_path:
 
 
 # ----------------------------------------------------------------------------------------------
-# The commands' config (``--config=tests/test_pods.py:KIND:BENCH``) and a slow placeholder.
-
-
-class SlowToyDetector(ToyDetector):
-    """The placeholder, ``config.model.sleep_s`` slower per forward pass (on the host, so that a
-    process can be killed while evaluation is under way); its outputs are ToyDetector's."""
-
-    def __init__(self, config, *, rngs, load_weights: bool = True):
-        super().__init__(config, rngs=rngs, load_weights=load_weights)
-        self.sleep_s = float(config.model.sleep_s)
-
-    def __call__(self, batch, *, train=False, memory=None):
-        if self.sleep_s:
-            jax.debug.callback(lambda: time.sleep(self.sleep_s))
-        return super().__call__(batch, train=train, memory=memory)
-
-
-def get_config(arg: str):
-    """``train:BENCH``: the placeholder trained 2 steps, then evaluated on BENCH (final held-out
-    evaluation); ``slow:BENCH``: the random-init slow placeholder for evaluation."""
-    kind, _, bench = arg.partition(":")
-    config = toy_config(bench)
-    if kind == "train":
-        config.model.random_init = False
-        config.data.train_set = "test_evaluate:toy_train_data"
-        config.data.batch_size = 8
-        config.optim.steps = 2
-        config.optim.lr = 0.1
-        config.ckpt.every_steps = 0
-    elif kind == "slow":
-        config.method = "test_pods:SlowToyDetector"
-        config.model.sleep_s = 0.0
-    else:
-        raise ValueError(f"get_config: unknown kind {kind!r} (train, slow)")
-    return config
-
-
-# ----------------------------------------------------------------------------------------------
 # Launching commands.
 
 
 @pytest.fixture(scope="module")
 def tools(tmp_path_factory) -> dict[str, Path]:
-    """The audit hook's folder and a compilation cache shared by every command of the module."""
+    """The audit hook's folder (the commands share the session's compilation cache: conftest.py)."""
     hook = tmp_path_factory.mktemp("audit_hook")
     (hook / "sitecustomize.py").write_text(SITECUSTOMIZE)
-    return {"hook": hook, "cache": tmp_path_factory.mktemp("jax_cache")}
+    return {"hook": hook}
 
 
 def _env(tools: dict[str, Path], devices: int, audit: Path | None) -> dict[str, str]:
@@ -131,9 +91,6 @@ def _env(tools: dict[str, Path], devices: int, audit: Path | None) -> dict[str, 
         PYTHONPATH=os.pathsep.join([str(tools["hook"]), str(ROOT / "tests"), str(ROOT)]),
         # tests/conftest.py's float32 matmul precision, so commands compute like this process.
         JAX_DEFAULT_MATMUL_PRECISION="float32",
-        JAX_COMPILATION_CACHE_DIR=str(tools["cache"]),
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
     )
     if audit is not None:
         env.update(ZSAD_AUDIT_ROOT=str(audit), ZSAD_AUDIT_LOG=str(audit.parent / "writes"))
@@ -442,7 +399,7 @@ def _wait_for(condition, procs: list[subprocess.Popen], timeout: float = 240) ->
 
 def test_the_slow_placeholder_computes_the_placeholders_outputs():
     """What the kill test relies on: the sleep changes the time, not the maps."""
-    config = get_config("slow:")
+    config = detector_command_config("slow", "")
     config.model.sleep_s = 0.01
     slow = SlowToyDetector(config, rngs=nnx.Rngs(0))
     plain = ToyDetector(config, rngs=nnx.Rngs(0))

@@ -1,6 +1,6 @@
 """zsad_jax.predict: users' own images in, maps, overlays and decisions out.
 
-On a checkpoint of the placeholder ``ToyDetector`` (tests/test_evaluate.py) trained for two steps:
+On a checkpoint of the placeholder ``ToyDetector`` (tests/toys.py) trained for two steps:
 scores equal a direct NumPy forward, the saved maps equal an independent bilinear resize back to
 each image's size, labels apply the stored threshold (or ``--threshold``); grayscale, RGBA, palette,
 16-bit and JPEG inputs load; bad paths, corrupt files and a missing checkpoint fail with messages
@@ -13,19 +13,18 @@ few-shot AF-CLIP+ mode with a reference folder.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
 from flax import nnx
-from jax.experimental.compilation_cache import compilation_cache
 from PIL import Image
-from test_evaluate import CATEGORIES, ToyDetector, toy_config, toy_numpy_forward
+from toys import CATEGORIES, ToyDetector, toy_config, toy_numpy_forward
 
 from zsad_jax import checkpoint as ckpt_lib
 from zsad_jax import evaluate as eval_lib
@@ -35,7 +34,7 @@ from zsad_jax.data import decode, synthetic
 
 REPO = Path(__file__).resolve().parents[1]
 THRESHOLD = 0.63  # between the random-looking images (about 0.60) and those with colour (0.66)
-# The placeholder's checkpoints name test code (config.method="test_evaluate:ToyDetector").
+# The placeholder's checkpoints name test code (config.method="toys:ToyDetector").
 TRUST = {"allow_custom_code": True}
 
 
@@ -54,33 +53,13 @@ def bilinear_upsample(x: np.ndarray, height: int, width: int) -> np.ndarray:
     return rows[:, c0] * (1 - fc) + rows[:, c1] * fc
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compile_cache(tmp_path_factory):
-    """Identical forward passes (training's final evaluation, evaluate and predict from the
-    checkpoint) compile once for the whole module."""
-    names = (
-        "jax_compilation_cache_dir",
-        "jax_persistent_cache_min_compile_time_secs",
-        "jax_persistent_cache_min_entry_size_bytes",
-    )
-    old = {k: jax.config.values[k] for k in names}
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    compilation_cache.reset_cache()
-    yield
-    for k, v in old.items():
-        jax.config.update(k, v)
-    compilation_cache.reset_cache()
-
-
 @pytest.fixture(scope="module")
 def toy_run(tmp_path_factory) -> Path:
     """A placeholder training run (2 steps), with an image threshold stored in its checkpoint."""
     workdir = tmp_path_factory.mktemp("toy_run")
     config = toy_config()
     config.model.random_init = False
-    config.data.train_set = "test_evaluate:toy_train_data"
+    config.data.train_set = "toys:toy_train_data"
     config.data.batch_size = 8
     config.optim.steps = 2
     config.optim.lr = 0.1
@@ -277,6 +256,8 @@ def test_af_clip_train_evaluate_predict_and_few_shot(tmp_path):
     config.mesh.data = 1  # one device: sharding is proven on the placeholder; compiles faster
     run_dir = tmp_path / "run"
     trained = train_lib.train(config, run_dir, progress=False)  # default evaluator: ours
+    assert trained["steps"] == 2 and math.isfinite(trained["loss"]) and trained["bad_steps"] == 0
+    assert (run_dir / "checkpoints").is_dir()
     for metric in eval_lib.METRIC_NAMES:
         assert 0.0 <= trained[metric] <= 1.0
     threshold = ckpt_lib.read_meta(run_dir)["threshold"]

@@ -20,11 +20,9 @@ import sys
 import time
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.experimental.compilation_cache import compilation_cache
 from PIL import Image
 
 from zsad_jax import cli
@@ -119,33 +117,12 @@ def trees(tmp_path_factory):
     return {"mvtec_ad": mvtec_tree(base / "mvtec_ad"), "visa": visa_tree(base / "visa")}
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    """A compilation cache shared by this process and the command it starts (same programs)."""
-    path = tmp_path_factory.mktemp("jax_cache")
-    keys = (
-        "jax_compilation_cache_dir",
-        "jax_persistent_cache_min_compile_time_secs",
-        "jax_persistent_cache_min_entry_size_bytes",
-    )
-    old = {k: jax.config.values[k] for k in keys}
-    for k, v in zip(keys, (str(path), 0, 0), strict=True):
-        jax.config.update(k, v)
-    compilation_cache.reset_cache()
-    yield path
-    for k, v in old.items():
-        jax.config.update(k, v)
-    compilation_cache.reset_cache()
-
-
-def _env(cache: Path) -> dict[str, str]:
+def _env() -> dict[str, str]:
+    """The command's environment; the session's compilation cache comes with it (conftest.py)."""
     env = dict(os.environ)
     env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"  # as tests/conftest.py
     env["JAX_PLATFORMS"] = "cpu"
     env["JAX_DEFAULT_MATMUL_PRECISION"] = "float32"
-    env["JAX_COMPILATION_CACHE_DIR"] = str(cache)
-    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-    env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
     env["PYTHONPATH"] = str(ROOT)
     return env
 
@@ -168,15 +145,13 @@ def _run(trees, workdir, **kw):
 
 
 @pytest.mark.slow
-def test_protocol_killed_after_the_first_training_resumes_to_the_same_table(
-    trees, cache_dir, tmp_path
-):
+def test_protocol_killed_after_the_first_training_resumes_to_the_same_table(trees, tmp_path):
     """The command in a subprocess, SIGKILLed once the MVTec-AD training has finished (its
     training.json appears); re-running continues (the finished training is not redone, finished
     evaluations are reused) and writes the table an uninterrupted run writes."""
     killed = tmp_path / "killed"
     marker = killed / "train_mvtec_ad" / rep.TRAINING_FILE
-    proc = subprocess.Popen(_command(trees, killed), cwd=ROOT, env=_env(cache_dir),
+    proc = subprocess.Popen(_command(trees, killed), cwd=ROOT, env=_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
     deadline = time.time() + 240
     while not marker.exists() and proc.poll() is None and time.time() < deadline:
@@ -234,7 +209,7 @@ def test_protocol_killed_after_the_first_training_resumes_to_the_same_table(
 
 
 @pytest.mark.slow
-def test_selected_on_test_column_is_the_best_epoch_next_to_the_last_one(trees, cache_dir, tmp_path):
+def test_selected_on_test_column_is_the_best_epoch_next_to_the_last_one(trees, tmp_path):
     """Two epochs (one step each), every epoch evaluated by the training loop's hook; the column
     shows the epoch with the best pixel AUROC, the ours column the last epoch."""
     out = rep.run(CONFIG, trees, tmp_path / "sel", overrides=OVERRIDES, directions=("mvtec_ad",),
@@ -309,9 +284,11 @@ def test_direction_configs_set_the_protocol_and_keep_the_variants(trees):
     assert d.test_categories == () and config.optim.lr == 0.5
     assert config.model.text_interleave_quirk is False  # the "paper" variant kept
     full = rep.direction_config("configs/ava_dino.py", [], "mvtec_ad", "visa", trees)
-    # The train_set= variant derives each side's official mask threshold (VisA > 0, MVTec > 0.5).
-    assert (full.data.train_mask_resize, full.data.mask_resize) == ("bilinear_threshold",
-                                                                    "bilinear_any")  # fmt: skip
+    # Each side's official mask threshold follows its dataset (VisA > 0, MVTec > 0.5).
+    d = full.data
+    assert (transforms.mask_resize_for(d.train_mask_resize, d.train_set),
+            transforms.mask_resize_for(d.mask_resize, d.test_set)) == ("bilinear_threshold",
+                                                                       "bilinear_any")  # fmt: skip
     with pytest.raises(cli.CommandLineError, match="the protocol sets the datasets"):
         rep.direction_config(CONFIG, [("data.test_root", "x")], "visa", "mvtec_ad", trees)
 

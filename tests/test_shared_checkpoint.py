@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from flax import nnx
 from PIL import Image
-from test_evaluate import CATEGORIES, ToyDetector, toy_config
+from toys import CATEGORIES, ToyDetector, toy_config
 
 from zsad_jax import checkpoint as ckpt_lib
 from zsad_jax import train as train_lib
@@ -31,7 +31,7 @@ PROBE = """\
 from pathlib import Path
 
 Path(__file__).with_name("IMPORTED").write_text("the checkpoint's code ran")
-from test_evaluate import ToyDetector as Probe
+from toys import ToyDetector as Probe
 """
 
 
@@ -55,7 +55,7 @@ def bundle(tmp_path_factory) -> Path:
                                n_test_good=2, n_test_defect=2, categories=CATEGORIES)  # fmt: skip
     config = toy_config(bench)
     config.model.random_init = False
-    config.data.train_set = "test_evaluate:toy_train_data"
+    config.data.train_set = "toys:toy_train_data"
     config.data.batch_size = 8
     config.optim.steps = 1
     config.ckpt.every_steps = 0
@@ -114,7 +114,7 @@ def test_python_api_refuses_too_and_names_the_field(bundle):
     # data.train_set is a code field too (a training-data factory).
     config = ckpt_lib.config_from_meta(ckpt_lib.read_meta(bundle / "ckpt"))
     config.method = "af_clip"
-    assert ckpt_lib.code_specs(config) == {"config.data.train_set": "test_evaluate:toy_train_data"}
+    assert ckpt_lib.code_specs(config) == {"config.data.train_set": "toys:toy_train_data"}
 
 
 def _damaged_copy(bundle: Path, tmp_path: Path, edit) -> Path:

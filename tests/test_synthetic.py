@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from zsad_jax.data import synthetic, synthetic_defects, synthetic_scenes
+from zsad_jax.data import generated, synthetic, synthetic_defects, synthetic_scenes
 from zsad_jax.data.decode import load_record
 from zsad_jax.data.protocol import read_dataset
 
@@ -106,7 +106,7 @@ def test_read_synthetic_generates_once_then_reuses(tmp_path):
     # Other parameters: the folder (ours, per its manifest) is regenerated.
     read_dataset("synthetic", root, "test", ["disc"], **{**params, "seed": 1})
     assert Image.open(os.path.join(root, "disc/test/good/000.png")).size == (48, 48)
-    assert synthetic._read_manifest(root)["seed"] == 1
+    assert generated.read_manifest(root, synthetic.MANIFEST)["seed"] == 1
     assert not [d for d in os.listdir(tmp_path) if d.startswith(".synthetic")]
     with pytest.raises(ValueError, match=r"unknown synthetic categories \['bottle'\].*'wood'"):
         read_dataset("synthetic", root, categories=["bottle"], **params)

@@ -19,10 +19,7 @@ import unicodedata
 
 import numpy as np
 import pytest
-import regex
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-from transformers import CLIPTokenizer
-from transformers.convert_slow_tokenizer import bytes_to_unicode
+from extras import optional
 
 from zsad_jax import prompts
 from zsad_jax.data.protocol import (
@@ -32,6 +29,13 @@ from zsad_jax.data.protocol import (
     VISA_CATEGORIES,
 )
 from zsad_jax.encoders import tokenizer as tk
+
+# None without the convert extra (transformers brings tokenizers and regex); the tests that use
+# them are marked torch (tests/extras.py).
+regex = optional("regex")
+tokenizers = optional("tokenizers")
+transformers = optional("transformers")
+hf_byte_table = optional("transformers.convert_slow_tokenizer")
 
 ODD_TEXTS = [
     "",
@@ -91,14 +95,15 @@ FUZZ_POOL = (
 
 def _train_merges(corpus: list[str], vocab_size: int) -> list[tuple[str, str]]:
     """A byte-level BPE with CLIP's normaliser, word split and ``</w>`` suffix, as merges."""
-    template = CLIPTokenizer()  # no files: only its normaliser and pre-tokenizer are used
-    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
+    # No files: only its normaliser and pre-tokenizer are used.
+    template = transformers.CLIPTokenizer()
+    bpe = tokenizers.Tokenizer(tokenizers.models.BPE(end_of_word_suffix="</w>"))
     bpe.normalizer = template.backend_tokenizer.normalizer
     bpe.pre_tokenizer = template.backend_tokenizer.pre_tokenizer
-    trainer = trainers.BpeTrainer(
+    trainer = tokenizers.trainers.BpeTrainer(
         vocab_size=vocab_size,
         show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
         end_of_word_suffix="</w>",
     )
     bpe.train_from_iterator(corpus, trainer)
@@ -108,7 +113,7 @@ def _train_merges(corpus: list[str], vocab_size: int) -> list[tuple[str, str]]:
 
 def _clip_vocab(merges):
     """CLIP's vocabulary layout, built from transformers' GPT-2 byte table (not from our module)."""
-    symbols = list(bytes_to_unicode().values())
+    symbols = list(hf_byte_table.bytes_to_unicode().values())
     tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
     vocab = {t: i for i, t in enumerate(tokens)}
@@ -146,14 +151,14 @@ def files(tmp_path_factory):
     # OpenAI's file: a header line, then merges only (the real one's header is the name + version).
     with gzip.open(openai_dir / tk.OPENAI_BPE_FILE, "wt", encoding="utf-8") as f:
         f.write("\n".join(["bpe_simple_vocab_16e6.txt#version: 0.2"] + lines[1:]) + "\n")
-    hf = CLIPTokenizer.from_pretrained(str(hf_dir))
+    hf = transformers.CLIPTokenizer.from_pretrained(str(hf_dir))
     hf.backend_tokenizer.save(str(json_dir / "tokenizer.json"))
     return {"merges": merges, "hf_dir": hf_dir, "openai_dir": openai_dir, "json_dir": json_dir}
 
 
 @pytest.fixture(scope="module")
 def hf(files):
-    return CLIPTokenizer.from_pretrained(str(files["hf_dir"]))
+    return transformers.CLIPTokenizer.from_pretrained(str(files["hf_dir"]))
 
 
 @pytest.fixture(scope="module")
@@ -178,29 +183,34 @@ def _assert_same_as_hf(ours, hf, texts, context_length=77):
     np.testing.assert_array_equal(np.where(real == 1, ref, 0), got)
 
 
+@pytest.mark.torch
 def test_vocabulary_layout_is_clips(files, ours):
-    symbols = list(bytes_to_unicode().values())
+    symbols = list(hf_byte_table.bytes_to_unicode().values())
     assert tk.base_symbols() == symbols
     assert tk.openai_vocab(files["merges"]) == _clip_vocab(files["merges"])
     assert ours.vocab_size == 512 + len(files["merges"]) + 2
     assert (ours.sos_id, ours.eot_id) == (ours.vocab_size - 2, ours.vocab_size - 1)
 
 
+@pytest.mark.torch
 def test_prompts_of_every_method_match_transformers(ours, hf):
     texts = _prompt_texts()
     assert len(texts) > 5000
     _assert_same_as_hf(ours, hf, texts)
 
 
+@pytest.mark.torch
 def test_odd_inputs_match_transformers(ours, hf):
     _assert_same_as_hf(ours, hf, ODD_TEXTS)
     _assert_same_as_hf(ours, hf, ODD_TEXTS, context_length=16)
 
 
+@pytest.mark.torch
 def test_random_strings_match_transformers(ours, hf):
     _assert_same_as_hf(ours, hf, _fuzz_texts(3000))
 
 
+@pytest.mark.torch
 def test_openai_and_tokenizer_json_files_give_the_same_ids(files, ours):
     texts = _prompt_texts()[::7] + ODD_TEXTS + _fuzz_texts(300, seed=2)
     reference = ours(texts, truncate=True)
@@ -210,6 +220,7 @@ def test_openai_and_tokenizer_json_files_give_the_same_ids(files, ours):
         np.testing.assert_array_equal(other(texts, truncate=True), reference, err_msg=key)
 
 
+@pytest.mark.torch
 def test_openai_file_reads_only_its_first_merges(tmp_path, files):
     # OpenAI's SimpleTokenizer keeps 48,894 merges of a 262k-line file; num_merges does the same.
     path = tmp_path / "merges.txt.gz"
@@ -221,6 +232,7 @@ def test_openai_file_reads_only_its_first_merges(tmp_path, files):
     assert tk.OPENAI_NUM_MERGES + 512 + 2 == 49408
 
 
+@pytest.mark.torch
 def test_truncation_keeps_eot_or_raises_naming_the_text(ours, hf):
     long_text = "a photo of a very long description " * 20
     ids = ours([long_text, "short"], truncate=True)
@@ -235,6 +247,7 @@ def test_truncation_keeps_eot_or_raises_naming_the_text(ours, hf):
         ours(["word " * 76])
 
 
+@pytest.mark.torch
 def test_eot_pooling_position_with_either_padding(ours):
     texts = ["without defect.", "with defect.", "", "a photo of a dark bottle."]
     for pad_id in (0, ours.eot_id):
@@ -243,17 +256,20 @@ def test_eot_pooling_position_with_either_padding(ours):
         np.testing.assert_array_equal(np.argmax(ids, axis=1), np.array(lengths) - 1)
 
 
+@pytest.mark.torch
 def test_cleaning_follows_openai(ours, hf):
     raws, cleaned = (list(texts) for texts in zip(*CLEANED_TEXTS, strict=True))
     np.testing.assert_array_equal(ours(raws, pad_id=ours.eot_id), _hf_ids(hf, cleaned))
     assert tk.clean_text("  A \t\n B  ") == "a b"
 
 
+@pytest.mark.torch
 def test_special_token_text_maps_to_special_ids(ours):
     assert ours.encode("<|endoftext|>") == [ours.eot_id]
     assert ours.encode("x <|startoftext|>") == ours.encode("x") + [ours.sos_id]
 
 
+@pytest.mark.torch
 def test_word_scanner_without_regex_module_matches_openai_pattern(monkeypatch, ours, hf):
     pattern = regex.compile(tk._WORD_PATTERN, regex.IGNORECASE)
     texts = [tk.clean_text(t) for t in _prompt_texts()[::5] + ODD_TEXTS + _fuzz_texts(1000)]
@@ -265,6 +281,7 @@ def test_word_scanner_without_regex_module_matches_openai_pattern(monkeypatch, o
     _assert_same_as_hf(fresh, hf, _fuzz_texts(200, seed=3))
 
 
+@pytest.mark.torch
 def test_decode_matches_transformers(ours, hf):
     texts = _prompt_texts()[::50] + ["naïve café 日本語 👍🏽"]
     for row, text in zip(ours(texts), texts, strict=True):
@@ -272,6 +289,7 @@ def test_decode_matches_transformers(ours, hf):
         assert ours.decode(row) == expected
 
 
+@pytest.mark.torch
 def test_bad_files_and_inputs_raise_helpful_errors(tmp_path, files, ours):
     with pytest.raises(FileNotFoundError, match="vocab.json"):
         tk.ClipTokenizer.from_dir(tmp_path)
@@ -356,6 +374,7 @@ def test_acd_clip_prompts_and_real_names_as_in_spec():
     assert prompts.real_name("new_category") == "new category"
 
 
+@pytest.mark.torch
 def test_af_clip_and_object_agnostic_prompts_tokenise_as_used(ours):
     normal, abnormal = prompts.object_agnostic_prompts()
     assert normal == " ".join(["X"] * 12) + " object."

@@ -6,7 +6,7 @@ loop equals a direct optax loop written here; 8 devices (and data x fsdp) equal 
 accumulation equals one big batch; a NaN batch is skipped and counted, too many stop the run; a run
 stopped and resumed is bitwise equal to an uninterrupted one; checkpoints hold only trainable state;
 ``load_for_inference`` rebuilds the trained model; metrics.jsonl and TensorBoard files parse back
-(with protobuf's own decoder). Also a config file: ``--config=tests/test_train.py`` is the toy.
+(with protobuf's own decoder). The toy lives in tests/toys.py.
 """
 
 from __future__ import annotations
@@ -15,132 +15,24 @@ import json
 import os
 import shutil
 import signal
-import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
-from jax.experimental.compilation_cache import compilation_cache
+from toys import ToyModel, loop_arrays, loop_config, loop_data, saved, train_toy
 
-from configs.common import base_config
 from zsad_jax import checkpoint as ckpt_lib
 from zsad_jax import report, run_log
 from zsad_jax import sharding as shard_lib
 from zsad_jax import train as train_lib
-from zsad_jax.methods.base import AnomalyModel
-from zsad_jax.nn import Buffer, Trainable, trainable
+from zsad_jax.nn import Trainable
 
 # ----------------------------------------------------------------------------------------------
-# The toy method, its config and data.
-
-
-class ToyModel(AnomalyModel):
-    """Per-pixel logits ``scale * head(dropout(tanh(backbone(x) * gain)))``, x (B, H, W, 3)."""
-
-    def __init__(self, config, *, rngs: nnx.Rngs, load_weights: bool = True):
-        m = config.model
-        if load_weights and m.get("backbone_checkpoint"):
-            # Stands in for a method's converted-weight loader: a missing path fails here.
-            from zsad_jax.encoders.checkpoint import read_meta
-
-            read_meta(m.backbone_checkpoint)
-        dtype = jnp.dtype(config.compute_dtype)  # weights stay float32, matmuls run in dtype
-        self.backbone = nnx.Linear(3, m.width, dtype=dtype, rngs=rngs)
-        self.gain = Buffer(jnp.full((m.width,), 1.5))
-        self.head = trainable(nnx.Linear(m.width, 1, dtype=dtype, rngs=rngs))
-        self.scale = Trainable(jnp.ones(()))
-        # An RngBitGenerator stream (compiles much faster than threefry on CPU); its key type
-        # must survive the checkpoint as well.
-        dropout_key = jax.random.key(int(config.seed), impl="unsafe_rbg")
-        self.dropout = nnx.Dropout(m.dropout, rngs=nnx.Rngs(dropout=dropout_key))
-        self.class_names: list[str] = []
-
-    def set_classes(self, names):
-        self.class_names = list(names)
-
-    def __call__(self, batch, *, train=False):
-        f = jnp.tanh(self.backbone(batch["image"]) * self.gain[...])
-        f = self.dropout(f, deterministic=not train)
-        logits = self.head(f)[..., 0].astype(jnp.float32) * self.scale[...]
-        amap = jax.nn.sigmoid(logits)
-        return {"anomaly_map": amap, "pred_score": amap.max(axis=(1, 2)), "logits": logits}
-
-    def loss(self, outputs, batch):
-        pixel = optax.sigmoid_binary_cross_entropy(outputs["logits"], batch["gt_mask"]).mean()
-        label = batch["gt_label"].astype(jnp.float32)
-        image = optax.sigmoid_binary_cross_entropy(
-            outputs["logits"].mean(axis=(1, 2)), label
-        ).mean()
-        return pixel + image, {"pixel": pixel, "image": image}
-
-
-def get_config(arg=None) -> ml_collections.ConfigDict:
-    """The toy as a config file: ``PYTHONPATH=tests python -m zsad_jax.train
-    --config=tests/test_train.py --workdir=DIR`` (method and data are importable callables)."""
-    c = base_config("test_train:ToyModel", arg)
-    c.model.width = 8
-    c.model.dropout = 0.0
-    c.model.backbone_checkpoint = ""
-    c.data.train_set = "test_train:toy_train_data"
-    c.data.toy_sleep_s = 0.0  # host-side delay per batch, so a test can signal a run mid-way
-    c.data.batch_size = 16
-    c.optim.lr = 1e-2
-    c.optim.steps = 4
-    c.ckpt.every_steps = 0
-    c.ckpt.keep = 3
-    c.log_every_steps = 1
-    c.eval.enabled = False  # the toy has no held-out dataset
-    return c
-
-
-def toy_arrays(n: int = 64, seed: int = 0, size: int = 4) -> dict[str, np.ndarray]:
-    r = np.random.default_rng(seed)
-    mask = (r.random((n, size, size)) > 0.7).astype(np.float32)
-    image = (r.normal(size=(n, size, size, 3)) + 1.5 * mask[..., None]).astype(np.float32)
-    return {
-        "image": image,
-        "gt_mask": mask,
-        "gt_label": (mask.max(axis=(1, 2)) > 0).astype(np.int32),
-        "has_mask": np.ones(n, bool),
-        "class_id": np.zeros(n, np.int32),
-    }
-
-
-def toy_data(config, seed: int = 0, **kw) -> train_lib.InMemoryTrainData:
-    return train_lib.InMemoryTrainData(
-        toy_arrays(seed=seed),
-        global_batch=config.data.batch_size,
-        seed=config.seed,
-        class_names=["toy"],
-        **kw,
-    )
-
-
-class _SlowData(train_lib.InMemoryTrainData):
-    def __init__(self, *args, sleep_s: float, **kw):
-        super().__init__(*args, **kw)
-        self.sleep_s = sleep_s
-
-    def __next__(self):
-        time.sleep(self.sleep_s)
-        return super().__next__()
-
-
-def toy_train_data(config) -> train_lib.InMemoryTrainData:
-    """``config.data.train_set`` of the toy config: this process's rows of the toy arrays."""
-    return _SlowData(
-        toy_arrays(),
-        global_batch=config.data.batch_size,
-        seed=config.seed,
-        class_names=["toy"],
-        sleep_s=float(config.data.toy_sleep_s),
-    )
+# Fixed batches.
 
 
 class ListData:
@@ -164,42 +56,6 @@ class ListData:
         self.i = state["i"]
 
 
-def run(config, workdir, data=None, **kw):
-    model = ToyModel(config, rngs=nnx.Rngs(config.seed))
-    kw.setdefault("evaluator", None)
-    kw.setdefault("progress", False)
-    return train_lib.train(config, workdir, model=model, train_data=data or toy_data(config), **kw)
-
-
-def saved(workdir, item="params", step=None) -> dict:
-    """One item of a saved step as NumPy arrays (whatever devices or processes wrote it)."""
-    path = ckpt_lib.resolve_step_dir(workdir, step) / item
-    with ocp.StandardCheckpointer() as c:
-        tree = c.metadata(path).item_metadata.tree
-        return c.restore(path, jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), tree))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compile_cache(tmp_path_factory):
-    """Identical train steps (same model, mesh and shapes) compile once for the whole module."""
-    old = {
-        k: jax.config.values[k]
-        for k in (
-            "jax_compilation_cache_dir",
-            "jax_persistent_cache_min_compile_time_secs",
-            "jax_persistent_cache_min_entry_size_bytes",
-        )
-    }
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    compilation_cache.reset_cache()
-    yield
-    for k, v in old.items():
-        jax.config.update(k, v)
-    compilation_cache.reset_cache()
-
-
 # ----------------------------------------------------------------------------------------------
 # Numerics.
 
@@ -207,10 +63,10 @@ def compile_cache(tmp_path_factory):
 def test_loop_equals_a_direct_optax_loop(tmp_path):
     """Split/merge, sharding and batch feeding change nothing: the same 4 Adam steps written
     directly on arrays (own loss, own data order) give the same losses and weights."""
-    config = get_config()
+    config = loop_config()
     config.mesh.data = 1
     history = []
-    run(config, tmp_path, history=history)
+    train_toy(config, tmp_path, history=history)
 
     init = ToyModel(config, rngs=nnx.Rngs(config.seed))
     wb, bb = np.asarray(init.backbone.kernel[...]), np.asarray(init.backbone.bias[...])
@@ -225,7 +81,7 @@ def test_loop_equals_a_direct_optax_loop(tmp_path):
     tx = optax.adam(config.optim.lr, b1=config.optim.b1, b2=config.optim.b2)
     state = tx.init(params)
     grad_fn, update = jax.jit(jax.value_and_grad(loss_fn)), jax.jit(tx.update)
-    arrays = toy_arrays()
+    arrays = loop_arrays()
     order = np.random.default_rng([config.seed, 0]).permutation(64)
     losses = []
     for step in range(4):
@@ -250,10 +106,10 @@ def test_eight_devices_and_fsdp_equal_one_device(tmp_path, monkeypatch):
     monkeypatch.setattr(shard_lib, "FSDP_MIN_SIZE", 1)
     curves, weights = {}, {}
     for name, data, fsdp in (("one", 1, 1), ("eight", 8, 1), ("fsdp", 4, 2)):
-        config = get_config()
+        config = loop_config()
         config.mesh.data, config.mesh.fsdp = data, fsdp
         history = []
-        run(config, tmp_path / name, history=history)
+        train_toy(config, tmp_path / name, history=history)
         curves[name] = [h["loss"] for h in history]
         weights[name] = saved(tmp_path / name)
     for name in ("eight", "fsdp"):
@@ -283,28 +139,28 @@ def test_fsdp_rule_splits_largest_divisible_dimension(monkeypatch):
 def test_gradient_accumulation_equals_one_batch(tmp_path):
     curves, weights = {}, {}
     for k in (1, 2):
-        config = get_config()
+        config = loop_config()
         config.optim.grad_accum = k
         history = []
-        run(config, tmp_path / str(k), history=history)
+        train_toy(config, tmp_path / str(k), history=history)
         curves[k] = [h["loss"] for h in history]
         weights[k] = saved(tmp_path / str(k))
     np.testing.assert_allclose(curves[2], curves[1], rtol=1e-5)
     for name, v in weights[1].items():
         np.testing.assert_allclose(weights[2][name], v, rtol=1e-5, atol=1e-6, err_msg=name)
-    config = get_config()
+    config = loop_config()
     config.optim.grad_accum = 3
     with pytest.raises(ValueError, match="grad_accum"):
-        run(config, tmp_path / "3")
+        train_toy(config, tmp_path / "3")
 
 
 def test_bfloat16_compute_keeps_float32_weights_and_loss(tmp_path):
     curves = {}
     for dtype in ("float32", "bfloat16"):
-        config = get_config()
+        config = loop_config()
         config.compute_dtype = dtype
         history = []
-        run(config, tmp_path / dtype, history=history)
+        train_toy(config, tmp_path / dtype, history=history)
         curves[dtype] = [h["loss"] for h in history]
     weights = saved(tmp_path / "bfloat16")
     assert all(v.dtype == np.float32 for v in weights.values())
@@ -318,7 +174,7 @@ def test_bfloat16_compute_keeps_float32_weights_and_loss(tmp_path):
 
 
 def _batches(n_steps, seed=0):
-    a = toy_arrays(n=16 * n_steps, seed=seed)
+    a = loop_arrays(n=16 * n_steps, seed=seed)
     return [{k: v[i * 16 : (i + 1) * 16] for k, v in a.items()} for i in range(n_steps)]
 
 
@@ -326,14 +182,14 @@ def test_nan_batch_is_skipped_and_counted(tmp_path):
     clean = _batches(2)
     poisoned = {k: v.copy() for k, v in _batches(3)[2].items()}
     poisoned["image"][3, 1, 2, 0] = np.nan
-    config = get_config()
+    config = loop_config()
     config.optim.steps = 3
     history = []
-    result = run(config, tmp_path / "nan", data=ListData([*clean, poisoned]), history=history)
+    result = train_toy(config, tmp_path / "nan", data=ListData([*clean, poisoned]), history=history)
     assert [bool(h["finite"]) for h in history] == [True, True, False]
     assert result["bad_steps"] == 1 and result["steps"] == 3
     config.optim.steps = 2
-    run(config, tmp_path / "clean", data=ListData(clean))
+    train_toy(config, tmp_path / "clean", data=ListData(clean))
     # The skipped step left every weight and optimiser moment exactly as it was.
     for item in ("params", "opt_state"):
         a, b = saved(tmp_path / "nan", item), saved(tmp_path / "clean", item)
@@ -344,12 +200,12 @@ def test_nan_batch_is_skipped_and_counted(tmp_path):
 def test_too_many_bad_steps_in_a_row_stop_the_run(tmp_path):
     bad = {k: v.copy() for k, v in _batches(1)[0].items()}
     bad["image"][:] = np.inf
-    config = get_config()
+    config = loop_config()
     config.max_bad_steps = 3
     config.optim.steps = 10
     history = []
     with pytest.raises(train_lib.TrainingDiverged, match=r"3 steps in a row.*max_bad_steps=3"):
-        run(config, tmp_path, data=ListData([bad]), history=history)
+        train_toy(config, tmp_path, data=ListData([bad]), history=history)
     assert len(history) == 3
 
 
@@ -358,16 +214,16 @@ def test_too_many_bad_steps_in_a_row_stop_the_run(tmp_path):
 
 
 def test_stop_and_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
-    config = get_config()
+    config = loop_config()
     config.model.dropout = 0.3  # the model's RNG stream must be restored too
     config.optim.steps = 6
     full = []
-    run(config, tmp_path / "full", history=full)
+    train_toy(config, tmp_path / "full", history=full)
     first, second = [], []
-    stopped = run(config, tmp_path / "resumed", stop_at_step=3, history=first)
+    stopped = train_toy(config, tmp_path / "resumed", stop_at_step=3, history=first)
     assert stopped["preempted"] and stopped["steps"] == 3
     assert ckpt_lib.resolve_step_dir(tmp_path / "resumed").name == "3"
-    run(config, tmp_path / "resumed", history=second)
+    train_toy(config, tmp_path / "resumed", history=second)
     assert [h["step"] for h in second] == [4, 5, 6]
     assert [h["loss"] for h in first + second] == [h["loss"] for h in full]
     for item in ("params", "opt_state", "mutable"):
@@ -382,24 +238,24 @@ def test_stop_and_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
 
 def test_sigterm_saves_the_current_step_and_the_rerun_finishes_bitwise_equal(tmp_path):
     """A real SIGTERM to this process during step 3 (the handler the command installs)."""
-    config = get_config()
+    config = loop_config()
     config.model.dropout = 0.3
     config.optim.steps = 6
     full = []
-    run(config, tmp_path / "full", history=full)
+    train_toy(config, tmp_path / "full", history=full)
 
     def terminate_at_step_3(step, metrics):
         if step == 3:
             os.kill(os.getpid(), signal.SIGTERM)
 
     previous = signal.getsignal(signal.SIGTERM)
-    stopped = run(config, tmp_path / "killed", step_callback=terminate_at_step_3)
+    stopped = train_toy(config, tmp_path / "killed", step_callback=terminate_at_step_3)
     assert signal.getsignal(signal.SIGTERM) is previous  # handler removed after the run
     # Step 4 was already dispatched when step 3's metrics arrived: it is the one saved.
     assert stopped["preempted"] and stopped["steps"] == 4
     assert ckpt_lib.resolve_step_dir(tmp_path / "killed").name == "4"
     rest = []
-    run(config, tmp_path / "killed", history=rest)
+    train_toy(config, tmp_path / "killed", history=rest)
     assert [h["loss"] for h in rest] == [h["loss"] for h in full[4:]]
     for item in ("params", "opt_state", "mutable"):
         jax.tree.map(
@@ -410,12 +266,12 @@ def test_sigterm_saves_the_current_step_and_the_rerun_finishes_bitwise_equal(tmp
 
 
 def test_checkpoint_holds_trainable_state_only_and_keeps_last_n(tmp_path):
-    config = get_config()
+    config = loop_config()
     config.model.dropout = 0.3  # as in the resume test: the compiled step is reused
     config.optim.steps = 5
     config.ckpt.every_steps = 1
     config.ckpt.keep = 2
-    run(config, tmp_path)
+    train_toy(config, tmp_path)
     steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
     assert steps == [4, 5]
     assert set(saved(tmp_path)) == {"head.kernel", "head.bias", "scale"}
@@ -425,7 +281,7 @@ def test_checkpoint_holds_trainable_state_only_and_keeps_last_n(tmp_path):
     meta = ckpt_lib.read_meta(tmp_path)
     assert meta["final"] and meta["step"] == 5 and meta["threshold"] is None
     # Step 4 was saved asynchronously while step 5 ran on donated buffers: it still holds step 4.
-    run(config, tmp_path / "stopped", stop_at_step=4)
+    train_toy(config, tmp_path / "stopped", stop_at_step=4)
     for item in ("params", "opt_state", "mutable"):
         jax.tree.map(
             np.testing.assert_array_equal,
@@ -437,7 +293,7 @@ def test_checkpoint_holds_trainable_state_only_and_keeps_last_n(tmp_path):
 
 
 def test_final_evaluation_threshold_and_load_for_inference(tmp_path):
-    config = get_config()
+    config = loop_config()
     config.optim.steps = 4
     config.eval.every_steps = 2
     calls = []
@@ -447,7 +303,7 @@ def test_final_evaluation_threshold_and_load_for_inference(tmp_path):
         calls.append(step)
         return {"image_AUROC": 0.5 + step / 100, "threshold": 0.25, "per_category": {"a": 1}}
 
-    result = run(config, tmp_path, evaluator=evaluator)
+    result = train_toy(config, tmp_path, evaluator=evaluator)
     assert calls == [2, 4]
     assert result["image_AUROC"] == pytest.approx(0.54) and result["steps"] == 4
     assert result["per_category"] == {"a": 1}
@@ -473,25 +329,27 @@ def test_final_evaluation_threshold_and_load_for_inference(tmp_path):
 
     # Re-running a finished run does no work and reports the stored result.
     history = []
-    again = run(config, tmp_path, evaluator=evaluator, history=history)
+    again = train_toy(config, tmp_path, evaluator=evaluator, history=history)
     assert history == [] and again["resumed_finished_run"] and again["steps"] == 4
     # A larger step budget is another config: refused naming the key, unless asked for, and then
     # recorded in the checkpoint.
     config.optim.steps = 6
     with pytest.raises(train_lib.ConfigMismatch, match=r"config\.optim\.steps: 4 -> 6"):
-        run(config, tmp_path, evaluator=evaluator, history=history)
+        train_toy(config, tmp_path, evaluator=evaluator, history=history)
     assert history == []
-    more = run(config, tmp_path, evaluator=evaluator, history=history, allow_config_change=True)
+    more = train_toy(
+        config, tmp_path, evaluator=evaluator, history=history, allow_config_change=True
+    )
     assert [h["step"] for h in history] == [5, 6] and more["steps"] == 6
     changes = ckpt_lib.read_meta(tmp_path)["config_changes"]
     assert changes == [{"step": 4, "changed": {"config.optim.steps": [4, 6]}}]
 
 
 def test_missing_backbone_weights_fail_before_any_work(tmp_path):
-    config = get_config()
+    config = loop_config()
     config.model.backbone_checkpoint = str(tmp_path / "weights" / "clip-vit-l14-336")
     with pytest.raises(FileNotFoundError, match=r"clip-vit-l14-336.*convert"):
-        train_lib.train(config, tmp_path / "run", train_data=toy_data(config), evaluator=None)
+        train_lib.train(config, tmp_path / "run", train_data=loop_data(config), evaluator=None)
     assert not (tmp_path / "run").exists()
 
 
@@ -541,7 +399,7 @@ def _protobuf_event_class():
     )
     event.field.add(
         name="session_log",
-        number=6,
+        number=7,  # tensorflow/core/util/event.proto (6 is the deprecated log_message)
         type=F.TYPE_MESSAGE,
         label=F.LABEL_OPTIONAL,
         type_name=".tbtest.SessionLog",
@@ -558,9 +416,9 @@ def test_crc32c_matches_the_standard_check_value():
 
 
 def test_metrics_jsonl_and_tensorboard_events(tmp_path):
-    config = get_config()
+    config = loop_config()
     config.log_every_steps = 2
-    run(config, tmp_path)
+    train_toy(config, tmp_path)
     lines = run_log.read_metrics(tmp_path)
     assert [line["step"] for line in lines] == [2, 4]
     for key in ("loss", "loss/pixel", "loss/image", "grad_norm", "lr", "images_per_s", "bad_steps"):
@@ -594,15 +452,15 @@ def test_metrics_jsonl_and_tensorboard_events(tmp_path):
 def test_resume_after_a_lost_checkpoint_keeps_one_metrics_row_per_step(tmp_path):
     """A kill during the write of step 4's checkpoint: the rerun restarts from step 2 and steps 3
     and 4 are logged again, so their first rows are dropped (and TensorBoard told to drop its)."""
-    config = get_config()
+    config = loop_config()
     config.optim.steps = 6
     config.ckpt.every_steps = 2
-    run(config, tmp_path, stop_at_step=4)
+    train_toy(config, tmp_path, stop_at_step=4)
     assert [r["step"] for r in run_log.read_metrics(tmp_path)] == [1, 2, 3, 4]
     shutil.rmtree(tmp_path / "checkpoints" / "4")  # as if the kill came before the commit
     with open(tmp_path / run_log.METRICS_FILE, "a") as f:
         f.write('{"step": 5, "lo')  # and a row torn by the kill
-    run(config, tmp_path)
+    train_toy(config, tmp_path)
     assert [r["step"] for r in run_log.read_metrics(tmp_path)] == [1, 2, 3, 4, 5, 6]
     second = max(Path(tmp_path).glob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime)
     Event = _protobuf_event_class()
@@ -612,21 +470,21 @@ def test_resume_after_a_lost_checkpoint_keeps_one_metrics_row_per_step(tmp_path)
 
 
 def test_workdir_of_another_model_is_refused_in_one_message_naming_the_keys(tmp_path):
-    config = get_config()
+    config = loop_config()
     config.optim.steps = 2
-    run(config, tmp_path)
+    train_toy(config, tmp_path)
     config.model.width = 16  # another architecture: trained weights of other shapes
     with pytest.raises(train_lib.ConfigMismatch, match=r"config\.model\.width: 8 -> 16"):
-        run(config, tmp_path)
+        train_toy(config, tmp_path)
     # Even a deliberate continuation cannot load weights of other shapes: said plainly, before
     # orbax is asked (whose advice would be partial_restore=True).
     with pytest.raises(train_lib.ConfigMismatch, match=r"checkpoint of a different model.*shape"):
-        run(config, tmp_path, allow_config_change=True)
+        train_toy(config, tmp_path, allow_config_change=True)
 
 
 def test_converted_heads_are_not_resumed_as_a_training_run(tmp_path):
     """A workdir written by ``python -m convert.heads`` has weights but no optimiser/data state."""
-    config = get_config()
+    config = loop_config()
     model = ToyModel(config, rngs=nnx.Rngs(config.seed))
     params = ckpt_lib.flat_arrays(nnx.state(model, Trainable))
     checkpointer = ckpt_lib.TrainCheckpointer(tmp_path / "checkpoints", async_save=False)
@@ -634,13 +492,13 @@ def test_converted_heads_are_not_resumed_as_a_training_run(tmp_path):
     checkpointer.save(0, params=params, opt_state={"none": np.zeros(())}, mutable={}, meta=meta)
     checkpointer.close()
     with pytest.raises(train_lib.ConfigMismatch, match=r"converted heads.*new --workdir"):
-        run(config, tmp_path)
+        train_toy(config, tmp_path)
 
 
 def test_corrupt_file_mid_run_saves_the_step_and_the_rerun_resumes_there(tmp_path):
     from zsad_jax.data.decode import DataError
 
-    config = get_config()
+    config = loop_config()
     config.optim.steps = 4
     batches = _batches(4)
 
@@ -654,14 +512,14 @@ def test_corrupt_file_mid_run_saves_the_step_and_the_rerun_resumes_there(tmp_pat
 
     data = BreaksAtStep3(batches)
     with pytest.raises(DataError, match=r"bad\.png.*step 2 was saved.*skip_corrupt=True"):
-        run(config, tmp_path / "run", data=data)
+        train_toy(config, tmp_path / "run", data=data)
     assert ckpt_lib.resolve_step_dir(tmp_path / "run").name == "2"
     assert ckpt_lib.read_meta(tmp_path / "run")["data_state"] == {"i": 2}
     data.broken = False  # the file was fixed
     resumed = []
-    run(config, tmp_path / "run", data=data, history=resumed)
+    train_toy(config, tmp_path / "run", data=data, history=resumed)
     full = []
-    run(config, tmp_path / "full", data=ListData(batches), history=full)
+    train_toy(config, tmp_path / "full", data=ListData(batches), history=full)
     assert [h["step"] for h in resumed] == [3, 4]
     assert [h["loss"] for h in resumed] == [h["loss"] for h in full[2:]]
 
@@ -684,7 +542,7 @@ def test_exact_resume_through_the_grain_pipeline_on_synthetic_data(tmp_path):
         n_test_defect=3,
         categories=categories,
     )
-    config = get_config()
+    config = loop_config()
     config.data.train_set, config.data.train_root, config.data.train_split = (
         "synthetic",
         root,
@@ -704,7 +562,7 @@ def test_exact_resume_through_the_grain_pipeline_on_synthetic_data(tmp_path):
         return model, history
 
     model, full = run_pipeline(tmp_path / "full")
-    assert model.class_names == list(categories)  # set_classes got the training categories
+    assert model.class_names == tuple(categories)  # set_classes got the training categories
     run_pipeline(tmp_path / "resumed", stop_at_step=2)
     meta = ckpt_lib.read_meta(tmp_path / "resumed")
     assert meta["step"] == 2 and meta["data_state"]  # grain's iterator state, as JSON

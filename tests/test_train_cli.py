@@ -1,8 +1,8 @@
 """``python -m zsad_jax.train`` as a command: 2 processes x 4 CPU devices (jax.distributed, gloo
 collectives) equal 1 process x 8 devices, also across a SIGTERM to one process (both save the same
 step, exit 143, and re-running the command finishes the run); missing
-converted weights fail at once with the path and the convert command. The model and data are the toy
-of tests/test_train.py (its config file).
+converted weights fail at once with the path and the convert command. The model and data are the
+loop toy of tests/toys.py (its config file).
 """
 
 from __future__ import annotations
@@ -16,50 +16,26 @@ import sys
 import time
 from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
-import test_train as toy
-from jax.experimental.compilation_cache import compilation_cache
+from toys import ToyModel, loop_config, saved, train_toy
 
 from zsad_jax import checkpoint as ckpt_lib
 from zsad_jax import methods, run_log
 from zsad_jax import train as train_lib
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG = str(ROOT / "tests" / "test_train.py")
+CONFIG = str(ROOT / "tests" / "toys.py")
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    """A compilation cache shared by this process and the commands it starts (same programs)."""
-    path = tmp_path_factory.mktemp("jax_cache")
-    keys = (
-        "jax_compilation_cache_dir",
-        "jax_persistent_cache_min_compile_time_secs",
-        "jax_persistent_cache_min_entry_size_bytes",
-    )
-    old = {k: jax.config.values[k] for k in keys}
-    for k, v in zip(keys, (str(path), 0, 0), strict=True):
-        jax.config.update(k, v)
-    compilation_cache.reset_cache()
-    yield path
-    for k, v in old.items():
-        jax.config.update(k, v)
-    compilation_cache.reset_cache()
-
-
-def _env(devices: int, cache: Path | None = None) -> dict[str, str]:
+def _env(devices: int) -> dict[str, str]:
+    """The commands' environment; the session's compilation cache comes with it (conftest.py)."""
     env = dict(os.environ)
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests"), str(ROOT)])
     # tests/conftest.py's float32 matmul precision, so commands compute like this process.
     env["JAX_DEFAULT_MATMUL_PRECISION"] = "float32"
-    if cache is not None:
-        env["JAX_COMPILATION_CACHE_DIR"] = str(cache)
-        env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-        env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
     return env
 
 
@@ -85,7 +61,7 @@ def _last_json(stdout: str) -> dict:
     return json.loads(stdout.strip().splitlines()[-1])
 
 
-def _launch_two_processes(workdir: Path, *overrides: str, cache: Path) -> list[subprocess.Popen]:
+def _launch_two_processes(workdir: Path, *overrides: str) -> list[subprocess.Popen]:
     port = _free_port()
     return [
         subprocess.Popen(
@@ -96,7 +72,7 @@ def _launch_two_processes(workdir: Path, *overrides: str, cache: Path) -> list[s
                 "--num_processes=2",
                 f"--process_id={i}",
             ),
-            env=_env(4, cache),
+            env=_env(4),
             cwd=ROOT,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -126,17 +102,17 @@ def _wait_for_metrics(workdir: Path, lines: int, procs: list[subprocess.Popen]) 
 
 
 @pytest.mark.slow
-def test_two_processes_equal_one_process_and_resume_after_preemption(tmp_path, cache_dir):
+def test_two_processes_equal_one_process_and_resume_after_preemption(tmp_path):
     """2 x 4 devices, SIGTERM to process 0 only: JAX's preemption sync makes both processes save
     the same step and exit; re-running both finishes with the single-process run's curve."""
-    config = toy.get_config()
+    config = loop_config()
     config.optim.steps = 12
     history = []
-    toy.run(config, tmp_path / "single", history=history)
+    train_toy(config, tmp_path / "single", history=history)
 
     workdir = tmp_path / "multi"
     steps = "--config.optim.steps=12"
-    procs = _launch_two_processes(workdir, steps, "--config.data.toy_sleep_s=0.2", cache=cache_dir)
+    procs = _launch_two_processes(workdir, steps, "--config.data.toy_sleep_s=0.2")
     _wait_for_metrics(workdir, 2, procs)
     procs[0].send_signal(signal.SIGTERM)
     outputs = _wait_all(procs)
@@ -147,7 +123,7 @@ def test_two_processes_equal_one_process_and_resume_after_preemption(tmp_path, c
     assert ckpt_lib.resolve_step_dir(workdir).name == str(stopped["steps"])
 
     # The same command again (a changed config would be refused: tests/test_user_path.py).
-    procs = _launch_two_processes(workdir, steps, "--config.data.toy_sleep_s=0.2", cache=cache_dir)
+    procs = _launch_two_processes(workdir, steps, "--config.data.toy_sleep_s=0.2")
     outputs = _wait_all(procs)
     for p, (_, err) in zip(procs, outputs, strict=True):
         assert p.returncode == 0, err[-3000:]
@@ -159,7 +135,7 @@ def test_two_processes_equal_one_process_and_resume_after_preemption(tmp_path, c
     np.testing.assert_allclose(
         [line["loss"] for line in lines], [h["loss"] for h in history], rtol=1e-5
     )
-    multi, single = toy.saved(workdir), toy.saved(tmp_path / "single")
+    multi, single = saved(workdir), saved(tmp_path / "single")
     for k, v in single.items():
         np.testing.assert_allclose(multi[k], v, rtol=1e-5, atol=1e-6, err_msg=k)
 
@@ -182,9 +158,9 @@ def test_missing_converted_weights_fail_at_once_with_the_path(tmp_path):
 
 def test_toy_config_file_builds(tmp_path):
     """The config file the commands above use: its method and data hooks import."""
-    config = toy.get_config()
+    config = loop_config()
     model = methods.build(config)
-    assert isinstance(model, toy.ToyModel)
+    assert isinstance(model, ToyModel)
     data = train_lib.make_train_data(config)
     batch = next(data)
     assert batch["image"].shape == (16, 4, 4, 3) and data.steps_per_epoch == 4

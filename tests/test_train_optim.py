@@ -10,10 +10,13 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
-import torch
+from extras import optional
 
 from configs.common import base_config
 from zsad_jax import optim
+
+# None without the convert extra; the tests that use it are marked torch (tests/extras.py).
+torch = optional("torch")
 
 
 def _params(names, seed=0):
@@ -79,6 +82,7 @@ def _assert_close(ours, ref, lr):
             )
 
 
+@pytest.mark.torch
 def test_af_clip_recipe_adam_betas_constant():
     cfg = base_config("af_clip").optim
     cfg.lr, cfg.b1, cfg.b2 = 1e-4, 0.5, 0.999
@@ -93,6 +97,7 @@ def test_af_clip_recipe_adam_betas_constant():
     assert np.abs(ref[-1]["prompt.ctx"] - params["prompt.ctx"]).max() > 1e-4
 
 
+@pytest.mark.torch
 def test_ava_dino_recipe_adamw_with_linear_warmup():
     cfg = base_config("ava_dino").optim
     cfg.name, cfg.lr, cfg.weight_decay = "adamw", 1e-2, 1e-2
@@ -115,6 +120,7 @@ def test_ava_dino_recipe_adamw_with_linear_warmup():
     np.testing.assert_array_equal(ours[0]["adapter.up"], params["adapter.up"])
 
 
+@pytest.mark.torch
 def test_acd_clip_recipe_param_groups_step_decay_and_per_module_clipping():
     cfg = base_config("acd_clip").optim
     cfg.schedule, cfg.decay_rate, cfg.decay_every_epochs = "step", 0.9, 1
@@ -176,6 +182,7 @@ def test_clipping_groups_follow_the_matched_text():
         np.testing.assert_allclose(ours[p], ref[p], rtol=1e-5)
 
 
+@pytest.mark.torch
 def test_adam_weight_decay_is_torch_l2():
     cfg = ml_collections.ConfigDict({"name": "adam", "lr": 1e-2, "weight_decay": 0.1})
     names = ["w"]

@@ -6,7 +6,7 @@ r"""Train a config (or load a checkpoint) and report zero-shot transfer on every
     python tools/demo_transfer.py --config=configs/demo.py --workdir=runs/x --set optim.steps=300
 
 What ``zsad_jax.train`` does, with the evaluation at the end replaced by
-``zsad_jax.data.baselines.transfer_report``: the model and the training-free baselines on
+``zsad_jax.transfer.transfer_report``: the model and the training-free baselines on
 ``config.data.test_set`` and on each of ``--extra`` (default: the config's
 ``eval.extra_test_sets``, else ``synthetic_novel``), plus ``--val`` sets (validation sets of the
 *training* side, e.g. ``synthetic_aux`` categories, for choices that must not look at held-out
@@ -40,9 +40,8 @@ def main(argv=None) -> None:
     import jax
 
     from zsad_jax import checkpoint as ckpt_lib
-    from zsad_jax import cli
+    from zsad_jax import cli, inference, transfer
     from zsad_jax import train as train_lib
-    from zsad_jax.data import baselines
 
     start = time.time()
     overrides = [tuple(s.split("=", 1)) for s in args.set]
@@ -61,9 +60,7 @@ def main(argv=None) -> None:
     result: dict = {}
     model = None
     if args.checkpoint:
-        from zsad_jax import evaluate as evaluate_lib
-
-        model = evaluate_lib.load_model(args.checkpoint, config)[0]
+        model = inference.load_model(args.checkpoint, config)[0]
     elif not args.baselines_only:
         captured = {}
 
@@ -76,10 +73,8 @@ def main(argv=None) -> None:
         result["train_seconds"] = round(time.time() - t0, 1)
         model = captured.get("model")
         if model is None:  # a finished run resumed: rebuild from its checkpoint
-            from zsad_jax import evaluate as evaluate_lib
-
-            model = evaluate_lib.load_model(args.workdir, config)[0]
-    report = baselines.transfer_report(model, config, baselines=names)
+            model = inference.load_model(args.workdir, config)[0]
+    report = transfer.transfer_report(model, config, baselines=names)
     result.update(report=report, seconds=round(time.time() - start, 1))
     del ckpt_lib, jax
     for set_name, row in report.items():

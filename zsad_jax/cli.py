@@ -40,7 +40,7 @@ import ml_collections
 
 from zsad_jax import checkpoint as ckpt_lib
 from zsad_jax import compile_cache, config_check
-from zsad_jax.data import sources
+from zsad_jax.data import protocol, sources
 
 CONFIG_PREFIX = "--config."
 # ``data.<side>_set`` -> the fields that describe that side's dataset and follow it when it changes.
@@ -216,8 +216,8 @@ def follow_dataset_changes(
             data[categories_field] = type(data[categories_field])()
             notes.append(f"config.data.{categories_field}: every category of {name}")
         if f"data.{root_field}" not in overridden and root_field in data:
-            data[root_field] = f"data/{name}"
-            notes.append(f"config.data.{root_field}=data/{name}")
+            data[root_field] = protocol.default_root(name)
+            notes.append(f"config.data.{root_field}={data[root_field]}")
     return notes
 
 
@@ -303,6 +303,32 @@ def ensure_writable(folder: str | os.PathLike, flag: str) -> Path:
             f"{flag}={folder}: cannot write there ({e.strerror or e}); choose a writable folder"
         ) from e
     return folder
+
+
+# ----------------------------------------------------------------------------------------------
+# Flags of the commands that run a trained model (evaluate, predict).
+
+
+CHECKPOINT_FLAGS = ("config", "checkpoint", "step", "allow_custom_code")
+
+
+def define_checkpoint_flags() -> None:
+    """``CHECKPOINT_FLAGS``; the command declares them its key flags (``flags.declare_key_flag``)
+    so that its ``--help`` lists them."""
+    from absl import flags
+
+    flags.DEFINE_string(
+        "config", None, "method config file[:variant] for a random-init smoke run without "
+        "--checkpoint; with --checkpoint its stored config is used (change keys with "
+        "--config.KEY=VALUE)",
+    )  # fmt: skip
+    flags.DEFINE_string("checkpoint", None, "training workdir, its checkpoints/ or a step folder")
+    flags.DEFINE_integer("step", None, "checkpoint step (default: latest)")
+    flags.DEFINE_bool(
+        "allow_custom_code", False,
+        "import the Python code a checkpoint's config names (config.method='module:Class'); "
+        "only for checkpoints you trust",
+    )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------

@@ -34,11 +34,11 @@ What is checked (when present):
   ``max_to_keep=None``), ``every_steps`` >= 0 (0 = only the final checkpoint).
 - ``mesh``: ``data`` -1 (every device left over) or >= 1; ``fsdp`` >= 1.
 - Top level: ``method`` a ``zsad_jax.methods.METHODS`` name or a ``package.module:Class``;
-  ``compute_dtype`` in float32 | bfloat16 | float16 (a method may support fewer, and says so when
-  built); ``seed`` an integer >= 0; ``max_bad_steps`` and ``log_every_steps`` integers >= 1 (the
-  training loop would silently turn 0 into 10).
+  ``compute_dtype`` in ``zsad_jax.nn.COMPUTE_DTYPES`` (float32 | bfloat16 | auto, resolved when
+  the model is built); ``seed`` an integer >= 0; ``max_bad_steps`` and ``log_every_steps``
+  integers >= 1 (the training loop would silently turn 0 into 10).
 - ``model``: ``backbone`` / ``text_encoder`` ``kind`` and ``preset`` known to
-  ``zsad_jax.methods.backbone.PRESETS``; the fractions ``image_score_weight``,
+  ``zsad_jax.encoders.presets.PRESETS``; the fractions ``image_score_weight``,
   ``image_blend_init``, ``text_blend_init`` in [0, 1]; ``temperature``, ``routing_temperature``
   > 0; ``few_shot.alpha`` >= 0; the test-time smoothing ``smoothing_sigma`` / ``sigma`` >= 0
   (0 = off).
@@ -55,7 +55,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+from zsad_jax.nn import COMPUTE_DTYPES
+
 _MISSING = object()
 
 POSITIVE = "a finite number > 0"
@@ -386,7 +387,7 @@ def _check_model(config: Any, out: list[str]) -> None:
 
 
 def _check_encoder(encoder: Any, where: str, out: list[str]) -> None:
-    from zsad_jax.methods.backbone import PRESETS  # flax: only when checking
+    from zsad_jax.encoders.presets import PRESETS  # flax: only when checking
 
     c = _Checker(encoder, where, out)
     kind = c.get("kind")
@@ -444,7 +445,7 @@ def patch_size(encoder: Any) -> int | None:
             except (OSError, ValueError):
                 return None
     if arch is None:
-        from zsad_jax.methods.backbone import PRESETS
+        from zsad_jax.encoders.presets import PRESETS
 
         presets = PRESETS.get(kind) if isinstance(kind, str) else None
         if not presets or preset not in presets:

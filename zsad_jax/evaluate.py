@@ -1,63 +1,23 @@
-r"""Zero-shot evaluation of a trained method on a test set: ``python -m zsad_jax.evaluate``.
+r"""Evaluation of a trained method on a test set: ``python -m zsad_jax.evaluate``.
 
     python -m zsad_jax.evaluate --checkpoint=runs/af_clip --workdir=runs/af_clip/eval
-    python -m zsad_jax.evaluate --config=configs/af_clip.py --checkpoint=runs/af_clip \
-        --workdir=runs/af_clip/eval_visa --config.data.test_set=visa
+    python -m zsad_jax.evaluate --checkpoint=runs/af_clip --workdir=runs/af_clip/eval_visa \
+        --config.data.test_set=visa
     python -m zsad_jax.evaluate --config=configs/af_clip.py:tiny --workdir=/tmp/eval  # random init
 
-Few-shot AF-CLIP+ (``--few_shot=K``): per test category, K normal images drawn with
-``--few_shot_seed`` from the ``train`` split of the test dataset fill the method's memory bank
-(the papers report the mean over 5 seeds: run seeds 0..4). ``--store_threshold`` writes the
-F1-optimal image threshold of a zero-shot run into the checkpoint for ``zsad_jax.predict``.
+Per category and as the mean over categories (NaN categories left out and listed), with anomalib's
+names: image_AUROC/AP/F1max and pixel_AUROC/AP/F1max/AUPRO (``zsad_jax.metrics``), plus the
+F1-optimal image threshold (``--store_threshold`` writes it into the checkpoint for ``predict``).
+``--few_shot=K`` fills the memory bank per category with K normal ``train`` images drawn with
+``--few_shot_seed``. Writes ``metrics.json/.csv/.md``, ``vis/`` panels, ``config.json`` and, last,
+``run.json`` into ``--workdir``; the last printed line is JSON with the mean metrics.
 
-``--config`` is optional with ``--checkpoint`` (the config stored with the checkpoint is used); when
-given it replaces the stored one (same method and architecture; e.g. another test set). Without
-``--checkpoint`` the config must build with random weights (``model.backbone.random_init``), which
-is for smoke tests only.
-
-What it computes (``config.data``: ``test_set``/``test_root``/``test_split``/``test_categories``
-through ``config.data.transform`` at ``config.data.image_size``): per category and as the mean over
-categories, with anomalib's names,
-
-    image_AUROC  image_AP  image_F1max  pixel_AUROC  pixel_AP  pixel_F1max  pixel_AUPRO
-
-(``zsad_jax.metrics``: AUROC/AP/F1-max equal scikit-learn's; AUPRO is the exact MVTec AD integral to
-FPR 0.3, ``--aupro_method`` selects the peers' variants). The maps are the method's test-time
-``anomaly_map`` (its own post-processing, e.g. AF-CLIP's Gaussian smoothing) at the evaluation
-resolution and the image score its ``pred_score``. Pixel metrics use only images with pixel ground
-truth; a category without any (image-level labels only) gets NaN pixel metrics, listed under
-``excluded_from_mean`` in ``metrics.json`` and left out of those means (``metrics.md`` says so).
-
-Outputs in ``--workdir``: ``metrics.json`` (mean, per category, exclusions, the F1-optimal image
-threshold), ``metrics.csv``, ``metrics.md``, ``vis/<category>/*.png`` for ``config.eval.num_vis``
-images per category (image | heatmap overlay on [0, 1] | overlay min-max scaled per image | mask),
-``config.json`` and ``run.json`` (checkpoint, step, time, devices), each written whole (a temporary
-file renamed into place) and ``run.json`` last. The last line printed is JSON with the mean metrics.
-
-How it runs: one ``jax.jit`` forward over the model split into flat arrays (state replicated on the
-mesh of ``config.mesh``, batches split over its data axes), padded batches from
-``zsad_jax.data.pipeline.eval_batches`` whose ``valid`` mask drops padding, a tqdm bar over batches.
-Maps come back to the host as float32 (a config field ``eval.map_dtype="float16"``, where present,
-halves host memory at the cost of ties) and a category's pixel metrics are computed as soon as all
-its images are in, so host memory holds one category's maps at a time (the data readers and TFDS
-builds list categories contiguously; a source with a record list is followed by its counts, one
-without, such as TFDS, by the first image of the next category).
-
-Several processes (``--distributed`` or ``--coordinator_address/--num_processes/--process_id``, the
-``train`` flags; ``config.data.tfds_dir`` reads a TFDS build as training does): every process runs
-the same command, reads and scores only its slice of each global batch, and receives the batch's
-maps and scores (the forward's all-gather) with the labels and masks of every row. The k-th
-category met belongs to process ``k % P``: only it keeps that category's maps and masks and computes
-its metrics (so no process holds more than the one category it is collecting, and the metric work
-is spread over the processes); the per-category results, small, are then gathered by every process,
-which all compute the same means and threshold and return (and print) process 0's result. Panels
-are drawn and files written by process 0 alone (panel images are the only pixels it gathers, just
-those rows). Few-shot memory banks are built on every process and process 0's is used by all.
-
-A process that dies or is preempted takes the job down with it (a collective fails). Evaluation
-keeps no partial state: run the same command again and it starts over, giving the same metrics.
-An evaluation removes its workdir's earlier ``run.json``/``metrics.*``/``config.json`` first, so a
-killed one leaves no result files at all rather than an earlier or a half-written one.
+Batches go through ``zsad_jax.inference``; a category's pixel metrics are computed as soon as its
+images are in, so the host holds one category's maps at a time (``eval.map_dtype="float16"``
+halves that). In a multi-process run every process runs the same command, the k-th category's
+metrics are computed by process ``k % P`` and shared, and process 0 writes the files. A killed
+evaluation leaves no result files (earlier ones are removed first); run it again. The README's
+"Evaluation and prediction" section and ``tests/test_evaluate.py`` hold the details.
 """
 
 from __future__ import annotations
@@ -81,168 +41,15 @@ from absl import logging
 from flax import nnx
 
 from zsad_jax import checkpoint as ckpt_lib
-from zsad_jax import cli, methods, report, visualize
+from zsad_jax import cli, inference, methods, report, visualize
 from zsad_jax import metrics as metrics_lib
 from zsad_jax import sharding as shard_lib
 from zsad_jax.data import decode, pipeline, sources, transforms
 from zsad_jax.data.decode import DataError
-from zsad_jax.state import SplitModel
 
 IMAGE_METRICS = ("image_AUROC", "image_AP", "image_F1max")
 PIXEL_METRICS = ("pixel_AUROC", "pixel_AP", "pixel_F1max", "pixel_AUPRO")
 METRIC_NAMES = IMAGE_METRICS + PIXEL_METRICS
-# Fields of a batch the forward pass receives (labels and masks stay on the host).
-MODEL_INPUTS = ("image", "class_id")
-
-
-# ----------------------------------------------------------------------------------------------
-# Threshold.
-
-
-def choose_threshold(scores, labels) -> float:
-    """The F1-optimal image-score threshold: predict anomalous iff ``score >= threshold``.
-
-    Every distinct score is a candidate (the points of scikit-learn's ``precision_recall_curve``);
-    the one with the largest F1 wins, the highest such score on ties (fewest false alarms).
-
-    Args:
-      scores: (N,) image scores.
-      labels: (N,) 0/1 or bool ground truth.
-
-    Returns:
-      The threshold; NaN (with a warning) when there is no anomalous image.
-    """
-    scores = np.asarray(scores, np.float64).reshape(-1)
-    labels = np.asarray(labels).reshape(-1).astype(bool)
-    if scores.shape != labels.shape:
-        raise ValueError(f"choose_threshold: {scores.shape[0]} scores but {labels.shape[0]} labels")
-    if np.isnan(scores).any():
-        raise ValueError("choose_threshold: scores contain NaN")
-    num_pos = int(labels.sum())
-    if num_pos == 0:
-        warnings.warn(
-            "choose_threshold: no anomalous image, so no F1-optimal threshold; returning NaN",
-            metrics_lib.UndefinedMetricWarning,
-            2,
-        )
-        return math.nan
-    order = np.argsort(-scores, kind="stable")
-    sorted_scores, sorted_labels = scores[order], labels[order]
-    tp = np.cumsum(sorted_labels)
-    fp = np.cumsum(~sorted_labels)
-    # The last element of each run of equal scores: predicting ">= that score" takes the whole run.
-    last = np.r_[np.flatnonzero(sorted_scores[1:] != sorted_scores[:-1]), scores.size - 1]
-    f1 = 2.0 * tp[last] / (tp[last] + fp[last] + num_pos)
-    return float(sorted_scores[last[int(np.argmax(f1))]])
-
-
-# ----------------------------------------------------------------------------------------------
-# The jitted, sharded forward pass.
-
-
-def _place(x: Any, sharding) -> Any:
-    """An array on ``sharding``; arrays already there (the training loop's state) are not copied."""
-    if isinstance(x, jax.Array) and x.sharding == sharding:
-        return x
-    if isinstance(x, jax.Array) and (not x.is_fully_addressable or jax.process_count() == 1):
-        return jax.device_put(x, sharding)  # within one process, or a global array resharded
-    # A value every process holds (e.g. weights each read from the checkpoint onto its own first
-    # device): each device takes its part of the host copy; device_put would be a cross-host
-    # transfer there.
-    return shard_lib.put_state(x, sharding)
-
-
-class BatchedInference:
-    """``model(batch, train=False)`` jitted over its flat state, batches split over the mesh.
-
-    Args:
-      model: an ``AnomalyModel`` (its arrays are used in place; the model stays usable).
-      mesh: the device mesh (default: ``config.mesh``-style mesh over all devices).
-      model_kwargs: extra keyword arrays for the call (e.g. AF-CLIP+'s ``memory``), replicated.
-
-    Calling it with a host batch (dict of NumPy arrays whose leading size is a multiple of the
-    device count) returns host NumPy ``anomaly_map`` (B, H, W) and ``pred_score`` (B,) float32.
-    """
-
-    def __init__(
-        self,
-        model: nnx.Module,
-        mesh=None,
-        *,
-        model_kwargs: Mapping[str, Any] | None = None,
-    ):
-        self.mesh = shard_lib.make_mesh() if mesh is None else mesh
-        split = SplitModel(model)
-        self._state = self._placed(split.take_arrays())
-        self._kwargs = self._placed(dict(model_kwargs or {}))
-        self._batch_sharding = shard_lib.batch_sharding(self.mesh)
-
-        self._forward = _jitted_forward(split, self._batch_sharding)
-
-    def _placed(self, tree: Any) -> Any:
-        return jax.tree.map(
-            lambda x: _place(x, shard_lib.state_sharding(self.mesh, np.shape(x))), tree
-        )
-
-    @property
-    def num_devices(self) -> int:
-        return int(self.mesh.devices.size)
-
-    def __call__(
-        self,
-        batch: Mapping[str, np.ndarray],
-        model_kwargs: Mapping[str, Any] | None = None,
-        *,
-        local: bool = False,
-    ) -> dict[str, np.ndarray]:
-        """Host batch (this process's rows) -> host outputs of the global batch on every process,
-        or with ``local`` only this process's rows (no collective: prediction writes each image's
-        outputs where it was read). ``model_kwargs`` replace the constructor's for this call."""
-        inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
-        device_batch = shard_lib.global_batch_from_local(inputs, self.mesh)
-        kwargs = self._kwargs if model_kwargs is None else self._placed(dict(model_kwargs))
-        with jax.set_mesh(self.mesh):
-            outputs = self._forward(*self._state, kwargs, device_batch)
-        return shard_lib.local_rows(outputs) if local else _to_host(outputs)
-
-
-# Jitted forwards by (model structure, output sharding): the training loop's periodic evaluations
-# of one model reuse one compiled function instead of tracing and compiling it again each time.
-# Graph definitions hold lists and dicts (unhashable), so they are compared with ``==``.
-_FORWARDS: list[tuple[Any, Any, Callable]] = []
-_MAX_FORWARDS = 4
-
-
-def _jitted_forward(split: Any, out_sharding) -> Callable:
-    for graphdef, sharding, fn in _FORWARDS:
-        if sharding == out_sharding and graphdef == split.graphdef:
-            return fn
-
-    def forward(params, mutable, frozen, kwargs, batch):
-        outputs = split.merge(params, mutable, frozen)(batch, train=False, **kwargs)
-        return {
-            "anomaly_map": outputs["anomaly_map"].astype(np.float32),
-            "pred_score": outputs["pred_score"].astype(np.float32),
-        }
-
-    fn = jax.jit(forward, out_shardings=out_sharding)
-    _FORWARDS.insert(0, (split.graphdef, out_sharding, fn))
-    del _FORWARDS[_MAX_FORWARDS:]
-    return fn
-
-
-def _to_host(tree: Any) -> Any:
-    """Global arrays -> full NumPy copies on every process."""
-    if jax.process_count() == 1:
-        return jax.tree.map(np.asarray, tree)
-    from jax.experimental import multihost_utils
-
-    return multihost_utils.process_allgather(tree, tiled=True)
-
-
-def padded_batch_size(batch_size: int, num_devices: int) -> int:
-    """The evaluation batch rounded up to a multiple of the device count (padding is masked)."""
-    return max(num_devices, -(-int(batch_size) // num_devices) * num_devices)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -378,28 +185,25 @@ def evaluate(
 
     Returns:
       The mean over categories of ``METRIC_NAMES`` (NaN categories left out), ``threshold`` (the
-      F1-optimal image threshold over all test images, see ``choose_threshold``), ``per_category``
-      ({category: metrics and counts}), ``excluded`` ({metric: categories left out of its mean}),
-      ``num_images``, ``skipped_files`` (unreadable files with ``data.skip_corrupt``), ``seconds``;
-      the same on every process of a multi-process run (call it on all of them, as training does).
+      F1-optimal image threshold over all test images, ``zsad_jax.metrics.choose_threshold``),
+      ``per_category`` ({category: metrics and counts}), ``excluded`` ({metric: categories left
+      out of its mean}), ``num_images``, ``skipped_files`` (unreadable files with
+      ``data.skip_corrupt``), ``seconds``; the same on every process of a multi-process run (call
+      it on all of them, as training does).
     """
     start = time.time()
-    d = config.data
-    if records is not None:
-        source = pipeline.RecordSource(list(records))
-    elif source is None:
-        source = make_test_source(config)
+    source = _test_source(config, source, records)
     if set_classes:
-        model.set_classes(list(source.class_names))
+        model.set_classes(
+            methods.text_class_names(config, config.data.get("test_set"), source.class_names)
+        )
     mesh = shard_lib.make_mesh(config.get("mesh")) if mesh is None else mesh
-    infer = BatchedInference(model, mesh, model_kwargs=model_kwargs)
-    batch_size = padded_batch_size(
+    infer = inference.BatchedInference(model, mesh, model_kwargs=model_kwargs)
+    batch_size = inference.padded_batch_size(
         batch_size or int(config.eval.get("batch_size", 8) or 8), infer.num_devices
     )
-    transform_name = str(d.get("transform", "clip"))
-    transform = transforms.make_transform(
-        transform_name, int(d.image_size), mask_resize=str(d.get("mask_resize", "nearest"))
-    )
+    transform_name = str(config.data.get("transform", "clip"))
+    transform = _eval_transform(config.data, transform_name)
     num_vis = int(config.eval.get("num_vis", 0) or 0) if num_vis is None else int(num_vis)
     collector = _Collector(
         source,
@@ -415,33 +219,10 @@ def evaluate(
     passes: list[tuple[Any, Mapping[str, Any] | None]] = [(source, None)]
     if few_shot:
         passes = _few_shot_passes(model, config, source, transform, few_shot, few_shot_seed)
-    bars = [
-        pipeline.eval_batches(
-            part,
-            batch_size=batch_size,
-            transform=transform,
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
-            skip_corrupt=bool(d.get("skip_corrupt", False)),
-            num_workers=int(d.get("num_workers", 0) or 0),
-        )
-        for part, _ in passes
-    ]
-    bar = report.progress_bar(
-        sum(len(b) for b in bars), enabled=progress and jax.process_index() == 0,
-        desc="evaluate", unit="batch",
+    skipped = _score_passes(
+        infer, collector, passes, config.data, batch_size=batch_size, transform=transform,
+        progress=progress,
     )  # fmt: skip
-    skipped: list[str] = []
-    try:
-        for (part, kwargs), batches in zip(passes, bars, strict=True):
-            unreadable: list[int] = []
-            for local in _together(batches):
-                collector.add(part, local, infer(local, kwargs))
-                unreadable += _unreadable_rows(local)
-                bar.update(1)
-            skipped += _skipped_in_order(unreadable, batches.skipped)
-    finally:
-        bar.close()
     collector.finish_all()
     result = _summary(collector.results(), collector.categories.values())
     if few_shot:
@@ -454,6 +235,62 @@ def evaluate(
     if keep_outputs:
         result["outputs"] = {k: np.stack(v) for k, v in collector.kept.items()}
     return result
+
+
+def _test_source(config: Any, source: Any, records: Sequence[Any] | None) -> Any:
+    """``records`` as a source, else ``source``, else the config's test side."""
+    if records is not None:
+        return pipeline.RecordSource(list(records))
+    return make_test_source(config) if source is None else source
+
+
+def _eval_transform(d: Any, transform_name: str) -> Callable:
+    return transforms.make_transform(
+        transform_name,
+        int(d.image_size),
+        mask_resize=transforms.mask_resize_for(str(d.get("mask_resize", "nearest")), d.test_set),
+    )
+
+
+def _score_passes(
+    infer: inference.BatchedInference,
+    collector: _Collector,
+    passes: Sequence[tuple[Any, Mapping[str, Any] | None]],
+    d: Any,
+    *,
+    batch_size: int,
+    transform: Callable,
+    progress: bool,
+) -> list[str]:
+    """Scores every batch of every pass into ``collector``; returns the skipped files in order."""
+    batch_lists = [
+        pipeline.eval_batches(
+            part,
+            batch_size=batch_size,
+            transform=transform,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+            skip_corrupt=bool(d.get("skip_corrupt", False)),
+            num_workers=int(d.get("num_workers", 0) or 0),
+        )
+        for part, _ in passes
+    ]
+    bar = report.progress_bar(
+        sum(len(b) for b in batch_lists), enabled=progress and jax.process_index() == 0,
+        desc="evaluate", unit="batch",
+    )  # fmt: skip
+    skipped: list[str] = []
+    try:
+        for (part, kwargs), batches in zip(passes, batch_lists, strict=True):
+            unreadable: list[int] = []
+            for local, outputs in infer.stream(_together(batches), kwargs):
+                collector.add(part, local, outputs)
+                unreadable += _unreadable_rows(local)
+                bar.update(1)
+            skipped += _skipped_in_order(unreadable, batches.skipped)
+    finally:
+        bar.close()
+    return skipped
 
 
 def _summary(per_category: dict[str, dict[str, Any]], categories: Any) -> dict[str, Any]:
@@ -469,7 +306,9 @@ def _summary(per_category: dict[str, dict[str, Any]], categories: Any) -> dict[s
                 excluded[metric] = list(mean.excluded)
         all_scores = np.concatenate([np.asarray(c.scores) for c in categories] or [[]])
         all_labels = np.concatenate([np.asarray(c.labels) for c in categories] or [[]])
-        threshold = choose_threshold(all_scores, all_labels) if all_scores.size else math.nan
+        threshold = (
+            metrics_lib.choose_threshold(all_scores, all_labels) if all_scores.size else math.nan
+        )
     if excluded and jax.process_index() == 0:
         for metric, names in excluded.items():
             print(
@@ -844,47 +683,6 @@ def write_results(result: Mapping[str, Any], workdir: str | os.PathLike) -> dict
 # The command.
 
 
-def has_random_init(config: Any) -> bool:
-    """Whether ``config`` builds without trained or converted weights (tests, smoke runs)."""
-    model = config.get("model") or {}
-    backbone = model.get("backbone") if hasattr(model, "get") else None
-    if backbone is not None and bool(backbone.get("random_init", False)):
-        return True
-    return bool(model.get("random_init", False)) if hasattr(model, "get") else False
-
-
-def load_model(
-    checkpoint: str | None,
-    config: Any = None,
-    *,
-    step: int | None = None,
-    allow_custom_code: bool = False,
-) -> tuple[nnx.Module, Any, float | None, dict[str, Any]]:
-    """``(model, config, threshold, info)`` from a checkpoint, or a random-init config.
-
-    ``config`` replaces the checkpoint's stored one (the command line passes the stored one with
-    its ``--config.KEY=VALUE`` overrides); a config naming code to import is refused unless
-    ``allow_custom_code`` (``zsad_jax.checkpoint.load_for_inference``). ``info`` has
-    ``checkpoint`` (absolute step folder or None) and ``step``.
-    """
-    if checkpoint:
-        step_dir = ckpt_lib.resolve_step_dir(checkpoint, step)
-        model, config, threshold = ckpt_lib.load_for_inference(
-            step_dir, config=config, allow_custom_code=allow_custom_code
-        )
-        return model, config, threshold, {"checkpoint": str(step_dir), "step": int(step_dir.name)}
-    if config is None:
-        raise ValueError("pass --checkpoint=DIR (a training workdir or checkpoint folder)")
-    if not has_random_init(config):
-        raise ValueError(
-            "--checkpoint is required: the config's backbone is not random_init, so the trained "
-            "heads must come from a training run (--checkpoint=WORKDIR of python -m "
-            "zsad_jax.train)"
-        )
-    info = {"checkpoint": None, "step": None}
-    return methods.build(config, load_weights=True), config, None, info
-
-
 def run(
     *,
     workdir: str | os.PathLike,
@@ -913,7 +711,7 @@ def run(
     if primary:
         cli.ensure_writable(workdir, "--workdir")
         _remove_results(workdir)
-    model, config, stored_threshold, info = load_model(
+    model, config, stored_threshold, info = inference.load_model(
         checkpoint, config, step=step, allow_custom_code=allow_custom_code
     )
     result = evaluate(
@@ -934,25 +732,37 @@ def run(
         report.write_atomic(
             workdir / "config.json", json.dumps(config_doc, indent=1, sort_keys=True)
         )
-        run_info = {
-            **info,
-            "stored_threshold": stored_threshold,
-            "threshold": result["threshold"],
-            "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "seconds": round(time.time() - start, 3),
-            "device_count": jax.device_count(),
-            "process_count": jax.process_count(),
-            "platform": jax.devices()[0].platform,
-            "test_set": str(config.data.get("test_set")),
-            "aupro_method": aupro_method,
-            "few_shot": result.get("few_shot"),
-        }
+        record = _run_record(info, stored_threshold, result, config, start, aupro_method)
         # Last: run.json is the record of a finished evaluation.
-        report.write_atomic(workdir / "run.json", json.dumps(report.json_ready(run_info), indent=1))
+        report.write_atomic(workdir / "run.json", json.dumps(report.json_ready(record), indent=1))
         if store_threshold and info["checkpoint"] and math.isfinite(result["threshold"]):
             ckpt_lib.save_threshold(info["checkpoint"], result["threshold"])
     shard_lib.sync("zsad_jax.evaluate: results written")
     return result
+
+
+def _run_record(
+    info: Mapping[str, Any],
+    stored_threshold: float | None,
+    result: Mapping[str, Any],
+    config: Any,
+    start: float,
+    aupro_method: str,
+) -> dict[str, Any]:
+    """What ``run.json`` holds: the checkpoint, both thresholds, time, devices, protocol."""
+    return {
+        **info,
+        "stored_threshold": stored_threshold,
+        "threshold": result["threshold"],
+        "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "seconds": round(time.time() - start, 3),
+        "device_count": jax.device_count(),
+        "process_count": jax.process_count(),
+        "platform": jax.devices()[0].platform,
+        "test_set": str(config.data.get("test_set")),
+        "aupro_method": aupro_method,
+        "few_shot": result.get("few_shot"),
+    }
 
 
 # What ``run`` writes besides the panels; an evaluation starting in a workdir removes them first.
@@ -975,13 +785,9 @@ def summary_line(result: Mapping[str, Any]) -> str:
 def _define_flags() -> None:
     from absl import flags
 
-    flags.DEFINE_string(
-        "config", None, "method config file[:variant] for a random-init smoke run without "
-        "--checkpoint; with --checkpoint its stored config is used (change keys with "
-        "--config.KEY=VALUE)",
-    )  # fmt: skip
-    flags.DEFINE_string("checkpoint", None, "training workdir, its checkpoints/ or a step folder")
-    flags.DEFINE_integer("step", None, "checkpoint step (default: latest)")
+    cli.define_checkpoint_flags()
+    for name in cli.CHECKPOINT_FLAGS:
+        flags.declare_key_flag(name)
     flags.DEFINE_string("workdir", None, "metrics, overlays and the run record go here")
     flags.DEFINE_enum("aupro_method", "exact", list(metrics_lib.AUPRO_METHODS), "AUPRO variant")
     flags.DEFINE_bool("progress", True, "show a progress bar")
@@ -993,11 +799,6 @@ def _define_flags() -> None:
         lower_bound=0,
     )  # fmt: skip
     flags.DEFINE_integer("few_shot_seed", 0, "draw of the few-shot reference images")
-    flags.DEFINE_bool(
-        "allow_custom_code", False,
-        "import the Python code a checkpoint's config names (config.method='module:Class'); "
-        "only for checkpoints you trust",
-    )  # fmt: skip
     cli.define_multihost_flags()
     flags.mark_flags_as_required(["workdir"])
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from zsad_jax.nn import l2_normalize
+
 
 def binary_target(targets: jax.Array) -> jax.Array:
     """0/1 float32 targets from 0/1, 0/255 or boolean input (see module docstring)."""
@@ -161,8 +163,7 @@ def patch_alignment_loss(
       patch_targets: (B, N) binary patch labels.
       valid: optional (B,) images with pixel ground truth.
     """
-    x = token_sets.astype(jnp.float32)
-    x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+    x = l2_normalize(token_sets)
     g = binary_target(patch_targets)
     w = _image_weights(valid, g.shape[0])[:, None]
     anomalous, normal = g * w, (1.0 - g) * w

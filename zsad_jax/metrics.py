@@ -1,49 +1,15 @@
-"""Anomaly-detection metrics: exact, fast, and the peers' AUPRO variants by name.
+"""Anomaly-detection metrics: AUROC, AP, F1-max and AUPRO (exact, or the peers' variants by name).
 
 NumPy in, Python floats out. Every metric comes from one sort of the normal scores plus a sort of
-the (few) anomalous scores, so a VisA-sized pixel set (about 2,000 maps at 518x518, 0.54 G pixels)
-gets AUROC, AP, F1-max and AUPRO in seconds instead of the tens of minutes the peers' loops take.
+the (few) anomalous scores instead of a loop over thresholds, so a VisA-sized pixel set (about
+2,000 maps at 518x518, 0.54 G pixels) gets all four in seconds instead of the tens of minutes the
+peers' loops take. A metric undefined on the data (a class missing) is NaN with an
+:class:`UndefinedMetricWarning`; :func:`category_mean` leaves NaNs out and says which. Scores may
+be any real dtype (float16 and integers are widened exactly; NaN raises); labels and masks are
+boolean or 0/1.
 
-Definitions (what each number means, so that it can be compared with other code):
-
-- ``auroc``: area under the ROC curve with ties counted half (the Mann-Whitney statistic); equals
-  scikit-learn's ``roc_auc_score``.
-- ``average_precision``: ``sum_n (R_n - R_{n-1}) P_n`` over all distinct thresholds; equals
-  scikit-learn's ``average_precision_score`` (step rule, no interpolation).
-- ``f1_max``: the maximum of ``2 P R / (P + R)`` over every point of scikit-learn's
-  ``precision_recall_curve`` (0 where ``P + R = 0``). AF-CLIP adds ``eps=1e-16`` and AVA-DINO
-  ``eps=1e-8`` to the denominator; pass ``eps`` to reproduce them. Without it the value differs
-  from theirs by less than ``eps / (2 F1max)`` relative.
-- ``aupro`` (``method="exact"``): the MVTec AD definition (Bergmann et al.; the MVTec evaluation
-  script). Ground-truth regions are the 8-connected components of each mask, labelled once: the
-  MVTec script labels with a 3x3 structuring element, anomalib with ``cv2.connectedComponents``
-  (default 8) and AnomalyCLIP/AF-CLIP with ``skimage.measure.label`` (default: full, i.e. 8). At
-  every distinct score ``t`` used as threshold (pixel anomalous iff score >= t), PRO is the mean
-  over all regions of all images of the fraction of the region above the threshold, and FPR the
-  fraction of all normal pixels above it. The curve starts at (0, 0), ends at (1, 1), is integrated
-  with the trapezoid rule up to ``fpr_limit`` (the end point at exactly ``fpr_limit`` interpolated
-  linearly) and divided by ``fpr_limit``. No threshold grid: every distinct score is a threshold.
-- ``aupro(method="anomalyclip")``: zqhang/AnomalyCLIP ``metrics.py:cal_pro_score``. 200 thresholds
-  ``np.arange(min, max, (max - min) / 200)`` over all maps, pixel anomalous iff score > t, keep the
-  points with FPR < 0.3, min-max normalise those FPRs, sklearn-style trapezoid ``auc``.
-- ``aupro(method="af_clip")``: Faustinaqq/AF-CLIP ``util/utils.py:compute_pro``; the same, except
-  that the kept FPRs are divided by their maximum (not min-max normalised).
-  Both peers ran under NumPy 1.x (AF-CLIP needs pandas < 2), whose scalar promotion is followed:
-  the step is computed in float64 from the map dtype's ``max - min``, and each threshold is rounded
-  to the map dtype before the comparison (as a float32 array compared with a float64 scalar was).
-  The grid is ``np.arange`` called on the map dtype's min and max scalars, as theirs is: NumPy takes
-  its length from ``ceil((max - min) / step)`` with ``max - min`` computed in that dtype, so for
-  float32 maps the grid has one point more or less than a float64 ``arange`` for many (min, max)
-  pairs (15 % of uniform pairs in [0, 1); 46 % with min in [0, 0.1) and max in [0.5, 1)). That
-  point changes AUPRO, most with AnomalyCLIP's min-max normalisation when it moves the smallest
-  kept FPR (up to 1.4e-2 on the small maps of ``tests/test_metrics.py``).
-
-A metric that is undefined on the given data (no anomalous samples; no normal samples for AUROC and
-AUPRO) is NaN, with an :class:`UndefinedMetricWarning` naming the reason. :func:`category_mean`
-leaves NaNs out of a mean over categories and says which.
-
-Scores may be any real dtype (float16 and integers are widened exactly); NaN scores raise. Labels
-and masks must be boolean or 0/1.
+Each public function's docstring gives its definition; ``tests/test_metrics.py`` checks them
+against scikit-learn and against loop-for-loop transcriptions of the peers' code.
 """
 
 from __future__ import annotations
@@ -446,7 +412,7 @@ def _aupro_peer(r: _RankedScores, method: str, fpr_limit: float, num_thresholds:
     step = np.float64(high - low) / num_thresholds
     # np.arange on the map-dtype scalars, as the peers call it: the grid's length comes from the
     # map-dtype difference high - low (a float64 arange differs by one point for many float32
-    # (min, max) pairs, see the module docstring); the values are low + i * step in float64.
+    # (min, max) pairs, see tests/test_metrics.py); the values are low + i * step in float64.
     thresholds = np.arange(low, high, step).astype(dtype)
     fpr = (r.num_neg - np.searchsorted(r.negatives, thresholds, "right")) / r.num_neg
     suffix = _overlap_suffix(r)
@@ -494,7 +460,8 @@ def _aupro(
 
 
 def auroc(scores, labels) -> float:
-    """Area under the ROC curve, equal to ``sklearn.metrics.roc_auc_score`` (ties count half).
+    """Area under the ROC curve, equal to ``sklearn.metrics.roc_auc_score`` (ties count half: the
+    Mann-Whitney statistic).
 
     Args:
       scores: (...) real scores, higher = more anomalous.
@@ -507,7 +474,8 @@ def auroc(scores, labels) -> float:
 
 
 def average_precision(scores, labels) -> float:
-    """Average precision, equal to ``sklearn.metrics.average_precision_score``.
+    """Average precision, equal to ``sklearn.metrics.average_precision_score``: ``sum_n (R_n -
+    R_{n-1}) P_n`` over all distinct thresholds (step rule, no interpolation).
 
     Args:
       scores: (...) real scores, higher = more anomalous.
@@ -520,13 +488,14 @@ def average_precision(scores, labels) -> float:
 
 
 def f1_max(scores, labels, *, eps: float = 0.0) -> float:
-    """Maximum F1 over ``sklearn.metrics.precision_recall_curve``.
+    """Maximum F1 over every point of ``sklearn.metrics.precision_recall_curve``.
 
     Args:
       scores: (...) real scores, higher = more anomalous.
       labels: (...) same shape, boolean or 0/1.
       eps: added to ``P + R`` in the F1 denominator. 0 (default) is the exact ``2PR / (P + R)`` with
-        0 where ``P + R = 0``; AF-CLIP uses 1e-16, AVA-DINO 1e-8.
+        0 where ``P + R = 0``; AF-CLIP uses 1e-16, AVA-DINO 1e-8. With 0 the value differs from
+        theirs by less than ``eps / (2 F1max)`` relative.
 
     Returns:
       F1-max in [0, 1]; NaN with a warning when there is no positive.
@@ -543,7 +512,23 @@ def aupro(
     connectivity: int = 8,
     num_thresholds: int = 200,
 ) -> float:
-    """Area under the per-region-overlap curve up to ``fpr_limit`` (see the module docstring).
+    """Area under the per-region-overlap (PRO) curve up to ``fpr_limit``.
+
+    ``"exact"``: the MVTec AD definition (Bergmann et al.; the MVTec evaluation script). Regions
+    are the connected components of each mask, labelled once. At every distinct score ``t`` as
+    threshold (pixel anomalous iff score >= t), PRO is the mean over all regions of all images of
+    the fraction of the region above ``t``, FPR the fraction of all normal pixels above it. The
+    curve runs from (0, 0) to (1, 1), is integrated with the trapezoid rule up to ``fpr_limit``
+    (the end point interpolated linearly) and divided by ``fpr_limit``. No threshold grid.
+
+    The peers' variants: ``num_thresholds`` thresholds ``np.arange(min, max, (max - min) / n)``
+    over all maps, pixel anomalous iff score > t, the points with FPR < ``fpr_limit`` kept and
+    integrated with sklearn's trapezoid ``auc`` after normalising their FPRs: min-max for
+    ``"anomalyclip"`` (zqhang/AnomalyCLIP ``metrics.py:cal_pro_score``), divided by the maximum
+    for ``"af_clip"`` (Faustinaqq/AF-CLIP ``util/utils.py:compute_pro``). The grid and the
+    comparisons follow the NumPy 1.x promotion both ran under (map-dtype ``max - min`` and
+    ``arange``, thresholds rounded to the map dtype); ``tests/test_metrics.py`` shows where that
+    changes the number.
 
     Args:
       maps: (N, H, W) anomaly maps.
@@ -610,6 +595,43 @@ def image_metrics(scores, labels) -> dict[str, float]:
         "image_AP": _average_precision(ranked, "image_AP"),
         "image_F1max": _f1_max(ranked, "image_F1max", 0.0),
     }
+
+
+def choose_threshold(scores, labels) -> float:
+    """The F1-optimal image-score threshold: predict anomalous iff ``score >= threshold``.
+
+    Every distinct score is a candidate (the points of scikit-learn's ``precision_recall_curve``);
+    the one with the largest F1 wins, the highest such score on ties (fewest false alarms).
+
+    Args:
+      scores: (N,) image scores.
+      labels: (N,) 0/1 or bool ground truth.
+
+    Returns:
+      The threshold; NaN (with a warning) when there is no anomalous image.
+    """
+    scores = np.asarray(scores, np.float64).reshape(-1)
+    labels = np.asarray(labels).reshape(-1).astype(bool)
+    if scores.shape != labels.shape:
+        raise ValueError(f"choose_threshold: {scores.shape[0]} scores but {labels.shape[0]} labels")
+    if np.isnan(scores).any():
+        raise ValueError("choose_threshold: scores contain NaN")
+    num_pos = int(labels.sum())
+    if num_pos == 0:
+        warnings.warn(
+            "choose_threshold: no anomalous image, so no F1-optimal threshold; returning NaN",
+            UndefinedMetricWarning,
+            2,
+        )
+        return math.nan
+    order = np.argsort(-scores, kind="stable")
+    sorted_scores, sorted_labels = scores[order], labels[order]
+    tp = np.cumsum(sorted_labels)
+    fp = np.cumsum(~sorted_labels)
+    # The last element of each run of equal scores: predicting ">= that score" takes the whole run.
+    last = np.r_[np.flatnonzero(sorted_scores[1:] != sorted_scores[:-1]), scores.size - 1]
+    f1 = 2.0 * tp[last] / (tp[last] + fp[last] + num_pos)
+    return float(sorted_scores[last[int(np.argmax(f1))]])
 
 
 def category_mean(values: Mapping[str, float]) -> CategoryMean:

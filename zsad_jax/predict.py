@@ -70,8 +70,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from zsad_jax import cli, report, visualize
-from zsad_jax import evaluate as eval_lib
+from zsad_jax import cli, inference, report, visualize
 from zsad_jax import sharding as shard_lib
 from zsad_jax import state as state_lib
 from zsad_jax.data import decode, readers, sources, transforms
@@ -247,8 +246,8 @@ class Predictor:
         model.set_classes([category])
         mesh = shard_lib.make_mesh(config.get("mesh")) if mesh is None else mesh
         kwargs = {"memory": memory} if memory is not None else None
-        self.infer = eval_lib.BatchedInference(model, mesh, model_kwargs=kwargs)
-        self.batch_size = eval_lib.padded_batch_size(
+        self.infer = inference.BatchedInference(model, mesh, model_kwargs=kwargs)
+        self.batch_size = inference.padded_batch_size(
             batch_size or int(config.eval.get("batch_size", 8) or 8), self.infer.num_devices
         )
         self.local_batch = self.batch_size // jax.process_count()
@@ -270,11 +269,20 @@ class Predictor:
         """Up to ``local_batch`` images (none is fine: padding) in one forward pass."""
         if len(images) > self.local_batch:
             raise ValueError(f"score_batch: {len(images)} images, at most {self.local_batch}")
+        return self.maps_and_scores(images, self.infer(self.batch_inputs(images), local=True))
+
+    def batch_inputs(self, images: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+        """Up to ``local_batch`` images -> the model inputs of one padded batch."""
         batch = np.zeros((self.local_batch, self.size, self.size, 3), np.float32)
         for i, image in enumerate(images):
             batch[i] = preprocess(image, self.config)
-        inputs = {"image": batch, "class_id": np.zeros(self.local_batch, np.int32)}
-        out = self.infer(inputs, local=True)
+        return {"image": batch, "class_id": np.zeros(self.local_batch, np.int32)}
+
+    @staticmethod
+    def maps_and_scores(
+        images: Sequence[np.ndarray], out: Mapping[str, np.ndarray]
+    ) -> list[tuple[np.ndarray, float]]:
+        """The batch's outputs -> (map at each image's own size, score) per image."""
         return [
             (visualize.resize_map(out["anomaly_map"][i], *image.shape[:2]),
              float(out["pred_score"][i]))
@@ -318,9 +326,17 @@ def predict_files(
     bar = report.progress_bar(len(items), enabled=progress and primary, desc="predict",
                                 unit="image")  # fmt: skip
     with _Records(out_dir / PREDICTIONS_FILE, emit) as sink:
-        for step, chunk in enumerate(steps):
-            loaded, records = _load_chunk(chunk, predictor.max_pixels, skip_corrupt)
-            scored = iter(predictor.score_batch([image for _, _, image in loaded]))
+
+        def batches():
+            for chunk in steps:
+                loaded, records = _load_chunk(chunk, predictor.max_pixels, skip_corrupt)
+                images = [image for _, _, image in loaded]
+                yield {"loaded": loaded, "records": records, **predictor.batch_inputs(images)}
+
+        # The next chunk is decoded and its forward started before this one's outputs are written.
+        for step, (batch, out) in enumerate(predictor.infer.stream(batches(), local=True)):
+            loaded, records = batch["loaded"], batch["records"]
+            scored = iter(predictor.maps_and_scores([image for _, _, image in loaded], out))
             for position, (file, name), image in loaded:
                 amap, score = next(scored)
                 records[position] = _write_outputs(predictor, out_dir, file, name, image, amap,
@@ -477,26 +493,63 @@ def export_inference(
     """
     path = Path(path)
     model.set_classes([category])
-    split = state_lib.SplitModel(model)
-    params, mutable, frozen = split.take_arrays()
-    mutable, key_impls = state_lib.keys_to_data(mutable)
-    # One flat, ordered list of arrays: a serialisable argument structure independent of names.
-    groups = {"params": params, "mutable": mutable, "frozen": frozen}
+    weights, infer = _inference_over_arrays(model, memory)
+    exported = _export(infer, weights, config, batch_size, platforms)
+    files = {
+        "stablehlo": str(path),
+        "weights": str(path.with_name(path.name + ".weights.npz")),
+        "meta": str(path.with_name(path.name + ".json")),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(files["stablehlo"], "wb") as f:
+        f.write(exported.serialize())
+    np.savez(files["weights"], *weights)
+    meta = _export_meta(
+        config, exported, weights, files["weights"], batch_size=batch_size, threshold=threshold,
+        few_shot=memory is not None, category=category,
+    )  # fmt: skip
+    with open(files["meta"], "w") as f:
+        json.dump(report.json_ready(meta), f, indent=1)
+    return files
+
+
+def _inference_over_arrays(model: nnx.Module, memory: Any) -> tuple[list[np.ndarray], Callable]:
+    """``(weights, infer)``: the model's arrays (and the memory bank) as one ordered list, PRNG
+    keys as key data, and ``infer(weights, images) -> (anomaly_map, pred_score)`` merging them
+    back (``nnx.merge``): a serialisable argument structure independent of names."""
+    graphdef, state = nnx.split(model)
+    leaves, treedef = jax.tree.flatten(state)
+    impls = [str(jax.random.key_impl(x)) if state_lib.is_key(x) else None for x in leaves]
+    weights = [
+        np.asarray(jax.random.key_data(x) if impl else x)
+        for x, impl in zip(leaves, impls, strict=True)
+    ]
     if memory is not None:
-        groups["memory"] = {"memory": memory}
-    order = [(g, k) for g in groups for k in sorted(groups[g])]
-    weights = [np.asarray(groups[g][k]) for g, k in order]
+        weights.append(np.asarray(memory))
 
     def infer(arrays, images):
-        parts: dict[str, dict[str, Any]] = {g: {} for g in groups}
-        for (g, k), value in zip(order, arrays, strict=True):
-            parts[g][k] = value
-        rngs = state_lib.data_to_keys(parts["mutable"], key_impls)
-        kwargs = {"memory": parts["memory"]["memory"]} if memory is not None else {}
+        arrays = list(arrays)
+        kwargs = {"memory": arrays.pop()} if memory is not None else {}
+        leaves = [
+            jax.random.wrap_key_data(a, impl=impl) if impl else a
+            for a, impl in zip(arrays, impls, strict=True)
+        ]
+        method = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
         batch = {"image": images, "class_id": jnp.zeros(images.shape[0], jnp.int32)}
-        out = split.merge(parts["params"], rngs, parts["frozen"])(batch, train=False, **kwargs)
+        out = method(batch, train=False, **kwargs)
         return out["anomaly_map"].astype(jnp.float32), out["pred_score"].astype(jnp.float32)
 
+    return weights, infer
+
+
+def _export(
+    infer: Callable,
+    weights: Sequence[np.ndarray],
+    config: Any,
+    batch_size: int,
+    platforms: Sequence[str] | None,
+) -> jax.export.Exported:
+    """``infer`` lowered by ``jax.export`` for ``batch_size`` images of the config's size."""
     size = int(config.data.image_size)
     args = (
         [jax.ShapeDtypeStruct(w.shape, w.dtype) for w in weights],
@@ -513,41 +566,44 @@ def export_inference(
             f"export: the inference function of {config.method!r} uses {exported.nr_devices} "
             "devices or side effects; only single-device, effect-free functions are exported"
         )
-    files = {
-        "stablehlo": str(path),
-        "weights": str(path.with_name(path.name + ".weights.npz")),
-        "meta": str(path.with_name(path.name + ".json")),
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(files["stablehlo"], "wb") as f:
-        f.write(exported.serialize())
-    np.savez(files["weights"], *weights)
+    return exported
+
+
+def _export_meta(
+    config: Any,
+    exported: jax.export.Exported,
+    weights: Sequence[np.ndarray],
+    weights_file: str,
+    *,
+    batch_size: int,
+    threshold: float | None,
+    few_shot: bool,
+    category: str,
+) -> dict[str, Any]:
+    """``PATH.json``: how to feed the function, and what ``load_exported`` checks."""
     name = str(config.data.transform)
     mean, std = transforms.normalization(name)
-    meta = {
+    return {
         "format": EXPORT_FORMAT,
         "method": str(config.method),
         "batch_size": int(batch_size),
-        "image_size": size,
+        "image_size": int(config.data.image_size),
         "transform": name,
         "mean": list(mean),
         "std": list(std),
         "threshold": threshold,
-        "few_shot": memory is not None,
+        "few_shot": few_shot,
         "category": category,
         "platforms": list(exported.platforms),
         # What load_exported checks, so that a mixed-up file set is refused instead of run.
         "weights": {
             "count": len(weights),
             "signature_sha256": _signature_digest((w.shape, w.dtype) for w in weights),
-            "file_sha256": _file_digest(files["weights"]),
+            "file_sha256": _file_digest(weights_file),
         },
         "inputs": "images float32 (batch, size, size, 3): RGB / 255, resized, (x - mean) / std",
         "outputs": "anomaly_map float32 (batch, size, size), pred_score float32 (batch,)",
     }
-    with open(files["meta"], "w") as f:
-        json.dump(report.json_ready(meta), f, indent=1)
-    return files
 
 
 def load_exported(path: str | os.PathLike) -> tuple[Callable, dict[str, Any]]:
@@ -715,7 +771,7 @@ def run(
             raise FileNotFoundError(f"{given}: no such image file or folder")
     if images:
         check_out_dir(out, overwrite=overwrite)
-    model, config, stored, _ = eval_lib.load_model(
+    model, config, stored, _ = inference.load_model(
         checkpoint, config, step=step, allow_custom_code=allow_custom_code
     )
     chosen = stored if threshold is None else float(threshold)
@@ -786,13 +842,9 @@ def check_options(
 def _define_flags() -> None:
     from absl import flags
 
-    flags.DEFINE_string(
-        "config", None, "method config file[:variant] for a random-init smoke run without "
-        "--checkpoint; with --checkpoint its stored config is used (change keys with "
-        "--config.KEY=VALUE)",
-    )  # fmt: skip
-    flags.DEFINE_string("checkpoint", None, "training workdir, its checkpoints/ or a step folder")
-    flags.DEFINE_integer("step", None, "checkpoint step (default: latest)")
+    cli.define_checkpoint_flags()
+    for name in cli.CHECKPOINT_FLAGS:
+        flags.declare_key_flag(name)
     flags.DEFINE_string("out", "predictions", "output folder")
     flags.DEFINE_float("threshold", None, "image-score threshold (default: the checkpoint's)")
     flags.DEFINE_string("reference", None, "folder of normal images: few-shot mode (AF-CLIP+)")
@@ -806,11 +858,6 @@ def _define_flags() -> None:
     flags.DEFINE_integer("export_batch", 1, "batch size of the exported function")
     flags.DEFINE_list("export_platforms", None, "lowering platforms, e.g. cpu,cuda (default: this)")
     flags.DEFINE_bool("overwrite", False, "replace the predictions of an earlier run in --out")
-    flags.DEFINE_bool(
-        "allow_custom_code", False,
-        "import the Python code a checkpoint's config names (config.method='module:Class'); "
-        "only for checkpoints you trust",
-    )  # fmt: skip
     cli.define_multihost_flags()
 
 

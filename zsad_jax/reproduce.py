@@ -81,10 +81,17 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
+from absl import flags
 
-from zsad_jax import cli, report
+from zsad_jax import cli, config_check, inference, methods, report
+from zsad_jax import evaluate as evaluate_lib
 from zsad_jax import metrics as metrics_lib
+from zsad_jax import optim as optim_lib
+from zsad_jax import train as train_lib
+from zsad_jax.data import pipeline, sources
+from zsad_jax.train import PREEMPTED_EXIT_CODE
 
 # Training sets of the two directions and the test set each model is evaluated on (methods.md §5).
 ZERO_SHOT_PAIRS = {"mvtec_ad": "visa", "visa": "mvtec_ad"}
@@ -218,8 +225,6 @@ def direction_config(
     split and tested on ``test_set``'s: the file's ``train_set=``/``test_set=`` variants (which
     derive each side's settings, e.g. AVA-DINO's mask thresholds), the overrides, then the
     protocol's data fields (every category, the given roots), validated."""
-    from zsad_jax import config_check
-
     path, items = _split_spec(spec)
     items = [i for i in items if i.partition("=")[0].strip() not in ("train_set", "test_set")]
     arg = ",".join([*items, f"train_set={train_set}", f"test_set={test_set}"])
@@ -435,8 +440,6 @@ class _Reproduction:
 
     def evaluate(self, model, ev, config, key, *, vis: bool) -> tuple[dict, dict]:
         """``(summary doc for result.json, the full evaluate() result)``."""
-        from zsad_jax import evaluate as evaluate_lib
-
         result = evaluate_lib.evaluate(
             model,
             config,
@@ -460,8 +463,6 @@ class _Reproduction:
 
     def store_result(self, ev: Evaluation, doc: Mapping[str, Any], result: Mapping) -> None:
         """``metrics.json/.csv/.md`` of the evaluation, then (atomically, last) ``result.json``."""
-        from zsad_jax import evaluate as evaluate_lib
-
         evaluate_lib.write_results(result, self.eval_dir(ev))
         write_json_atomic(self.eval_dir(ev) / RESULT_FILE, doc)
 
@@ -472,9 +473,6 @@ class _Reproduction:
 
     def prepare(self, train_set: str) -> dict[str, Any]:
         """The training config of a direction and its epoch length (before training)."""
-        from zsad_jax import optim as optim_lib
-        from zsad_jax.data import pipeline, sources
-
         config = self.config(train_set, ZERO_SHOT_PAIRS[train_set])
         steps_per_epoch = pipeline.steps_per_epoch(
             len(sources.split_source(config.data, "train")), int(config.data.batch_size)
@@ -498,8 +496,6 @@ class _Reproduction:
         return config
 
     def train(self, train_set: str, evaluations: Sequence[Evaluation]) -> dict[str, Any]:
-        from zsad_jax import train as train_lib
-
         info = self.prepare(train_set)
         config, train_dir = info["config"], info["dir"]
         evaluator = None
@@ -560,8 +556,6 @@ class _Reproduction:
     # -- evaluation -----------------------------------------------------------------------------
 
     def run_evaluations(self, train_set: str, evaluations: Sequence[Evaluation]) -> None:
-        from zsad_jax import evaluate as evaluate_lib
-
         info = self.train_info[train_set]
         model = None
         for ev in evaluations:
@@ -572,7 +566,7 @@ class _Reproduction:
                 self.log(f"{ev.name}: result present")
                 continue
             if model is None:
-                model, _, _, loaded = evaluate_lib.load_model(str(info["dir"]), info["config"])
+                model, _, _, loaded = inference.load_model(str(info["dir"]), info["config"])
                 if loaded["step"] != info["step"]:
                     raise ValueError(
                         f"{info['dir']}: latest checkpoint is step {loaded['step']}, the finished "
@@ -847,8 +841,6 @@ def run(
       ``{"rows", "not_run", "actions", "table_md", "table_csv"}``: the table rows (% values), the
       reported records not run, what was done (trained / reused, evaluated / reused) and the paths.
     """
-    import jax
-
     if jax.process_count() > 1:
         raise ValueError(
             "zsad_jax.reproduce runs in one process; for multi-host runs use zsad_jax.train and "
@@ -883,8 +875,6 @@ def run(
     # Fail on a bad config, variant, override or few-shot request before any training.
     first = r.config(directions[0], ZERO_SHOT_PAIRS[directions[0]])
     if few_shot:
-        from zsad_jax import methods
-
         if not callable(getattr(methods.method_class(first.method), "build_memory", None)):
             raise ValueError(
                 f"--few_shot: method {first.method!r} has no few-shot mode (model.build_memory); "
@@ -917,8 +907,6 @@ def run(
 
 
 def _define_flags() -> None:
-    from absl import flags
-
     flags.DEFINE_string(
         "config", None, "method config file[:variant,...]; change keys with --config.KEY=VALUE"
     )
@@ -944,8 +932,6 @@ def _define_flags() -> None:
 
 
 def main(argv: Sequence[str], overrides: Sequence[tuple[str, str]]) -> None:
-    from absl import flags
-
     if len(argv) > 1:
         raise cli.CommandLineError(f"unexpected arguments {list(argv[1:])}")
     f = flags.FLAGS
@@ -967,8 +953,6 @@ def main(argv: Sequence[str], overrides: Sequence[tuple[str, str]]) -> None:
             progress=f.progress,
         )
     except _Preempted as e:
-        from zsad_jax.train import PREEMPTED_EXIT_CODE
-
         print(str(e), file=sys.stderr)
         sys.exit(PREEMPTED_EXIT_CODE)
     print(Path(result["table_md"]).read_text(), flush=True)

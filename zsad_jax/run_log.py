@@ -2,15 +2,15 @@
 
 Each ``MetricWriter.write(step, scalars)`` appends one JSON line ``{"step", "time", **scalars}`` to
 ``DIR/metrics.jsonl`` (non-finite values become ``null``) and one ``Event`` with scalar summaries to
-``DIR/events.out.tfevents.<time>.<host>``, so ``tensorboard --logdir DIR`` shows the curves.
+``DIR/events.out.tfevents.<time>.<host>.<pid>``, so ``tensorboard --logdir DIR`` shows the curves.
 
-The event file is TFRecord framing of ``tensorflow.Event`` protobufs::
-
-    uint64 length | uint32 masked_crc32c(length) | bytes event | uint32 masked_crc32c(event)
-
-with ``Event{double wall_time = 1; int64 step = 2; string file_version = 3; Summary summary = 5}``,
-``Summary{repeated Value value = 1}``, ``Value{string tag = 1; float simple_value = 2}``. The
-protobuf fields are encoded by hand (a few varints); ``read_events`` parses them back.
+An event file is a TFRecord file of ``tensorflow.Event`` protobufs. ``protobuf`` encodes the
+messages from the few fields declared in ``_EVENT_FIELDS`` (numbers as in TensorFlow's
+``event.proto`` / ``summary.proto``); only the TFRecord framing and its CRC-32C are written here.
+Not tensorboardX, which does the same: importing it imports torch whenever torch is installed (the
+``convert`` extra: 1.3 s, and torch's libraries inside the JAX process), its writer queues events
+in a thread (a flushed row may not be on disk yet), and it names files to the second (a second
+writer opened in that second overwrites the first one's file).
 """
 
 from __future__ import annotations
@@ -23,9 +23,63 @@ import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
 from zsad_jax import report
 
 METRICS_FILE = "metrics.jsonl"
+SESSION_START = 1  # tensorflow.SessionLog.START
+
+_PACKAGE = "zsad_jax.tensorboard"
+_F = descriptor_pb2.FieldDescriptorProto
+# message -> (field, number, type, message type or None, repeated, in the ``what`` oneof)
+_EVENT_FIELDS = {
+    "SummaryValue": [
+        ("tag", 1, _F.TYPE_STRING, None, False, False),
+        ("simple_value", 2, _F.TYPE_FLOAT, None, False, False),
+    ],
+    "Summary": [("value", 1, _F.TYPE_MESSAGE, "SummaryValue", True, False)],
+    "SessionLog": [("status", 1, _F.TYPE_ENUM, "SessionStatus", False, False)],
+    "Event": [
+        ("wall_time", 1, _F.TYPE_DOUBLE, None, False, False),
+        ("step", 2, _F.TYPE_INT64, None, False, False),
+        ("file_version", 3, _F.TYPE_STRING, None, False, True),
+        ("summary", 5, _F.TYPE_MESSAGE, "Summary", False, True),
+        ("session_log", 7, _F.TYPE_MESSAGE, "SessionLog", False, True),
+    ],
+}
+
+
+def _event_class():
+    """The ``Event`` message class, built in a private descriptor pool (no clash with a
+    TensorFlow or TensorBoard imported in the same process)."""
+    proto = descriptor_pb2.FileDescriptorProto(
+        name="zsad_jax_tensorboard_event.proto", package=_PACKAGE, syntax="proto3"
+    )
+    status = proto.enum_type.add(name="SessionStatus")
+    for name, number in (("STATUS_UNSPECIFIED", 0), ("START", SESSION_START)):
+        status.value.add(name=name, number=number)
+    for message, fields in _EVENT_FIELDS.items():
+        declared = proto.message_type.add(name=message)
+        if any(in_oneof for *_, in_oneof in fields):
+            declared.oneof_decl.add(name="what")
+        for name, number, kind, type_name, repeated, in_oneof in fields:
+            field = declared.field.add(
+                name=name,
+                number=number,
+                type=kind,
+                label=_F.LABEL_REPEATED if repeated else _F.LABEL_OPTIONAL,
+            )
+            if type_name:
+                field.type_name = f".{_PACKAGE}.{type_name}"
+            if in_oneof:
+                field.oneof_index = 0
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(proto)
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName(f"{_PACKAGE}.Event"))
+
+
+Event = _event_class()
 
 
 def _crc32c_table() -> list[int]:
@@ -54,62 +108,11 @@ def masked_crc32c(data: bytes) -> int:
     return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
 
-def _varint(value: int) -> bytes:
-    value &= (1 << 64) - 1  # negative int64 as two's complement, as protobuf does
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
-def _field(number: int, wire_type: int, payload: bytes) -> bytes:
-    key = _varint((number << 3) | wire_type)
-    if wire_type == 2:
-        return key + _varint(len(payload)) + payload
-    return key + payload
-
-
-SESSION_START = 1  # tensorflow.SessionLog.START
-
-
-def encode_event(
-    step: int,
-    wall_time: float,
-    scalars: Mapping[str, float] | None = None,
-    file_version: str | None = None,
-    session_start: bool = False,
-) -> bytes:
-    """A serialised ``Event`` with one ``simple_value`` per scalar; ``session_start`` adds
-    ``session_log {status: START}``, on which TensorBoard drops the events of step >= ``step``
-    written before it (the lost tail of a killed run)."""
-    out = _field(1, 1, struct.pack("<d", wall_time)) + _field(2, 0, _varint(int(step)))
-    if file_version is not None:
-        out += _field(3, 2, file_version.encode())
-    if session_start:
-        out += _field(6, 2, _field(1, 0, _varint(SESSION_START)))
-    if scalars:
-        values = b"".join(
-            _field(1, 2, _field(1, 2, tag.encode()) + _field(2, 5, struct.pack("<f", float(v))))
-            for tag, v in scalars.items()
-        )
-        out += _field(5, 2, values)
-    return out
-
-
 def frame_record(data: bytes) -> bytes:
-    """TFRecord framing: length, its masked crc, the data, the data's masked crc."""
+    """TFRecord framing: uint64 length, its masked crc, the data, the data's masked crc."""
     length = struct.pack("<Q", len(data))
-    return (
-        length
-        + struct.pack("<I", masked_crc32c(length))
-        + data
-        + struct.pack("<I", masked_crc32c(data))
-    )
+    checks = struct.pack("<I", masked_crc32c(length)), struct.pack("<I", masked_crc32c(data))
+    return length + checks[0] + data + checks[1]
 
 
 def read_records(path: str | os.PathLike) -> Iterator[bytes]:
@@ -131,68 +134,21 @@ def read_records(path: str | os.PathLike) -> Iterator[bytes]:
         pos += 16 + length
 
 
-def _parse_fields(data: bytes) -> Iterator[tuple[int, int, bytes | int]]:
-    """(field number, wire type, raw bytes or varint value) of one protobuf message."""
-    pos = 0
-
-    def varint() -> int:
-        nonlocal pos
-        shift = result = 0
-        while True:
-            b = data[pos]
-            pos += 1
-            result |= (b & 0x7F) << shift
-            shift += 7
-            if not b & 0x80:
-                return result
-
-    while pos < len(data):
-        key = varint()
-        number, wire = key >> 3, key & 7
-        if wire == 0:
-            yield number, wire, varint()
-        elif wire == 1:
-            yield number, wire, data[pos : pos + 8]
-            pos += 8
-        elif wire == 5:
-            yield number, wire, data[pos : pos + 4]
-            pos += 4
-        elif wire == 2:
-            n = varint()
-            yield number, wire, data[pos : pos + n]
-            pos += n
-        else:
-            raise ValueError(f"unsupported protobuf wire type {wire}")
-
-
 def read_events(path: str | os.PathLike) -> list[dict]:
-    """Every event of a file: ``{"step", "wall_time", "scalars": {tag: value}, "file_version"}``."""
+    """Every event of a file: ``{"step", "wall_time", "scalars": {tag: value}, "file_version",
+    "session_start"}``."""
     events = []
     for record in read_records(path):
-        event = {
-            "step": 0,
-            "wall_time": 0.0,
-            "scalars": {},
-            "file_version": None,
-            "session_start": False,
-        }
-        for number, _, raw in _parse_fields(record):
-            if number == 1:
-                event["wall_time"] = struct.unpack("<d", raw)[0]
-            elif number == 2:
-                event["step"] = raw - (1 << 64) if raw >= 1 << 63 else raw
-            elif number == 3:
-                event["file_version"] = raw.decode()
-            elif number == 6:
-                event["session_start"] = (
-                    dict((n, r) for n, _, r in _parse_fields(raw)).get(1) == SESSION_START
-                )
-            elif number == 5:
-                for _, _, value in _parse_fields(raw):
-                    fields = {n: r for n, _, r in _parse_fields(value)}
-                    if 1 in fields and 2 in fields:
-                        event["scalars"][fields[1].decode()] = struct.unpack("<f", fields[2])[0]
-        events.append(event)
+        event = Event.FromString(record)
+        events.append(
+            {
+                "step": event.step,
+                "wall_time": event.wall_time,
+                "scalars": {v.tag: v.simple_value for v in event.summary.value},
+                "file_version": event.file_version or None,
+                "session_start": event.session_log.status == SESSION_START,
+            }
+        )
     return events
 
 
@@ -200,20 +156,29 @@ class EventFileWriter:
     """Appends scalar events to a new ``events.out.tfevents.*`` file in ``logdir``."""
 
     def __init__(self, logdir: str | os.PathLike, *, resume_step: int = 0):
+        """``resume_step``: a ``SessionLog START`` at ``resume_step + 1`` follows the header, on
+        which TensorBoard drops the events of those steps written before (a killed run's lost
+        tail)."""
         logdir = Path(logdir)
         logdir.mkdir(parents=True, exist_ok=True)
         name = f"events.out.tfevents.{time.time():.6f}.{socket.gethostname()}.{os.getpid()}"
         self.path = logdir / name
         self._file = open(self.path, "ab")  # noqa: SIM115  (closed in close())
-        self._file.write(frame_record(encode_event(0, time.time(), file_version="brain.Event:2")))
+        self._write(Event(wall_time=time.time(), file_version="brain.Event:2"))
         if resume_step:
-            start = encode_event(resume_step + 1, time.time(), session_start=True)
-            self._file.write(frame_record(start))
+            start = Event(wall_time=time.time(), step=resume_step + 1)
+            start.session_log.status = SESSION_START
+            self._write(start)
         self._file.flush()
 
+    def _write(self, event) -> None:
+        self._file.write(frame_record(event.SerializeToString()))
+
     def add_scalars(self, step: int, scalars: Mapping[str, float], wall_time: float | None = None):
-        event = encode_event(step, time.time() if wall_time is None else wall_time, scalars)
-        self._file.write(frame_record(event))
+        event = Event(wall_time=time.time() if wall_time is None else wall_time, step=int(step))
+        for tag, value in scalars.items():
+            event.summary.value.add(tag=tag, simple_value=float(value))
+        self._write(event)
 
     def flush(self) -> None:
         self._file.flush()

@@ -1,14 +1,14 @@
-"""A model as flat ``{dotted path: array}`` dicts, and the PRNG keys inside them as plain data.
+"""A model's variables as flat ``{dotted path: array}`` dicts, and PRNG keys as plain data.
 
-``SplitModel`` splits a method into what a jitted function takes as arguments: ``params`` (the
-``Trainable`` weights), ``mutable`` (RNG streams, batch statistics) and ``frozen`` (the rest: the
-backbone, cached text), each a flat dict keyed by the variables' dotted paths (the names
-checkpoints and learning-rate groups use), plus the structure to merge them back. Training,
-inference and export all go through it.
+Jitted code takes a model as Flax's ``nnx.split``/``nnx.merge`` pair (``zsad_jax.inference``);
+dotted paths are the names only two boundaries use: training checkpoints and the optimiser's
+learning-rate and clipping groups (``zsad_jax.optim``). ``TrainSplit`` is the train step's adapter
+to them: the trained weights and mutable variables as flat dicts, the frozen rest as a State.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -52,45 +52,45 @@ def data_to_keys(tree: Mapping[str, Any], impls: Mapping[str, str]) -> dict[str,
     }
 
 
-class SplitModel:
-    """A model as three flat ``{dotted path: array}`` dicts: ``params`` (``Trainable``),
-    ``mutable`` (RNG streams, batch statistics) and ``frozen`` (the rest), plus the structure to
-    merge them back.
+class FlatKeys:
+    """One ``nnx.State`` as a flat ``{dotted path: array}`` dict (``flat_arrays``) and back.
 
-    Only abstract shapes are kept here, so the arrays live once: in the dicts the loop passes.
+    Only abstract shapes are kept, so the arrays live once: in the dicts the loop passes.
     """
 
-    def __init__(self, model: nnx.Module):
-        self.graphdef, *states = nnx.split(model, Trainable, MUTABLE, ...)
-        self._templates = [
-            [
-                (p, v.replace(jax.ShapeDtypeStruct(np.shape(v.get_value()), v.get_value().dtype)))
-                for p, v in nnx.to_flat_state(s)
-            ]
-            for s in states
+    def __init__(self, state: nnx.State):
+        self._template = [
+            (p, v.replace(jax.ShapeDtypeStruct(np.shape(v.get_value()), v.get_value().dtype)))
+            for p, v in nnx.to_flat_state(state)
         ]
-        self._initial = [flat_arrays(s) for s in states]
 
-    def take_arrays(self) -> tuple[dict, dict, dict]:
-        """``(params, mutable, frozen)`` of the model it was built from (handed over once)."""
-        arrays, self._initial = self._initial, None
-        if arrays is None:
-            raise RuntimeError("SplitModel.take_arrays() was already called")
-        return tuple(arrays)
+    def state(self, arrays: Mapping[str, Any]) -> nnx.State:
+        return nnx.from_flat_state([(p, v.replace(arrays[path_str(p)])) for p, v in self._template])
 
-    @staticmethod
-    def _state(template, arrays):
-        return nnx.from_flat_state([(p, v.replace(arrays[path_str(p)])) for p, v in template])
 
-    def merge(self, params: Mapping, mutable: Mapping, frozen: Mapping) -> nnx.Module:
+@dataclasses.dataclass(frozen=True)
+class TrainSplit:
+    """How the train step merges a method back: its graph definition and the flat-dict views of
+    its ``Trainable`` weights (``params``) and ``MUTABLE`` variables (``mutable``)."""
+
+    graphdef: nnx.GraphDef
+    params: FlatKeys
+    mutable: FlatKeys
+
+    def merge(self, params: Mapping, mutable: Mapping, frozen: nnx.State) -> nnx.Module:
         return nnx.merge(
-            self.graphdef,
-            *(
-                self._state(t, a)
-                for t, a in zip(self._templates, (params, mutable, frozen), strict=True)
-            ),
+            self.graphdef, self.params.state(params), self.mutable.state(mutable), frozen
         )
 
-    @staticmethod
-    def mutable_of(model: nnx.Module) -> dict[str, Any]:
-        return flat_arrays(nnx.state(model, MUTABLE))
+
+def split_for_training(model: nnx.Module) -> tuple[TrainSplit, dict, dict, nnx.State]:
+    """``(split, params, mutable, frozen)``: the flat dicts checkpoints and the optimiser key by
+    path, and the frozen rest (backbone, cached text) as an ``nnx.State``."""
+    graphdef, params, mutable, frozen = nnx.split(model, Trainable, MUTABLE, ...)
+    split = TrainSplit(graphdef, FlatKeys(params), FlatKeys(mutable))
+    return split, flat_arrays(params), flat_arrays(mutable), frozen
+
+
+def mutable_arrays(model: nnx.Module) -> dict[str, Any]:
+    """The model's ``MUTABLE`` variables as a flat dict (what the train step carries)."""
+    return flat_arrays(nnx.state(model, MUTABLE))

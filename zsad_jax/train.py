@@ -5,42 +5,22 @@ r"""Trains a method's heads on a frozen backbone: ``python -m zsad_jax.train``.
         --config.optim.lr=3e-4 --config.data.batch_size=16
 
 Re-running the same command resumes from the latest checkpoint in ``WORKDIR/checkpoints`` and
-continues exactly (same parameters as an uninterrupted run, bitwise on CPU): the trainable weights,
-optimiser state, model RNG streams, step and data-iterator position are all restored. SIGTERM
-(preemption) saves a checkpoint at the end of the current step and exits with status 143. Progress
-goes to a tqdm bar (loss, images/s, ETA); metrics to ``WORKDIR/metrics.jsonl`` and TensorBoard event
-files in ``WORKDIR``. The last line printed is JSON: the final metrics (held-out evaluation with
-anomalib names, unless ``config.eval.enabled`` is False), ``steps`` and ``seconds``.
+continues exactly (bitwise on CPU: weights, optimiser state, RNG streams, step and data position
+are restored); SIGTERM saves the current step and exits with status 143. Metrics go to a tqdm bar,
+``WORKDIR/metrics.jsonl`` and TensorBoard files; the last printed line is JSON with the final
+metrics (held-out evaluation unless ``config.eval.enabled`` is False).
 
-What runs where: one ``jax.jit`` step over the model split into three flat dicts (``Trainable``
-weights, the model's RNG streams, and the frozen rest). The frozen backbone is an argument of the
-step held once on the devices, never differentiated, never in the optimiser or the checkpoint.
-Batches are split over the mesh (``config.mesh``: ``data`` x ``fsdp``), state replicated or split by
-``zsad_jax.sharding``. A step whose loss or gradients are not finite leaves the state unchanged
-(inside the jitted step) and is counted; ``config.max_bad_steps`` of them in a row stop the run with
-an error.
-
-Multi-host (GPU nodes, TPU pods): every process runs the same command; it calls
-``jax.distributed.initialize`` when ``--distributed`` (auto-detected cluster: TPU, SLURM, Open MPI)
-or ``--coordinator_address/--num_processes/--process_id`` are given, and feeds only its own rows of
-each global batch. ``--workdir`` must be a directory every host sees (NFS, or a GCS bucket mounted
-with gcsfuse); every host needs the repository, its environment and the data. On a TPU pod::
-
-    gcloud compute tpus tpu-vm ssh NAME --zone=ZONE --worker=all --command="cd zsad_jax && \
-        .venv/bin/python -m zsad_jax.train --config=configs/af_clip.py \
-        --workdir=/mnt/shared/runs/af_clip --distributed"
-
-and on CPU hosts (or to try it on one machine, here 2 processes x 4 devices)::
-
-    XLA_FLAGS=--xla_force_host_platform_device_count=4 python -m zsad_jax.train ... \
-        --coordinator_address=127.0.0.1:12355 --num_processes=2 --process_id=0   # and =1
-
-(CPU cross-process collectives use gloo, ``jax_cpu_collectives_implementation``). In a multi-process
-run, preemption is detected through JAX's preemption sync service, so all hosts save the same step.
+One ``jax.jit`` step (``make_train_step``) over the trained weights, the RNG streams and the frozen
+rest (``zsad_jax.state.split_for_training``), batches split over ``config.mesh``; a step with a
+non-finite loss or gradient leaves the state unchanged and is counted (``config.max_bad_steps`` in
+a row stop the run). Multi-host runs (``--distributed`` or ``--coordinator_address/--num_processes
+/--process_id``): every process runs the same command on a shared ``--workdir``; see the README's
+"Multi-host" section and ``tests/test_train.py`` / ``tests/test_pods.py`` for the evidence.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import math
@@ -61,13 +41,13 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from zsad_jax import checkpoint as ckpt_lib
-from zsad_jax import cli, methods, report, run_log
+from zsad_jax import cli, methods, report, run_log, transfer
 from zsad_jax import evaluate as evaluate_lib
 from zsad_jax import optim as optim_lib
 from zsad_jax import sharding as shard_lib
 from zsad_jax.data import pipeline, sources, transforms
 from zsad_jax.data.decode import DataError
-from zsad_jax.state import SplitModel
+from zsad_jax.state import TrainSplit, mutable_arrays, split_for_training
 
 PREEMPTED_EXIT_CODE = 128 + signal.SIGTERM
 
@@ -186,6 +166,57 @@ class PipelineTrainData:
         return getattr(self._it, "skipped", None)
 
 
+class DevicePrefetch:
+    """A ``TrainData`` whose next batches are already on their way to the devices.
+
+    ``next()`` returns global device arrays (``put`` of the host batch) and reads the ``ahead``
+    batches after it, so their host work and transfers overlap the step about to run.
+    ``get_state()`` is the state before the oldest batch not yet returned, so checkpoints and
+    resumes are exactly those of the wrapped data; an error reading a batch ahead is raised when
+    that batch is due (after the steps before it ran, with the state before it).
+    """
+
+    def __init__(self, data: TrainData, put: Callable[[dict], dict], ahead: int = 1):
+        self._data, self._put, self._ahead = data, put, int(ahead)
+        self._queue: collections.deque[tuple[Any, Any]] = collections.deque()
+        self.steps_per_epoch = data.steps_per_epoch
+        self.class_names = data.class_names
+
+    def _fill(self, size: int) -> None:
+        while len(self._queue) < size:
+            if self._queue and isinstance(self._queue[-1][1], BaseException):
+                return  # nothing is read past a failed batch
+            state = self._data.get_state()
+            try:
+                item = self._put(next(self._data))
+            except (DataError, StopIteration) as e:
+                item = e
+            self._queue.append((state, item))
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, jax.Array]:
+        self._fill(1)
+        batch = self._queue[0][1]
+        if isinstance(batch, BaseException):
+            raise batch  # stays due: get_state() is still the state before it
+        self._queue.popleft()
+        self._fill(self._ahead)  # on their way while this batch's step runs
+        return batch
+
+    def get_state(self) -> Any:
+        return self._queue[0][0] if self._queue else self._data.get_state()
+
+    def set_state(self, state: Any) -> None:
+        self._queue.clear()
+        self._data.set_state(state)
+
+    @property
+    def skipped(self) -> Any:
+        return getattr(self._data, "skipped", None)
+
+
 def make_train_data(config: Any) -> TrainData:
     """The training split of ``config.data`` through the grain pipeline.
 
@@ -205,7 +236,9 @@ def make_train_data(config: Any) -> TrainData:
             d.train_transform,
             int(d.image_size),
             train=True,
-            mask_resize=str(d.get("train_mask_resize", "nearest")),
+            mask_resize=transforms.mask_resize_for(
+                str(d.get("train_mask_resize", "nearest")), d.train_set
+            ),
         ),
         process_index=jax.process_index(),
         process_count=jax.process_count(),
@@ -246,7 +279,7 @@ def _split_microbatches(x: jax.Array, k: int, n_shards: int, mesh) -> jax.Array:
 
 
 def make_train_step(
-    split: SplitModel, tx: optax.GradientTransformation, *, grad_accum: int = 1, mesh=None
+    split: TrainSplit, tx: optax.GradientTransformation, *, grad_accum: int = 1, mesh=None
 ) -> Callable:
     """``step(params, opt_state, mutable, frozen, batch) -> (params, opt_state, mutable, metrics)``.
 
@@ -262,7 +295,7 @@ def make_train_step(
         outputs = model(batch, train=True)
         loss, parts = model.loss(outputs, batch)
         parts = {k: jnp.asarray(v, jnp.float32) for k, v in parts.items()}
-        return jnp.asarray(loss, jnp.float32), (parts, split.mutable_of(model))
+        return jnp.asarray(loss, jnp.float32), (parts, mutable_arrays(model))
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -310,12 +343,18 @@ def make_train_step(
 
 
 def default_evaluator(config: Any) -> Callable[[nnx.Module, int], dict] | None:
-    """Held-out evaluation through ``zsad_jax.evaluate.evaluate`` (``config.eval.enabled``)."""
+    """Held-out evaluation through ``zsad_jax.evaluate.evaluate`` (``config.eval.enabled``), with
+    ``zsad_jax.transfer``'s report (further held-out sets, training-free baselines) under
+    ``"transfer"`` when the config asks for one."""
     if not config.eval.get("enabled", True):
         return None
+
     def run(model: nnx.Module, step: int) -> dict:
         del step
-        return dict(evaluate_lib.evaluate(model, config))
+        result = dict(evaluate_lib.evaluate(model, config))
+        if transfer.wanted(config):
+            result["transfer"] = transfer.transfer_report(model, config, main=result)
+        return result
 
     return run
 
@@ -551,15 +590,36 @@ def train(
     """
     start_time = time.time()
     workdir = Path(workdir)
-    primary = jax.process_index() == 0
-
     # The model first: a full-size config without converted weights fails here, before any data
     # is read or anything is compiled.
     if model is None:
         model = methods.build(config, load_weights=True)
-    if primary:
+    if jax.process_index() == 0:
         cli.ensure_writable(workdir, "--workdir")
     mesh = shard_lib.make_mesh(config.mesh)
+    grad_accum = _checked_grad_accum(config, mesh)
+    if train_data is None:
+        train_data = make_train_data(config)
+    if train_data.class_names:
+        model.set_classes(
+            methods.text_class_names(config, config.data.train_set, train_data.class_names)
+        )
+    if evaluator == "default":
+        evaluator = default_evaluator(config)
+    run = _TrainRun(config, workdir, model, train_data, mesh, start_time)
+    del model  # the arrays now live in the run's state only
+    finished = run.resume(allow_config_change)
+    if finished is not None:
+        return finished
+    return run.loop(
+        evaluator, grad_accum=grad_accum, stop_at_step=stop_at_step, progress=progress,
+        history=history, step_callback=step_callback,
+    )  # fmt: skip
+
+
+def _checked_grad_accum(config: Any, mesh) -> int:
+    """``config.optim.grad_accum`` after checking the batch splits over processes, devices and
+    micro-batches."""
     global_batch = int(config.data.batch_size)
     shard_lib.batch_size_per_process(global_batch, mesh)
     grad_accum = int(config.optim.get("grad_accum", 1) or 1)
@@ -568,195 +628,223 @@ def train(
             f"config.data.batch_size={global_batch} must be a multiple of devices "
             f"({mesh.devices.size}) x config.optim.grad_accum ({grad_accum})"
         )
-    if train_data is None:
-        train_data = make_train_data(config)
-    if train_data.class_names:
-        model.set_classes(list(train_data.class_names))
-    if evaluator == "default":
-        evaluator = default_evaluator(config)
+    return grad_accum
 
-    split = SplitModel(model)
-    del model  # the arrays now live in the dicts below only
-    params, mutable, frozen = split.take_arrays()
-    steps_per_epoch = int(train_data.steps_per_epoch)
-    total_steps = optim_lib.total_train_steps(config.optim, steps_per_epoch)
-    optimizer = optim_lib.build_optimizer(
-        config.optim, sorted(params), steps_per_epoch=steps_per_epoch, total_steps=total_steps
-    )
-    opt_state = optimizer.tx.init(params)
 
-    param_sh = shard_lib.state_shardings(mesh, params)
-    opt_sh = shard_lib.state_shardings(mesh, opt_state)
-    mutable_sh = shard_lib.state_shardings(mesh, mutable)
-    frozen_sh = shard_lib.state_shardings(mesh, frozen)
-    params = shard_lib.put_state(params, param_sh)
-    opt_state = shard_lib.put_state(opt_state, opt_sh)
-    mutable = shard_lib.put_state(mutable, mutable_sh)
-    frozen = shard_lib.put_state(frozen, frozen_sh)
+class _TrainRun:
+    """One ``train`` call: the state on the mesh (flat ``params``/``opt_state``/``mutable``, the
+    frozen rest), its checkpointer and the position it saves and resumes (step, counters, data)."""
 
-    ckpt_cfg = config.ckpt
-    checkpointer = ckpt_lib.TrainCheckpointer(
-        workdir / ckpt_lib.CHECKPOINT_SUBDIR,
-        keep=int(ckpt_cfg.get("keep", 3)),
-        async_save=bool(ckpt_cfg.get("async", True)),
-    )
-    counters = _Counters()
-    step = 0
-    config_json = report.config_json(config)
-    config_changes: list[dict[str, Any]] = []
-    latest = checkpointer.latest_step()
-    if latest is not None:
+    def __init__(self, config, workdir: Path, model, train_data: TrainData, mesh, start_time):
+        self.config, self.workdir, self.mesh = config, workdir, mesh
+        self.train_data = DevicePrefetch(
+            train_data, lambda local: shard_lib.global_batch_from_local(local, mesh)
+        )
+        self.start_time = start_time
+        self.split, params, mutable, frozen = split_for_training(model)
+        steps_per_epoch = int(train_data.steps_per_epoch)
+        self.total_steps = optim_lib.total_train_steps(config.optim, steps_per_epoch)
+        self.optimizer = optim_lib.build_optimizer(
+            config.optim, sorted(params), steps_per_epoch=steps_per_epoch,
+            total_steps=self.total_steps,
+        )  # fmt: skip
+        opt_state = self.optimizer.tx.init(params)
+        state = (params, opt_state, mutable, frozen)
+        self.shardings = tuple(shard_lib.state_shardings(mesh, tree) for tree in state)
+        self.params, self.opt_state, self.mutable, self.frozen = (
+            shard_lib.put_state(tree, sh) for tree, sh in zip(state, self.shardings, strict=True)
+        )
+        del state, params, opt_state, mutable, frozen  # the host-side originals
+        ckpt_cfg = config.ckpt
+        self.checkpointer = ckpt_lib.TrainCheckpointer(
+            workdir / ckpt_lib.CHECKPOINT_SUBDIR,
+            keep=int(ckpt_cfg.get("keep", 3)),
+            async_save=bool(ckpt_cfg.get("async", True)),
+        )
+        self.counters = _Counters()
+        self.step = 0
+        self.config_json = report.config_json(config)
+        self.config_changes: list[dict[str, Any]] = []
+
+    def resume(self, allow_config_change: bool) -> dict[str, Any] | None:
+        """Restores the latest checkpoint, if any; returns the stored result when that run had
+        finished already (and closes the checkpointer then)."""
+        latest = self.checkpointer.latest_step()
+        if latest is None:
+            return None
         try:
             meta = _check_resumable(
-                workdir, checkpointer.directory / str(latest), config_json, params,
-                allow_config_change,
+                self.workdir, self.checkpointer.directory / str(latest), self.config_json,
+                self.params, allow_config_change,
             )  # fmt: skip
-            params, opt_state, mutable, _ = checkpointer.restore(
-                latest, params=params, opt_state=opt_state, mutable=mutable
+            self.params, self.opt_state, self.mutable, _ = self.checkpointer.restore(
+                latest, params=self.params, opt_state=self.opt_state, mutable=self.mutable
             )
         except BaseException:
-            checkpointer.close()  # an open async manager would log tracebacks at exit
+            self.checkpointer.close()  # an open async manager would log tracebacks at exit
             raise
-        config_changes = list(meta.get("config_changes", []))
-        changed = config_differences(meta["config"], config_json)
+        self.config_changes = list(meta.get("config_changes", []))
+        changed = config_differences(meta["config"], self.config_json)
         if changed:
-            config_changes.append({"step": int(meta["step"]), "changed": changed})
-        if meta.get("final") and int(meta["step"]) >= total_steps:
+            self.config_changes.append({"step": int(meta["step"]), "changed": changed})
+        if meta.get("final") and int(meta["step"]) >= self.total_steps:
             # Finished already (a larger config.optim.steps/epochs, with allow_config_change,
             # continues from here).
-            checkpointer.close()
+            self.checkpointer.close()
             result = dict(meta.get("result", {}))
             result["resumed_finished_run"] = True
             return result
-        train_data.set_state(_decode_state(meta["data_state"]))
-        counters = _Counters(**meta.get("counters", {}))
-        step = int(meta["step"])
-        if changed and primary:
+        self.train_data.set_state(_decode_state(meta["data_state"]))
+        self.counters = _Counters(**meta.get("counters", {}))
+        self.step = int(meta["step"])
+        if changed and jax.process_index() == 0:
             print(
-                f"note: continuing {workdir} from step {step} under a changed config "
+                f"note: continuing {self.workdir} from step {self.step} under a changed config "
                 f"({', '.join(changed)}); recorded in the checkpoint's config_changes",
                 file=sys.stderr,
             )
+        return None
 
-    step_fn = jax.jit(
-        make_train_step(split, optimizer.tx, grad_accum=grad_accum, mesh=mesh),
-        out_shardings=(param_sh, opt_sh, mutable_sh, shard_lib.replicated(mesh)),
-        donate_argnums=(0, 1, 2),
-    )
-
-    def meta_now(**extra) -> dict:
+    def meta_now(self, **extra) -> dict:
         return {
-            "step": step,
-            "data_state": _encode_state(train_data.get_state()),
-            "counters": dataclasses.asdict(counters),
-            "config": config_json,
+            "step": self.step,
+            "data_state": _encode_state(self.train_data.get_state()),
+            "counters": dataclasses.asdict(self.counters),
+            "config": self.config_json,
             "threshold": None,
-            "seconds": time.time() - start_time,
-            **({"config_changes": config_changes} if config_changes else {}),
+            "seconds": time.time() - self.start_time,
+            **({"config_changes": self.config_changes} if self.config_changes else {}),
             **extra,
         }
 
-    def save(**extra) -> None:
-        checkpointer.save(
-            step, params=params, opt_state=opt_state, mutable=mutable, meta=meta_now(**extra)
+    def save(self, **extra) -> None:
+        self.checkpointer.save(
+            self.step, params=self.params, opt_state=self.opt_state, mutable=self.mutable,
+            meta=self.meta_now(**extra),
+        )  # fmt: skip
+
+    def current_model(self) -> nnx.Module:
+        return self.split.merge(self.params, self.mutable, self.frozen)
+
+    def loop(
+        self,
+        evaluator: Callable[[nnx.Module, int], dict] | None,
+        *,
+        grad_accum: int,
+        stop_at_step: int | None,
+        progress: bool,
+        history: list | None,
+        step_callback: Callable[[int, dict], None] | None,
+    ) -> dict[str, Any]:
+        """Trains to the end (final evaluation, final checkpoint) or to a stop or preemption."""
+        config, primary = self.config, jax.process_index() == 0
+        step_fn = jax.jit(
+            make_train_step(self.split, self.optimizer.tx, grad_accum=grad_accum, mesh=self.mesh),
+            out_shardings=(*self.shardings[:3], shard_lib.replicated(self.mesh)),
+            donate_argnums=(0, 1, 2),
         )
+        # Rows after the restored step were written by the part of a killed run that was lost.
+        writer = run_log.MetricWriter(self.workdir, active=primary, resume_step=self.step)
+        preemption = _Preemption(self.checkpointer)
+        bar = report.progress_bar(
+            self.total_steps, enabled=progress and primary, desc="train", unit="step",
+            initial=self.step,
+        )  # fmt: skip
+        handle = _StepMonitor(
+            counters=self.counters,
+            writer=writer,
+            optimizer=self.optimizer,
+            bar=bar,
+            global_batch=int(config.data.batch_size),
+            total_steps=self.total_steps,
+            log_every=max(1, int(config.get("log_every_steps", 10) or 10)),
+            max_bad=int(config.get("max_bad_steps", 10) or 10),
+            history=history,
+            step_callback=step_callback,
+        )
+        try:
+            with jax.set_mesh(self.mesh):
+                preempted = self._steps(step_fn, handle, writer, preemption, evaluator,
+                                        stop_at_step)  # fmt: skip
+                writer.flush()
+                if not preempted:
+                    result = self._finish(evaluator, writer, handle.last_loss)
+        finally:
+            bar.close()
+            preemption.close()
+            self.checkpointer.wait()
+            self.checkpointer.close()
+            writer.close()
+        if preempted:
+            result = _result(self.step, self.start_time, handle.last_loss, self.counters, {})
+            result["preempted"] = True
+        return _with_skipped(result, self.train_data)
 
-    def current_model() -> nnx.Module:
-        return split.merge(params, mutable, frozen)
-
-    # Rows after the restored step were written by the part of a killed run that was lost.
-    writer = run_log.MetricWriter(workdir, active=primary, resume_step=step)
-    eval_every = int(config.eval.get("every_steps", 0) or 0)
-    save_every = int(ckpt_cfg.get("every_steps", 0) or 0)
-    preemption = _Preemption(checkpointer)
-    bar = report.progress_bar(
-        total_steps, enabled=progress and primary, desc="train", unit="step", initial=step
-    )
-    handle = _StepMonitor(
-        counters=counters,
-        writer=writer,
-        optimizer=optimizer,
-        bar=bar,
-        global_batch=global_batch,
-        total_steps=total_steps,
-        log_every=max(1, int(config.get("log_every_steps", 10) or 10)),
-        max_bad=int(config.get("max_bad_steps", 10) or 10),
-        history=history,
-        step_callback=step_callback,
-    )
-    eval_metrics: dict[str, Any] = {}
-    preempted = False
-
-    pending: tuple[int, dict] | None = None
-    try:
-        with jax.set_mesh(mesh):
-            while step < total_steps:
-                data_state = train_data.get_state()
-                try:
-                    local_batch = next(train_data)
-                except DataError as e:
-                    # Keep the work done so far: save this step with the data position before the
-                    # bad batch, so fixing the file and re-running resumes right here.
-                    if pending is not None:
-                        handle(*pending)
-                        pending = None
-                    meta = {**meta_now(), "data_state": _encode_state(data_state)}
-                    checkpointer.save(
-                        step, params=params, opt_state=opt_state, mutable=mutable, meta=meta
-                    )
-                    raise DataError(
-                        f"{e} [step {step} was saved in {checkpointer.directory}: fix or remove "
-                        "the file and re-run the same command to resume, or add "
-                        "--config.data.skip_corrupt=True]",
-                        e.path,
-                    ) from e
-                batch = shard_lib.global_batch_from_local(local_batch, mesh)
-                params, opt_state, mutable, metrics = step_fn(
-                    params, opt_state, mutable, frozen, batch
-                )
-                step += 1
-                # The previous step's metrics are read while this one runs (one-step lag keeps the
-                # devices busy); anything that needs this step's state reads them first.
+    def _steps(self, step_fn, handle, writer, preemption, evaluator, stop_at_step) -> bool:
+        """Steps until the end (False) or a stop or preemption (True; that step is saved), with
+        the periodic evaluations and checkpoints."""
+        eval_every = int(self.config.eval.get("every_steps", 0) or 0)
+        save_every = int(self.config.ckpt.get("every_steps", 0) or 0)
+        pending: tuple[int, dict] | None = None
+        while self.step < self.total_steps:
+            data_state = self.train_data.get_state()
+            try:
+                batch = next(self.train_data)
+            except DataError as e:
                 if pending is not None:
                     handle(*pending)
-                pending = (step, metrics)
-                stop = stop_at_step is not None and step >= stop_at_step
-                preempt = preemption.reached(step)
-                evaluate_now = evaluator is not None and eval_every and step % eval_every == 0
-                save_now = save_every and step % save_every == 0
-                if step < total_steps and (stop or preempt or evaluate_now or save_now):
-                    handle(*pending)
-                    pending = None
-                    if evaluate_now:
-                        metrics_now = dict(evaluator(current_model(), step))
-                        writer.write(step, _numeric(metrics_now, prefix="eval/"))
-                    if save_now or stop or preempt:
-                        save()
-                    if stop or preempt:
-                        preempted = True
-                        break
+                self._save_before_bad_batch(data_state, e)
+            self.params, self.opt_state, self.mutable, metrics = step_fn(
+                self.params, self.opt_state, self.mutable, self.frozen, batch
+            )
+            self.step += 1
+            step = self.step
+            # The previous step's metrics are read while this one runs (one-step lag keeps the
+            # devices busy); anything that needs this step's state reads them first.
             if pending is not None:
                 handle(*pending)
+            pending = (step, metrics)
+            stop = stop_at_step is not None and step >= stop_at_step
+            preempt = preemption.reached(step)
+            evaluate_now = evaluator is not None and eval_every and step % eval_every == 0
+            save_now = save_every and step % save_every == 0
+            if step < self.total_steps and (stop or preempt or evaluate_now or save_now):
+                handle(*pending)
                 pending = None
-            writer.flush()
-            if not preempted:
-                if evaluator is not None:
-                    eval_metrics = dict(evaluator(current_model(), step))
-                    writer.write(step, _numeric(eval_metrics, prefix="eval/"))
-                result = _with_skipped(
-                    _result(step, start_time, handle.last_loss, counters, eval_metrics), train_data
-                )
-                save(final=True, result=result, threshold=_threshold_from(eval_metrics))
-    finally:
-        bar.close()
-        preemption.close()
-        checkpointer.wait()
-        checkpointer.close()
-        writer.close()
-    if preempted:
-        result = _result(step, start_time, handle.last_loss, counters, {})
-        result["preempted"] = True
-    return _with_skipped(result, train_data)
+                if evaluate_now:
+                    metrics_now = dict(evaluator(self.current_model(), step))
+                    writer.write(step, _numeric(metrics_now, prefix="eval/"))
+                if save_now or stop or preempt:
+                    self.save()
+                if stop or preempt:
+                    return True
+        if pending is not None:
+            handle(*pending)
+        return False
+
+    def _save_before_bad_batch(self, data_state: Any, error: DataError) -> None:
+        """Keeps the work done so far: saves this step with the data position before the bad
+        batch, so fixing the file and re-running resumes right here; then raises."""
+        self.save(data_state=_encode_state(data_state))
+        raise DataError(
+            f"{error} [step {self.step} was saved in {self.checkpointer.directory}: fix or "
+            "remove the file and re-run the same command to resume, or add "
+            "--config.data.skip_corrupt=True]",
+            error.path,
+        ) from error
+
+    def _finish(self, evaluator, writer, last_loss: float) -> dict[str, Any]:
+        """The final evaluation and the final checkpoint (its result and threshold)."""
+        eval_metrics: dict[str, Any] = {}
+        if evaluator is not None:
+            eval_metrics = dict(evaluator(self.current_model(), self.step))
+            writer.write(self.step, _numeric(eval_metrics, prefix="eval/"))
+        result = _with_skipped(
+            _result(self.step, self.start_time, last_loss, self.counters, eval_metrics),
+            self.train_data,
+        )
+        self.save(final=True, result=result, threshold=_threshold_from(eval_metrics))
+        return result
 
 
 def _numeric(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:

@@ -24,9 +24,9 @@ import math
 import numpy as np
 from scipy import ndimage
 
-from zsad_jax.data.procedural_defects import draw_until_visible, sample
+from zsad_jax.data.procedural_defects import sample
 from zsad_jax.data.procedural_scenes import jitter, lattice_noise, rgb
-from zsad_jax.data.synthetic_defects import _blob_sdf, _on_object, _place
+from zsad_jax.data.synthetic_defects import _blob_sdf, _on_object, _place, draw_until_visible
 from zsad_jax.data.synthetic_scenes import (
     Scene,
     _blank,

@@ -60,7 +60,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from zsad_jax.data.decode import DataError
+from zsad_jax.data.decode import DataError, load_record
 from zsad_jax.data.records import Record
 
 # f(sample from load_record, rng) -> sample with image float32 (S, S, 3), gt_mask float32 (S, S).
@@ -145,9 +145,7 @@ class RecordSource(ExampleSource):
             if class_names is None
             else tuple(class_names)
         )
-        if load is None:
-            from zsad_jax.data.decode import load_record as load
-        self._load = load
+        self._load = load_record if load is None else load
 
     def __len__(self) -> int:
         return len(self.records)

@@ -25,10 +25,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import os
-import shutil
-import tempfile
 import time
 import zlib
 from collections.abc import Callable, Sequence
@@ -36,6 +32,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from zsad_jax.data import (
+    generated,
     novel_scenes,
     procedural_defects,
     procedural_scenes,
@@ -205,55 +202,21 @@ def generate(
     unknown = [c for c in categories if c not in known]
     if unknown:
         raise ValueError(f"unknown {family.name} categories {unknown}; known: {list(known)}")
-    if os.path.isdir(root) and os.listdir(root) and _read_manifest(root) is None:
-        raise ValueError(
-            f"{root} is a non-empty folder without {MANIFEST}; refusing to write {family.name} "
-            "into it. Choose an empty or new folder"
-        )
-    os.makedirs(root, exist_ok=True)
-    manifest = os.path.join(root, MANIFEST)
-    if os.path.exists(manifest):
-        os.remove(manifest)
-    kinds = family.defect_types
-    for category in categories:
-        shutil.rmtree(os.path.join(root, category), ignore_errors=True)
-        jobs = [("train", None, i) for i in range(full["n_train_good"])]
-        jobs += [("test", None, i) for i in range(full["n_test_good"])]
-        per_type = [0] * len(kinds)
-        for i in range(full["n_test_defect"]):
-            k = i % len(kinds)
-            jobs.append(("test", kinds[k], per_type[k]))
-            per_type[k] += 1
-        for split, defect, index in jobs:
-            image, mask = render_image(family, category, full, split, defect, index)
-            folder = os.path.join(root, category, split, defect or "good")
-            os.makedirs(folder, exist_ok=True)
-            synthetic._save_png(os.path.join(folder, f"{index:03d}.png"), image)
-            if defect is not None:
-                gt = os.path.join(root, category, readers.GROUND_TRUTH_DIR, defect)
-                os.makedirs(gt, exist_ok=True)
-                synthetic._save_png(
-                    os.path.join(gt, f"{index:03d}_mask.png"), mask.astype(np.uint8) * 255
-                )
-    with open(manifest, "w") as f:
-        json.dump({**full, "categories": list(categories)}, f, indent=1, sort_keys=True)
-    return root
-
-
-def _read_manifest(root: str) -> dict | None:
-    try:
-        with open(os.path.join(root, MANIFEST)) as f:
-            return json.load(f)
-    except (FileNotFoundError, json.JSONDecodeError, NotADirectoryError):
-        return None
+    return generated.write_dataset(
+        root,
+        manifest=MANIFEST,
+        params=full,
+        categories=categories,
+        defect_types=family.defect_types,
+        counts=(full["n_train_good"], full["n_test_good"], full["n_test_defect"]),
+        render=lambda category, *job: render_image(family, category, full, *job),
+        what=family.name,
+    )
 
 
 def default_root(family: Family, full: dict) -> str:
-    cache = os.environ.get("ZSAD_JAX_CACHE") or os.path.join(
-        os.path.expanduser("~"), ".cache", "zsad_jax"
-    )
     tag = "-".join(f"{k}{full[k]}" for k in sorted(family.defaults))
-    return os.path.join(cache, f"{family.name}-v{PROCEDURAL_VERSION}-{tag}")
+    return generated.cache_root(f"{family.name}-v{PROCEDURAL_VERSION}-{tag}")
 
 
 def ensure(family: Family | str, root: str | None = None, **params) -> str:
@@ -262,32 +225,13 @@ def ensure(family: Family | str, root: str | None = None, **params) -> str:
     full = _full_params(family, params)
     root = root or default_root(family, full)
     wanted = {**full, "categories": list(family.categories(full))}
-    if _read_manifest(root) == wanted:
-        return root
-    if os.path.isdir(root) and os.listdir(root) and _read_manifest(root) is None:
-        raise ValueError(
-            f"{root} exists, is not empty and holds no {MANIFEST}: it is not a {family.name} "
-            "dataset. Point the dataset at a new folder (or None for the cache)"
-        )
-    parent = os.path.dirname(os.path.abspath(root))
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{family.name}-", dir=parent)
-    try:
-        generate(family, staging, **{k: full[k] for k in family.defaults})
-        if os.path.isdir(root):
-            if _read_manifest(root) == wanted:
-                return root
-            stale = tempfile.mkdtemp(prefix=f".{family.name}-stale-", dir=parent)
-            os.rename(root, os.path.join(stale, "old"))
-            shutil.rmtree(stale, ignore_errors=True)
-        try:
-            os.rename(staging, root)
-        except OSError:
-            if _read_manifest(root) != wanted:
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return root
+    return generated.ensure_generated(
+        root,
+        manifest=MANIFEST,
+        wanted=wanted,
+        generate=lambda folder: generate(family, folder, **{k: full[k] for k in family.defaults}),
+        what=f"a {family.name} dataset",
+    )
 
 
 def read(

@@ -11,9 +11,9 @@ of five particular defects:
 ``streak``    a straight soft band, lighter or darker (a roller or drag mark).
 
 None of these is a generator of the second held-out family (``novel_scenes``: crack, blur, warp,
-debris, misregister). Acceptance is the benchmark's (``synthetic_defects.add_defect``): at least
-``MIN_AREA_FRACTION`` of the image and a mean largest-channel change of ``MIN_MEAN_CHANGE`` over the
-mask, else the defect is drawn again.
+debris, misregister). Acceptance is the benchmark's (``synthetic_defects.draw_until_visible``): at
+least ``MIN_AREA_FRACTION`` of the image and a mean largest-channel change of ``MIN_MEAN_CHANGE``
+over the mask, else the defect is drawn again.
 """
 
 from __future__ import annotations
@@ -25,14 +25,7 @@ import numpy as np
 from scipy import ndimage
 
 from zsad_jax.data import synthetic_defects
-from zsad_jax.data.synthetic_defects import (
-    MAX_ATTEMPTS,
-    MIN_AREA_FRACTION,
-    MIN_MEAN_CHANGE,
-    _blob_sdf,
-    _on_object,
-    _place,
-)
+from zsad_jax.data.synthetic_defects import _blob_sdf, _on_object, _place, draw_until_visible
 from zsad_jax.data.synthetic_scenes import Scene, coverage, mix, pixel_grid
 
 BENCHMARK_KINDS = synthetic_defects.DEFECT_TYPES
@@ -139,27 +132,6 @@ _DRAW = {
     "dent": _dent,
     "streak": _streak,
 }
-
-
-def draw_until_visible(
-    rng, scene: Scene, draw: Callable, kind: str, *, min_change: float = MIN_MEAN_CHANGE, **kwargs
-):
-    """The benchmark's acceptance loop around one ``draw(rng, scene, size, **kwargs) -> (image,
-    shape coverage)``: returns (image (S, S, 3) float32 in [0, 1], mask (S, S) bool).
-    ``min_change``: the least mean largest-channel change over the mask."""
-    size = scene.image.shape[0]
-    min_area = max(8, int(MIN_AREA_FRACTION * size * size))
-    for _ in range(MAX_ATTEMPTS):
-        image, shape = draw(rng, scene, size, **kwargs)
-        mask = shape >= 0.5
-        if scene.is_object:
-            mask &= scene.object_cov >= 0.5
-        if mask.sum() < min_area:
-            continue
-        change = np.abs(image - scene.image).max(axis=-1)
-        if float(change[mask].mean()) >= min_change:
-            return np.clip(image, 0, 1).astype(np.float32), mask
-    raise RuntimeError(f"could not draw a visible {kind!r} defect in {MAX_ATTEMPTS} attempts")
 
 
 def add_defect(rng, scene: Scene, kind: str, **kwargs) -> tuple[np.ndarray, np.ndarray]:

@@ -13,7 +13,7 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from zsad_jax.data import readers, synthetic
+from zsad_jax.data import procedural, readers, synthetic
 from zsad_jax.data.records import Record
 
 MVTEC_AD_CATEGORIES = (
@@ -91,10 +91,7 @@ def _read_synthetic(root, split, categories, **options):
 
 
 def _procedural_reader(name: str):
-    # Imported on use: the procedural generators are only needed when these datasets are read.
     def read(root, split, categories, **options):
-        from zsad_jax.data import procedural
-
         return procedural.read(name, root, split, categories, **options)
 
     return read
@@ -103,10 +100,12 @@ def _procedural_reader(name: str):
 # Built-in procedural families (zsad_jax.data.procedural): many auxiliary training categories and
 # defect kinds, and a second held-out family of new categories and defect kinds.
 _PROCEDURAL_OPTIONS = {
-    "synthetic_aux": frozenset({"seed", "image_size", "n_styles", "n_train_good", "n_test_good",
-                                "n_test_defect"}),
-    "synthetic_novel": frozenset({"seed", "image_size", "n_train_good", "n_test_good",
-                                  "n_test_defect"}),
+    "synthetic_aux": frozenset(
+        {"seed", "image_size", "n_styles", "n_train_good", "n_test_good", "n_test_defect"}
+    ),
+    "synthetic_novel": frozenset(
+        {"seed", "image_size", "n_train_good", "n_test_good", "n_test_defect"}
+    ),
 }
 
 
@@ -174,6 +173,12 @@ def read_dataset(
     if root is None and key not in ("synthetic", *_PROCEDURAL_OPTIONS):
         raise ValueError(f"dataset {name!r} needs a root directory (got None)")
     return READERS[key](root, split, None if categories is None else tuple(categories), **options)
+
+
+def default_root(name: str) -> str:
+    """Where a dataset is read from unless the config says otherwise (relative to the working
+    folder; the synthetic families are generated there on first use)."""
+    return f"data/{name}"
 
 
 def category_names(records: Sequence[Record]) -> list[str]:

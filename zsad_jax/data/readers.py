@@ -188,13 +188,39 @@ def read_mvtec_layout(
       ValueError: unknown category, or a category with no images in ``split``.
       DataError: a defect image has no mask (the message names the image).
     """
-    layout = f"expected {{root}}/{{category}}/{split}/{{{normal_dir}|defect}}/*.png"
-    _require_dir(root, f"{dataset} root", layout)
+    tree = _MvtecTree(root, split, dataset, normal_dir, tuple(mask_suffixes), require_masks)
+    _require_dir(root, f"{dataset} root", tree.layout)
+    records: list[Record] = []
+    for category in _mvtec_categories(tree, categories):
+        records.extend(finalize_category(_read_mvtec_category(tree, category)))
+    return records
+
+
+@dataclasses.dataclass(frozen=True)
+class _MvtecTree:
+    """What ``read_mvtec_layout`` was asked to read, passed as one value to its helpers."""
+
+    root: str
+    split: str
+    dataset: str
+    normal_dir: str
+    mask_suffixes: tuple[str, ...]
+    require_masks: bool
+
+    @property
+    def layout(self) -> str:
+        """The expected tree, quoted by every message about a layout problem."""
+        return f"expected {{root}}/{{category}}/{self.split}/{{{self.normal_dir}|defect}}/*.png"
+
+
+def _mvtec_categories(tree: _MvtecTree, categories: Sequence[str] | None) -> list[str]:
+    """The categories to read; a category folder without ``split`` is named as such."""
+    root, split, dataset = tree.root, tree.split, tree.dataset
     available = [c for c in _subdirs(root) if os.path.isdir(os.path.join(root, c, split))]
     if categories is None and not available:
         raise ValueError(
-            f"no {dataset} categories with a '{split}' folder in {root}; {layout}. Folders there: "
-            f"{_subdirs(root)}"
+            f"no {dataset} categories with a '{split}' folder in {root}; {tree.layout}. Folders "
+            f"there: {_subdirs(root)}"
         )
     if categories is not None:
         names = [categories] if isinstance(categories, str) else list(categories)
@@ -203,53 +229,72 @@ def read_mvtec_layout(
         ]
         if missing_split:
             raise FileNotFoundError(
-                f"{dataset} categories {missing_split} in {root} have no '{split}' folder; {layout}"
+                f"{dataset} categories {missing_split} in {root} have no '{split}' folder; "
+                f"{tree.layout}"
             )
-    chosen = _select_categories(dataset, available, categories, root)
+    return _select_categories(dataset, available, categories, root)
 
+
+def _read_mvtec_category(tree: _MvtecTree, category: str) -> list[Record]:
+    """One category's records, defect folder by defect folder (``good`` is one of them)."""
+    split_dir = os.path.join(tree.root, category, tree.split)
     records: list[Record] = []
-    for category in chosen:
-        split_dir = os.path.join(root, category, split)
-        category_records: list[Record] = []
-        for defect in _subdirs(split_dir):
-            is_normal = defect == normal_dir
-            mask_index = (
-                {}
-                if is_normal
-                else _index_masks(os.path.join(root, category, GROUND_TRUTH_DIR, defect))
-            )
-            for name in _images_in(os.path.join(split_dir, defect)):
-                path = os.path.join(split_dir, defect, name)
-                mask_path = (
-                    None if is_normal else _find_mask(mask_index, _stem(name), mask_suffixes)
-                )
-                if not is_normal and mask_path is None and require_masks:
-                    expected = os.path.join(
-                        root, category, GROUND_TRUTH_DIR, defect, _stem(name) + mask_suffixes[0]
-                    )
-                    raise DataError(
-                        f"no mask for defect image {path} (looked for {expected}.* and stems "
-                        f"{[_stem(name) + s for s in mask_suffixes]}); restore the mask, or set "
-                        f"{option_advice('require_masks', 'False')} to use image-level labels",
-                        path,
-                    )
-                category_records.append(
-                    Record(
-                        path=path,
-                        category=category,
-                        gt_label=0 if is_normal else 1,
-                        mask_path=mask_path,
-                        defect_type="good" if is_normal else defect,
-                        has_mask=is_normal or mask_path is not None,
-                    )
-                )
-        if not category_records:
-            raise ValueError(
-                f"{dataset} category '{category}' has no images in {split_dir} (subfolders: "
-                f"{_subdirs(split_dir)}); {layout}"
-            )
-        records.extend(finalize_category(category_records))
+    for defect in _subdirs(split_dir):
+        if defect == tree.normal_dir:
+            records.extend(_mvtec_normal_records(split_dir, category, defect))
+        else:
+            records.extend(_mvtec_defect_records(tree, split_dir, category, defect))
+    if not records:
+        raise ValueError(
+            f"{tree.dataset} category '{category}' has no images in {split_dir} (subfolders: "
+            f"{_subdirs(split_dir)}); {tree.layout}"
+        )
     return records
+
+
+def _mvtec_normal_records(split_dir: str, category: str, normal_dir: str) -> Iterator[Record]:
+    folder = os.path.join(split_dir, normal_dir)
+    for name in _images_in(folder):
+        yield Record(
+            path=os.path.join(folder, name),
+            category=category,
+            gt_label=0,
+            mask_path=None,
+            defect_type="good",
+            has_mask=True,
+        )
+
+
+def _mvtec_defect_records(
+    tree: _MvtecTree, split_dir: str, category: str, defect: str
+) -> Iterator[Record]:
+    """A defect folder's records, each with the mask found in ``ground_truth/{defect}``."""
+    mask_dir = os.path.join(tree.root, category, GROUND_TRUTH_DIR, defect)
+    mask_index = _index_masks(mask_dir)
+    folder = os.path.join(split_dir, defect)
+    for name in _images_in(folder):
+        path = os.path.join(folder, name)
+        mask_path = _find_mask(mask_index, _stem(name), tree.mask_suffixes)
+        if mask_path is None and tree.require_masks:
+            raise _missing_mask_error(path, mask_dir, _stem(name), tree.mask_suffixes)
+        yield Record(
+            path=path,
+            category=category,
+            gt_label=1,
+            mask_path=mask_path,
+            defect_type=defect,
+            has_mask=mask_path is not None,
+        )
+
+
+def _missing_mask_error(path: str, mask_dir: str, stem: str, suffixes: Sequence[str]) -> DataError:
+    expected = os.path.join(mask_dir, stem + suffixes[0])
+    return DataError(
+        f"no mask for defect image {path} (looked for {expected}.* and stems "
+        f"{[stem + s for s in suffixes]}); restore the mask, or set "
+        f"{option_advice('require_masks', 'False')} to use image-level labels",
+        path,
+    )
 
 
 def _check_file(path: str, source: str, what: str) -> None:

@@ -27,10 +27,6 @@ Command line: ``python -m zsad_jax.data.synthetic --out data/synthetic [--sheet 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import shutil
-import tempfile
 import time
 import zlib
 from collections.abc import Sequence
@@ -38,9 +34,11 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
-from zsad_jax.data import readers, synthetic_defects, synthetic_scenes
+from zsad_jax.data import generated, readers, synthetic_defects, synthetic_scenes
+from zsad_jax.data.decode import load_image, load_mask
 from zsad_jax.data.records import Record
 from zsad_jax.data.synthetic_defects import DEFECT_TYPES
+from zsad_jax.visualize import mask_outline
 
 SYNTHETIC_VERSION = 1
 SYNTHETIC_TEXTURES = ("stripes", "weave", "granite", "wood", "dots")
@@ -87,11 +85,6 @@ def render_image(
     return synthetic_defects.finish(rng, image), mask
 
 
-def _save_png(path: str, array: np.ndarray) -> None:
-    # Fixed encoder settings keep files byte-identical between runs.
-    Image.fromarray(array).save(path, format="PNG", compress_level=1)
-
-
 def _params(seed, image_size, n_train_good, n_test_good, n_test_defect) -> dict:
     return {
         "version": SYNTHETIC_VERSION,
@@ -101,14 +94,6 @@ def _params(seed, image_size, n_train_good, n_test_good, n_test_defect) -> dict:
         "n_test_good": int(n_test_good),
         "n_test_defect": int(n_test_defect),
     }
-
-
-def _read_manifest(root: str) -> dict | None:
-    try:
-        with open(os.path.join(root, MANIFEST)) as f:
-            return json.load(f)
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
 
 
 def generate(
@@ -143,91 +128,46 @@ def generate(
         )
     if min(n_train_good, n_test_good, n_test_defect) < 0 or image_size < 32:
         raise ValueError("counts must be >= 0 and image_size >= 32")
-    if os.path.isdir(root) and os.listdir(root) and _read_manifest(root) is None:
-        raise ValueError(
-            f"{root} is a non-empty folder without {MANIFEST}; refusing to write the synthetic "
-            "benchmark into it. Choose an empty or new folder"
+
+    def render(category, split, defect, index):
+        return render_image(
+            category, seed=seed, image_size=image_size, split=split, defect=defect, index=index
         )
-    params = _params(seed, image_size, n_train_good, n_test_good, n_test_defect)
-    os.makedirs(root, exist_ok=True)
-    manifest_path = os.path.join(root, MANIFEST)
-    if os.path.exists(manifest_path):
-        os.remove(manifest_path)  # an interrupted rewrite must not look complete
-    for category in categories:
-        shutil.rmtree(os.path.join(root, category), ignore_errors=True)
-        jobs = [("train", None, i) for i in range(n_train_good)]
-        jobs += [("test", None, i) for i in range(n_test_good)]
-        per_type = [0] * len(DEFECT_TYPES)
-        for i in range(n_test_defect):
-            kind = i % len(DEFECT_TYPES)
-            jobs.append(("test", DEFECT_TYPES[kind], per_type[kind]))
-            per_type[kind] += 1
-        for split, defect, index in jobs:
-            image, mask = render_image(
-                category, seed=seed, image_size=image_size, split=split, defect=defect, index=index
-            )
-            folder = os.path.join(root, category, split, defect or "good")
-            os.makedirs(folder, exist_ok=True)
-            _save_png(os.path.join(folder, f"{index:03d}.png"), image)
-            if defect is not None:
-                gt_folder = os.path.join(root, category, readers.GROUND_TRUTH_DIR, defect)
-                os.makedirs(gt_folder, exist_ok=True)
-                _save_png(
-                    os.path.join(gt_folder, f"{index:03d}_mask.png"), mask.astype(np.uint8) * 255
-                )
-    with open(manifest_path, "w") as f:
-        json.dump({**params, "categories": list(categories)}, f, indent=1, sort_keys=True)
-    return root
+
+    return generated.write_dataset(
+        root,
+        manifest=MANIFEST,
+        params=_params(seed, image_size, n_train_good, n_test_good, n_test_defect),
+        categories=categories,
+        defect_types=DEFECT_TYPES,
+        counts=(n_train_good, n_test_good, n_test_defect),
+        render=render,
+        what="the synthetic benchmark",
+    )
 
 
 def default_root(seed: int, image_size: int) -> str:
     """Per-user cache folder (``$ZSAD_JAX_CACHE`` or ``~/.cache/zsad_jax``) for a parameter set."""
-    cache = os.environ.get("ZSAD_JAX_CACHE") or os.path.join(
-        os.path.expanduser("~"), ".cache", "zsad_jax"
-    )
-    return os.path.join(cache, f"synthetic-v{SYNTHETIC_VERSION}-seed{seed}-{image_size}px")
+    return generated.cache_root(f"synthetic-v{SYNTHETIC_VERSION}-seed{seed}-{image_size}px")
 
 
 def ensure(root: str | None = None, **params) -> str:
-    """Returns a folder holding the full benchmark with ``params``, generating it if needed.
-
-    Generation goes to a temporary sibling folder that is renamed into place, so concurrent
-    processes (multi-host tests on one machine) and interrupted runs never see a half-written
-    benchmark. A folder generated with other parameters is replaced; any other non-empty folder is
-    left alone (error).
-    """
+    """Returns a folder holding the full benchmark with ``params``, generating it if needed
+    (``generated.ensure_generated``: never half-written; a folder generated with other parameters
+    is replaced; any other non-empty folder is left alone, error)."""
     unknown = sorted(set(params) - set(DEFAULTS))
     if unknown:
         raise ValueError(f"unknown synthetic options {unknown}; known: {sorted(DEFAULTS)}")
     full = {**DEFAULTS, **params}
     root = root or default_root(full["seed"], full["image_size"])
     wanted = {**_params(**full), "categories": list(SYNTHETIC_CATEGORIES)}
-    if _read_manifest(root) == wanted:
-        return root
-    if os.path.isdir(root) and os.listdir(root) and _read_manifest(root) is None:
-        raise ValueError(
-            f"{root} exists, is not empty and holds no {MANIFEST}: it is not a synthetic "
-            "benchmark. Point the synthetic dataset at a new folder (or None for the cache)"
-        )
-    parent = os.path.dirname(os.path.abspath(root))
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".synthetic-", dir=parent)
-    try:
-        generate(staging, **full)
-        if os.path.isdir(root):
-            if _read_manifest(root) == wanted:  # another process finished first
-                return root
-            stale = tempfile.mkdtemp(prefix=".synthetic-stale-", dir=parent)
-            os.rename(root, os.path.join(stale, "old"))
-            shutil.rmtree(stale, ignore_errors=True)
-        try:
-            os.rename(staging, root)
-        except OSError:
-            if _read_manifest(root) != wanted:
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return root
+    return generated.ensure_generated(
+        root,
+        manifest=MANIFEST,
+        wanted=wanted,
+        generate=lambda folder: generate(folder, **full),
+        what="a synthetic benchmark",
+    )
 
 
 def read_synthetic(
@@ -249,15 +189,6 @@ def read_synthetic(
     return readers.read_mvtec_layout(root, split, categories, dataset="synthetic")
 
 
-def _outline(mask: np.ndarray) -> np.ndarray:
-    inner = mask.copy()
-    inner[1:] &= mask[:-1]
-    inner[:-1] &= mask[1:]
-    inner[:, 1:] &= mask[:, :-1]
-    inner[:, :-1] &= mask[:, 1:]
-    return mask & ~inner
-
-
 def contact_sheet(
     root: str,
     out_path: str,
@@ -267,8 +198,6 @@ def contact_sheet(
 ) -> str:
     """Writes a PNG: per category one normal and one image per defect type, each shown plain and
     with its mask (tinted red, outlined) beside it. Returns ``out_path``."""
-    from zsad_jax.data.decode import load_image, load_mask
-
     records = readers.read_mvtec_layout(root, "test", categories, dataset="synthetic")
     by_category: dict[str, list[Record]] = {}
     for r in records:
@@ -286,7 +215,7 @@ def contact_sheet(
                 mask = np.asarray(small.resize((tile, tile), Image.Resampling.NEAREST)) > 0
             overlay = image.copy()
             overlay[mask] = (0.5 * overlay[mask] + [127, 0, 0]).astype(np.uint8)
-            overlay[_outline(mask)] = [255, 0, 0]
+            overlay[mask_outline(mask)] = [255, 0, 0]
             y0, x0 = row * tile, 2 * col * tile
             sheet[y0 : y0 + tile, x0 : x0 + tile] = image
             sheet[y0 : y0 + tile, x0 + tile : x0 + 2 * tile] = overlay

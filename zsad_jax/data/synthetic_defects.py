@@ -15,6 +15,7 @@ what lies beneath; ``color_shift`` local hue rotation and tint.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 
@@ -180,6 +181,27 @@ _DRAW = {
 }
 
 
+def draw_until_visible(
+    rng, scene: Scene, draw: Callable, kind: str, *, min_change: float = MIN_MEAN_CHANGE, **kwargs
+):
+    """The benchmark's acceptance loop around one ``draw(rng, scene, size, **kwargs) -> (image,
+    shape coverage)``: returns (image (S, S, 3) float32 in [0, 1], mask (S, S) bool).
+    ``min_change``: the least mean largest-channel change over the mask."""
+    size = scene.image.shape[0]
+    min_area = max(8, int(MIN_AREA_FRACTION * size * size))
+    for _ in range(MAX_ATTEMPTS):
+        image, shape = draw(rng, scene, size, **kwargs)
+        mask = shape >= 0.5
+        if scene.is_object:
+            mask &= scene.object_cov >= 0.5
+        if mask.sum() < min_area:
+            continue
+        change = np.abs(image - scene.image).max(axis=-1)
+        if float(change[mask].mean()) >= min_change:
+            return np.clip(image, 0, 1).astype(np.float32), mask
+    raise RuntimeError(f"could not draw a visible {kind!r} defect in {MAX_ATTEMPTS} attempts")
+
+
 def add_defect(rng: np.random.Generator, scene: Scene, kind: str) -> tuple[np.ndarray, np.ndarray]:
     """Draws a visible defect of ``kind`` on ``scene``.
 
@@ -187,19 +209,7 @@ def add_defect(rng: np.random.Generator, scene: Scene, kind: str) -> tuple[np.nd
       image (S, S, 3) float32 in [0, 1] and its mask (S, S) bool: pixel centres inside the defect
       (and on the object, for objects); never empty.
     """
-    size = scene.image.shape[0]
-    min_area = max(8, int(MIN_AREA_FRACTION * size * size))
-    for _ in range(MAX_ATTEMPTS):
-        image, shape = _DRAW[kind](rng, scene, size)
-        mask = shape >= 0.5
-        if scene.is_object:
-            mask &= scene.object_cov >= 0.5
-        if mask.sum() < min_area:
-            continue
-        change = np.abs(image - scene.image).max(axis=-1)
-        if float(change[mask].mean()) >= MIN_MEAN_CHANGE:
-            return np.clip(image, 0, 1).astype(np.float32), mask
-    raise RuntimeError(f"could not draw a visible {kind!r} defect in {MAX_ATTEMPTS} attempts")
+    return draw_until_visible(rng, scene, _DRAW[kind], kind)
 
 
 def finish(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:

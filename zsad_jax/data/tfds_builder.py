@@ -43,6 +43,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from zsad_jax.data import decode, protocol
 from zsad_jax.data.decode import DataError
 from zsad_jax.data.pipeline import ExampleSource
 
@@ -120,13 +121,6 @@ def _decode_png(data: np.ndarray, what: str) -> np.ndarray:
         raise DataError(f"cannot decode the PNG bytes of {what} ({e})", what) from e
 
 
-def _readers():
-    """``(read_dataset, load_record)``, imported only when building."""
-    from zsad_jax.data import decode, protocol
-
-    return protocol.read_dataset, decode.load_record
-
-
 class ZsadAnomaly(tfds.core.GeneratorBasedBuilder):
     """MVTec-AD / VisA / other anomaly benchmarks from a manual download directory."""
 
@@ -175,11 +169,10 @@ class ZsadAnomaly(tfds.core.GeneratorBasedBuilder):
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
         config: AnomalyConfig = self.builder_config
-        read_dataset, _ = _readers()
         root = os.fspath(dl_manager.manual_dir)
         generators, categories = {}, {}
         for split in config.splits:
-            records = read_dataset(config.dataset, root, split, config.categories)
+            records = protocol.read_dataset(config.dataset, root, split, config.categories)
             categories[split] = list(dict.fromkeys(r.category for r in records))
             generators[split] = self._generate_examples(records, root)
         # Saved as metadata.json: the class_names order of TfdsSource.
@@ -188,9 +181,8 @@ class ZsadAnomaly(tfds.core.GeneratorBasedBuilder):
 
     def _generate_examples(self, records, root: str):
         config: AnomalyConfig = self.builder_config
-        _, load_record = _readers()
         for key, record in enumerate(records):
-            sample = load_record(record)
+            sample = decode.load_record(record)
             image, mask = sample["image"], sample["gt_mask"]
             if config.image_size is None:
                 image, mask = _encode_png(image), _encode_png(mask)

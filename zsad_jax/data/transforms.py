@@ -17,7 +17,10 @@ Masks are binarised (``> 0``) at full resolution by ``load_record`` and resized 
 default, so they stay binary and no region is lost or grown. The official codes differ, offered with
 ``mask_resize``: ``bicubic_threshold`` (AF-CLIP: bicubic on the 0/255 mask, then ``> 0.5``),
 ``bilinear_threshold`` (AnomalyCLIP, AVA-DINO on MVTec: bilinear, ``> 0.5``), ``bilinear_any``
-(AVA-DINO on VisA: bilinear, ``> 0``, which slightly dilates regions).
+(AVA-DINO on VisA: bilinear, ``> 0``, which slightly dilates regions), and ``bilinear_by_dataset``
+(AVA-DINO: ``bilinear_any`` for VisA, ``bilinear_threshold`` otherwise, resolved by
+``mask_resize_for`` from the side's dataset, so it stays right when ``--config.data.test_set``
+changes).
 
 ACD-CLIP training augmentations (``dataset/__init__.py:TextAndImageDataset``,
 ``utils.AddGaussianNoise``) in the official order, with their probabilities; randomness comes only
@@ -52,7 +55,9 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 TRANSFORM_NAMES = ("clip", "dinov3", "acd_clip_train", "plain")
-MASK_RESIZE_MODES = ("nearest", "bicubic_threshold", "bilinear_threshold", "bilinear_any")
+MASK_RESIZE_MODES = (
+    "nearest", "bicubic_threshold", "bilinear_threshold", "bilinear_any", "bilinear_by_dataset",
+)  # fmt: skip
 
 # name -> (PIL resample filter for the image, normalisation mean, std)
 _RECIPES = {
@@ -94,10 +99,25 @@ def to_normalized_float(image: np.ndarray, mean, std) -> np.ndarray:
     return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
 
 
-def resize_mask(mask: np.ndarray, size: int, mode: str = "nearest") -> np.ndarray:
-    """(H, W) bool -> (size, size) float32 in {0, 1}; ``mode`` one of ``MASK_RESIZE_MODES``."""
+def mask_resize_for(mode: str, dataset: str) -> str:
+    """The mask mode a side of ``dataset`` uses: ``bilinear_by_dataset`` resolved (AVA-DINO's
+    official data classes keep ``> 0`` for VisA and ``> 0.5`` for the others), others as given."""
+    if mode == "bilinear_by_dataset":
+        return "bilinear_any" if dataset == "visa" else "bilinear_threshold"
+    return mode
+
+
+def _check_mask_mode(mode: str) -> None:
     if mode not in MASK_RESIZE_MODES:
         raise ValueError(f"unknown mask_resize {mode!r}; known: {list(MASK_RESIZE_MODES)}")
+    if mode == "bilinear_by_dataset":
+        raise ValueError("mask_resize 'bilinear_by_dataset' depends on the dataset: pass "
+                         "mask_resize_for(mode, dataset)")  # fmt: skip
+
+
+def resize_mask(mask: np.ndarray, size: int, mode: str = "nearest") -> np.ndarray:
+    """(H, W) bool -> (size, size) float32 in {0, 1}; ``mode`` one of ``MASK_RESIZE_MODES``."""
+    _check_mask_mode(mode)
     pil = Image.fromarray(np.asarray(mask, bool).astype(np.uint8) * 255)
     if mode == "nearest":
         return (np.asarray(pil.resize((size, size), Image.Resampling.NEAREST)) > 0).astype(
@@ -218,8 +238,7 @@ def make_transform(
       required only when the transform is random.
     """
     _check_name(name)
-    if mask_resize not in MASK_RESIZE_MODES:
-        raise ValueError(f"unknown mask_resize {mask_resize!r}; known: {list(MASK_RESIZE_MODES)}")
+    _check_mask_mode(mask_resize)
     if int(image_size) <= 0:
         raise ValueError(f"image_size must be positive, got {image_size}")
     resample, mean, std = _RECIPES[name]

@@ -9,6 +9,9 @@ platform it is compiled for):
   (rows, T) logits slab stays in cache. The textbook form writes 16 x 1370^2 float32 logits (120 MB
   per block at 518 px) and streams them through memory several times; ``jax.nn.
   dot_product_attention``'s XLA path does the same and is 4-5x slower here (``bench/encoders.py``).
+  Its backward (``jax.custom_vjp``) recomputes the probabilities block by block from each row's
+  logsumexp instead of keeping them: its gradient's temporaries 54 instead of 544 MiB per ViT-L
+  attention at 518 px, batch 2 (``bench/attention_backward.py`` measures whole blocks).
 * ``cudnn`` (CUDA, bfloat16/float16, head_dim a multiple of 8 up to 128): ``jax.nn.
   dot_product_attention(implementation="cudnn")``, cuDNN's fused flash attention (no logits tensor
   in memory, fused backward). Only offered when a CUDA backend exists: jax looks the cuDNN version
@@ -38,7 +41,9 @@ float32 the paths agree with a float64 reference to ~5e-7 on unit-variance input
 In bfloat16 the inputs are bfloat16 and the ``xla``/``dense``/``blocked`` paths round the
 probabilities to bfloat16 before ``probs @ v`` (cuDNN and the Pallas kernel keep them in float32
 inside the kernel): each path is within 3.5e-3 of the float64 attention of the same bfloat16
-inputs at unit variance (tested bound 1e-2; 1.4e-2 at logit std 9).
+inputs at unit variance (tested bound 1e-2; 1.4e-2 at logit std 9). The blocked path's gradients
+equal autodiff of the textbook float32 attention to ~1e-6 (tested 1e-5); in bfloat16 they are
+within 5.5e-3 of the largest float32 gradient (tested bound 1e-2).
 """
 
 from __future__ import annotations
@@ -211,20 +216,104 @@ def _blocked_attention(q, k, v, query_block: int = CPU_QUERY_BLOCK):
     qh = jnp.pad(qh, ((0, 0), (0, 0), (0, n_blocks * rows - t), (0, 0)))
     # (heads, n_blocks, B, rows, d)
     qh = qh.reshape(h, b, n_blocks, rows, d).transpose(0, 2, 1, 3, 4)
+    out = _blocked_core(qh, kh, vh)  # (heads, n_blocks, B, rows, d)
+    out = out.transpose(2, 1, 3, 0, 4).reshape(b, n_blocks * rows, h, d)
+    return out[:, :t]
+
+
+# The blocked core has its own backward (``jax.custom_vjp``). Autodiff through the loop saves every
+# block's probabilities, i.e. whole (heads, B, T, T) float32 arrays per attention call (~460 MB per
+# ViT-L block at 518 px, batch 2): the peak of a CPU train step through frozen blocks. Instead the
+# forward keeps each row's logsumexp and the backward recomputes the probabilities block by block
+# (FlashAttention-2's backward, with whole key rows per block): q, k, v and the logsumexp are all it
+# keeps, O(T) per query row instead of O(T^2).
+
+
+def _block_logits(q_block, k_head):
+    """(B, rows, d) x (B, T, d) -> (B, rows, T) float32; q already scaled by 1/sqrt(d)."""
+    return jnp.einsum("bqd,bkd->bqk", q_block, k_head, preferred_element_type=jnp.float32)
+
+
+def _block_output(probs, v_head):
+    return jnp.einsum("bqk,bkd->bqd", probs.astype(v_head.dtype), v_head)
+
+
+def _each_head_and_block(one_block, qh, kh, vh):
+    """``one_block(q_block, k_head, v_head)`` over (heads, n_blocks, B, rows, d) query blocks."""
 
     def one_head(args):
         q_blocks, k_head, v_head = args
+        return jax.lax.map(lambda q_block: one_block(q_block, k_head, v_head), q_blocks)
 
-        def one_block(q_block):
-            logits = jnp.einsum("bqd,bkd->bqk", q_block, k_head, preferred_element_type=jnp.float32)
-            probs = jax.nn.softmax(logits, axis=-1)
-            return jnp.einsum("bqk,bkd->bqd", probs.astype(v_head.dtype), v_head)
+    return jax.lax.map(one_head, (qh, kh, vh))
 
-        return jax.lax.map(one_block, q_blocks)
 
-    out = jax.lax.map(one_head, (qh, kh, vh))  # (heads, n_blocks, B, rows, d)
-    out = out.transpose(2, 1, 3, 0, 4).reshape(b, n_blocks * rows, h, d)
-    return out[:, :t]
+def _blocked_forward(qh, kh, vh):
+    """(heads, n_blocks, B, rows, d) scaled queries, (heads, B, T, d) keys and values -> the
+    attention output in the queries' layout. Differentiable by autodiff too (the old backward:
+    ``bench/attention_backward.py`` compares the two)."""
+
+    def one_block(q_block, k_head, v_head):
+        return _block_output(jax.nn.softmax(_block_logits(q_block, k_head), axis=-1), v_head)
+
+    return _each_head_and_block(one_block, qh, kh, vh)
+
+
+def _blocked_forward_with_lse(qh, kh, vh):
+    """``_blocked_forward``'s output (the same ops: bit for bit) and the residuals, with each
+    row's logsumexp."""
+
+    def one_block(q_block, k_head, v_head):
+        logits = _block_logits(q_block, k_head)
+        out = _block_output(jax.nn.softmax(logits, axis=-1), v_head)
+        return out, jax.nn.logsumexp(logits, axis=-1)
+
+    out, lse = _each_head_and_block(one_block, qh, kh, vh)
+    return out, (qh, kh, vh, lse)
+
+
+def _blocked_backward(residuals, d_out):
+    """FlashAttention-2's backward per query block, accumulated in float32: P = exp(S - lse),
+    dV = P^T dO, dP = dO V^T, dS = P (dP - rowsum(P dP)), dQ = dS K, dK = dS^T Q.
+
+    ``rowsum(P dP)`` runs over the block's whole key row, as autodiff of the softmax does.
+    FlashAttention's ``rowsum(dO * O)`` (needed there because keys are tiled too) is the same sum
+    only in exact arithmetic: it cancels badly where one high-norm value dominates a row (the
+    attention sink of ``tests/test_attention.py``: dK off by 500x its largest element, 40x further
+    from float64 than autodiff), is 2.5x further from the dense gradient at unit variance in
+    float32 and carries the bfloat16 rounding of P V. dV takes P rounded to v's dtype, as the
+    forward's P V did. The scale 1/sqrt(d) is applied outside (``_blocked_attention``), so
+    autodiff applies it to dQ.
+    """
+    qh, kh, vh, lse = residuals
+    f32 = jnp.float32
+
+    def one_head(args):
+        q_blocks, k_head, v_head, d_out_blocks, lse_blocks = args
+
+        def one_block(carry, block):
+            dk, dv = carry
+            q_block, d_out_block, lse_block = block
+            probs = jnp.exp(_block_logits(q_block, k_head) - lse_block[..., None])
+            dv = dv + jnp.einsum(
+                "bqk,bqd->bkd", probs.astype(v_head.dtype), d_out_block, preferred_element_type=f32
+            )
+            d_probs = jnp.einsum("bqd,bkd->bqk", d_out_block, v_head, preferred_element_type=f32)
+            d_logits = probs * (d_probs - jnp.sum(probs * d_probs, axis=-1, keepdims=True))
+            dq = jnp.einsum("bqk,bkd->bqd", d_logits, k_head, preferred_element_type=f32)
+            dk = dk + jnp.einsum("bqk,bqd->bkd", d_logits, q_block, preferred_element_type=f32)
+            return (dk, dv), dq
+
+        zeros = jnp.zeros(k_head.shape, f32)
+        (dk, dv), dq = jax.lax.scan(one_block, (zeros, zeros), (q_blocks, d_out_blocks, lse_blocks))
+        return dq, dk, dv
+
+    dq, dk, dv = jax.lax.map(one_head, (qh, kh, vh, d_out, lse))
+    return dq.astype(qh.dtype), dk.astype(kh.dtype), dv.astype(vh.dtype)
+
+
+_blocked_core = jax.custom_vjp(_blocked_forward)
+_blocked_core.defvjp(_blocked_forward_with_lse, _blocked_backward)
 
 
 def _xla_attention(q, k, v):

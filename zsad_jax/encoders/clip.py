@@ -38,10 +38,11 @@ import numpy as np
 from flax import nnx
 
 from zsad_jax.encoders.attention import dot_product_attention
+from zsad_jax.layers.resize import bilinear_matrix
+from zsad_jax.nn import DTYPES, check_dtype
 
 ACTIVATIONS = ("quick_gelu", "gelu")
 POS_RESIZE_MODES = ("bilinear", "bicubic_antialias")
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Fields a loader may change without touching any weight shape (see ``ClipConfig.with_overrides``).
 OVERRIDABLE = ("act", "pos_resize", "dtype")
 
@@ -82,7 +83,7 @@ class ClipVisionConfig:
     def __post_init__(self):
         _check_choice("ClipVisionConfig", "act", self.act, ACTIVATIONS)
         _check_choice("ClipVisionConfig", "pos_resize", self.pos_resize, POS_RESIZE_MODES)
-        _check_choice("ClipVisionConfig", "dtype", self.dtype, tuple(DTYPES))
+        check_dtype("ClipVisionConfig.dtype", self.dtype)
         if self.width % self.heads:
             raise ValueError(f"ClipVisionConfig.width={self.width} must be a multiple of heads")
         if self.image_size % self.patch_size:
@@ -120,7 +121,7 @@ class ClipTextConfig:
 
     def __post_init__(self):
         _check_choice("ClipTextConfig", "act", self.act, ACTIVATIONS)
-        _check_choice("ClipTextConfig", "dtype", self.dtype, tuple(DTYPES))
+        check_dtype("ClipTextConfig.dtype", self.dtype)
         if self.width % self.heads:
             raise ValueError(f"ClipTextConfig.width={self.width} must be a multiple of heads")
 
@@ -178,37 +179,14 @@ class ClipConfig:
             text=dataclasses.replace(self.text, **text),
         )
 
-    @classmethod
-    def vit_l14_336(cls, **overrides: Any) -> ClipConfig:
-        """OpenAI CLIP ViT-L/14@336px (``ViT-L-14-336px.pt``,
-        ``openai/clip-vit-large-patch14-336``)."""
-        return cls().with_overrides(**overrides)
-
-    @classmethod
-    def tiny(cls, **overrides: Any) -> ClipConfig:
-        """A few-kilobyte model with the full architecture, for tests. Widths differ between the
-        towers and from the head count so that transposition mistakes change shapes."""
-        vision = ClipVisionConfig(
-            width=48, layers=3, heads=4, patch_size=4, image_size=16, output_dim=24, mlp_dim=96
-        )
-        text = ClipTextConfig(
-            width=32,
-            layers=3,
-            heads=4,
-            context_length=16,
-            vocab_size=100,
-            output_dim=24,
-            mlp_dim=64,
-        )
-        return cls(vision=vision, text=text).with_overrides(**overrides)
-
 
 # ----------------------------------------------------------------------------------------------
 # Positional-grid resizing (exact torch F.interpolate equivalents as interpolation matrices)
 
 
-# The weights below are computed in float32 the way ATen's CPU kernels compute them (same
-# promotions, and fused multiply-adds where x86 builds of torch contract them), so they
+# Bilinear weights come from ``zsad_jax.layers.resize`` (torch's grid, the one resize_bilinear
+# applies). The bicubic ones below are computed in float32 the way ATen's CPU kernels compute them
+# (same promotions, and fused multiply-adds where x86 builds of torch contract them), so they
 # equal torch's weights bit for bit; the float64-exact weights differ by a few float32 ulps, which
 # is up to ~1e-5 on the resized embeddings.
 _F32 = np.float32
@@ -217,21 +195,6 @@ _F32 = np.float32
 def _fma(a, b, c) -> np.float32:
     """float32 fused multiply-add (exact product and sum in float64, rounded once)."""
     return _F32(float(a) * float(b) + float(c))
-
-
-def bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
-    """(out, in) weights of torch's 1-D bilinear resize, ``align_corners=False``, no antialias."""
-    scale = _F32(in_size) / _F32(out_size)
-    weights = np.zeros((out_size, in_size), np.float32)
-    for o in range(out_size):
-        # Half-pixel centres; torch clamps negative source positions to 0.
-        src = max(_fma(scale, _F32(o) + _F32(0.5), _F32(-0.5)), _F32(0.0))
-        i0 = min(int(np.floor(src)), in_size - 1)
-        i1 = min(i0 + 1, in_size - 1)
-        frac = min(max(src - _F32(i0), _F32(0.0)), _F32(1.0))
-        weights[o, i0] += _F32(1.0) - frac
-        weights[o, i1] += frac
-    return weights
 
 
 def _keys_cubic(x: np.float32) -> np.float32:
@@ -655,4 +618,3 @@ def build(config: Mapping[str, Any], rngs: nnx.Rngs, **overrides: Any) -> Clip:
     """The ``zsad_jax.encoders.checkpoint.BUILDERS`` entry: ``overrides`` may set ``act``,
     ``pos_resize``, ``dtype``."""
     return Clip(ClipConfig.from_dict(config).with_overrides(**overrides), rngs=rngs)
-

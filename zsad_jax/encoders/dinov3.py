@@ -12,7 +12,8 @@ products. The residual stream, the LayerNorms and RoPE stay in float32 because D
 stream carries a few very large activations that lower precision would distort.
 
 Build from a converted checkpoint with ``zsad_jax.encoders.checkpoint.load(path)`` (see
-``python -m convert.dinov3``), or with random weights: ``DinoV3(vitl16(), rngs=nnx.Rngs(0))``.
+``python -m convert.dinov3``), or with random weights:
+``DinoV3(presets.dinov3_vitl16(), rngs=nnx.Rngs(0))`` (``zsad_jax.encoders.presets``).
 """
 
 from __future__ import annotations
@@ -28,9 +29,9 @@ import numpy as np
 from flax import nnx
 
 from zsad_jax.encoders.attention import dot_product_attention
+from zsad_jax.nn import check_dtype
 
 ACTIVATIONS = ("gelu", "silu")
-COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +51,7 @@ class DinoV3Config:
       rope_theta: RoPE base period (100 for all released DINOv3 ViTs).
       use_gated_mlp: SwiGLU-style MLP ``down(act(gate(x)) * up(x))`` (the "plus" and 7B models).
       act: MLP activation, "gelu" (exact, erf) or "silu".
-      dtype: compute dtype of the matrix products ("float32", "bfloat16", "float16").
+      dtype: compute dtype of the matrix products (a name of ``zsad_jax.nn.DTYPES``).
     """
 
     hidden_size: int = 1024
@@ -74,8 +75,7 @@ class DinoV3Config:
             )
         if self.act not in ACTIVATIONS:
             raise ValueError(f"DinoV3Config.act: {self.act!r} is not one of {ACTIVATIONS}")
-        if self.dtype not in COMPUTE_DTYPES:
-            raise ValueError(f"DinoV3Config.dtype: {self.dtype!r} is not one of {COMPUTE_DTYPES}")
+        check_dtype("DinoV3Config.dtype", self.dtype)
 
     @property
     def head_dim(self) -> int:
@@ -94,29 +94,6 @@ class DinoV3Config:
                 f"DinoV3Config: unknown field(s) {unknown}; known fields are {sorted(known)}"
             )
         return cls(**values)
-
-
-def vits16() -> DinoV3Config:
-    """ViT-S/16 (``dinov3_vits16``, 21M parameters)."""
-    return DinoV3Config(hidden_size=384, num_layers=12, num_heads=6, mlp_dim=1536)
-
-
-def vitb16() -> DinoV3Config:
-    """ViT-B/16 (``dinov3_vitb16``, 86M parameters)."""
-    return DinoV3Config(hidden_size=768, num_layers=12, num_heads=12, mlp_dim=3072)
-
-
-def vitl16() -> DinoV3Config:
-    """ViT-L/16 (``dinov3_vitl16``, 300M parameters): the AVA-DINO backbone."""
-    return DinoV3Config(hidden_size=1024, num_layers=24, num_heads=16, mlp_dim=4096)
-
-
-def tiny() -> DinoV3Config:
-    """A few-thousand-parameter model with the same structure, for tests and smoke runs."""
-    return DinoV3Config(hidden_size=32, num_layers=2, num_heads=2, mlp_dim=64)
-
-
-PRESETS = {"vits16": vits16, "vitb16": vitb16, "vitl16": vitl16, "tiny": tiny}
 
 
 def rope_tables(grid_h: int, grid_w: int, head_dim: int, theta: float) -> tuple[np.ndarray, ...]:
@@ -336,4 +313,3 @@ def build(config: dict[str, Any], rngs: nnx.Rngs, **overrides: Any) -> DinoV3:
             "weight shape"
         )
     return DinoV3(DinoV3Config.from_dict({**config, **overrides}), rngs=rngs)
-

@@ -67,6 +67,17 @@ def _source_grid(
     return i0.astype(np.int32), i1.astype(np.int32), lam
 
 
+def bilinear_matrix(n_in: int, n_out: int, align_corners: bool = False) -> np.ndarray:
+    """(n_out, n_in) float32 weights of the same 1-D resize, for callers that apply it as a matrix
+    product (CLIP's positional grid, ``zsad_jax.encoders.clip.resize_grid``)."""
+    i0, i1, lam = _source_grid(n_in, n_out, align_corners, np.dtype(np.float32))
+    weights = np.zeros((n_out, n_in), np.float32)
+    rows = np.arange(n_out)
+    np.add.at(weights, (rows, i0), np.float32(1) - lam)
+    np.add.at(weights, (rows, i1), lam)  # i1 == i0 at the last input: the weights add up to 1
+    return weights
+
+
 def _interpolate_axis(
     x: jax.Array, axis: int, n_out: int, align_corners: bool, host_dtype: np.dtype
 ) -> jax.Array:

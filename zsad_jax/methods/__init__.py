@@ -12,6 +12,7 @@ constructor (imported here; a config stored in a checkpoint is checked before it
 from __future__ import annotations
 
 import importlib
+from collections.abc import Sequence
 from typing import Any
 
 from flax import nnx
@@ -24,6 +25,22 @@ METHODS = {
     "acd_clip": ("zsad_jax.methods.acd_clip", "AcdClip"),
     "dlvp_clip": ("zsad_jax.methods.dlvp_clip", "DlvpClip"),
 }
+
+
+# What ``image_path.split('/')[-4]`` gives for every VisA image (``<cls>/Data/Images/<state>/x``).
+VISA_PATH_CLASS_NAME = "Data"
+
+
+def text_class_names(config, dataset: str, names: Sequence[str]) -> list[str]:
+    """The class names ``set_classes`` gets for ``dataset``'s categories ``names``.
+
+    The real names, except with ``config.model.visa_class_name_quirk`` (AVA-DINO's default): its
+    official code takes the class name from the image path, ``split('/')[-4]``, which is the
+    category for MVTec-layout paths but "Data" for every VisA image, so its VisA prompts read "a
+    photo of a damaged Data." (training and test alike)."""
+    if dataset == "visa" and config.model.get("visa_class_name_quirk", False):
+        return [VISA_PATH_CLASS_NAME] * len(names)
+    return [str(n) for n in names]
 
 
 def import_object(spec: str, field: str) -> Any:

@@ -57,7 +57,6 @@ once and for all like a frozen text):
 from __future__ import annotations
 
 import functools
-import types
 from collections.abc import Sequence
 from typing import Any
 
@@ -68,32 +67,31 @@ from flax import nnx
 
 from zsad_jax import losses
 from zsad_jax.encoders.clip import causal_mask
-from zsad_jax.layers.conv_lora import (
-    AdaptiveBlend,
-    ConvLoraAdapter,
-    TextLoraAdapter,
-    norm_match,
-    torch_linear,
-)
-from zsad_jax.layers.fusion_gate import DynamicFusionGateway
 from zsad_jax.layers.resize import resize_bilinear
 from zsad_jax.layers.smoothing import gaussian_blur2d
-from zsad_jax.methods.backbone import build_backbone, build_tokenizer
+from zsad_jax.methods.acd_heads import (
+    AdaptiveBlend,
+    ConvLoraAdapter,
+    DynamicFusionGateway,
+    TextLoraAdapter,
+    norm_match,
+)
+from zsad_jax.methods.backbone import TokenizerSource, build_backbone
 from zsad_jax.methods.base import AnomalyModel
-from zsad_jax.nn import Buffer, Trainable, trainable
+from zsad_jax.nn import (
+    Buffer,
+    Trainable,
+    l2_normalize,
+    resolve_compute_dtype,
+    torch_linear,
+    trainable,
+)
 from zsad_jax.prompts import acd_clip_sentences
 
 _HERE = "zsad_jax/methods/acd_clip.py"
 _CONFIG = "configs/acd_clip.py"
 _HIGHEST = jax.lax.Precision.HIGHEST
 N_GROUPS_CHOICES = (2, 3, 4, 6)
-COMPUTE_DTYPES = ("float32", "bfloat16")
-
-
-def l2_normalize(x: jax.Array, axis: int = -1) -> jax.Array:
-    """``torch.nn.functional.normalize`` (eps 1e-12 on the norm), float32."""
-    x = x.astype(jnp.float32)
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=axis, keepdims=True), 1e-12)
 
 
 def _unit(x: jax.Array, axis: int = -1) -> jax.Array:
@@ -213,6 +211,37 @@ def _layer_norm(width: int, rngs: nnx.Rngs) -> nnx.LayerNorm:
     return nnx.LayerNorm(width, epsilon=1e-5, dtype=jnp.float32, use_fast_variance=False, rngs=rngs)
 
 
+def _check_config(config) -> None:
+    """What can be refused before the backbone is built (or its weights read)."""
+    n_groups = int(config.model.n_groups)
+    if n_groups not in N_GROUPS_CHOICES:
+        raise ValueError(
+            f"{_CONFIG}: model.n_groups={n_groups}; the method is defined for "
+            f"{list(N_GROUPS_CHOICES)}"
+        )
+
+
+def _check_image_options(config, patch_size: int) -> None:
+    """The input size against the backbone's patch, and the image-score mixing weight."""
+    image_size = int(config.data.image_size)
+    if image_size % patch_size:
+        raise ValueError(
+            f"{_CONFIG}: data.image_size={image_size} is not a multiple of the backbone patch "
+            f"size {patch_size}"
+        )
+    weight = float(config.model.image_score_weight)
+    if not 0.0 <= weight <= 1.0:
+        raise ValueError(
+            f"{_CONFIG}: model.image_score_weight={weight} must be in [0, 1] "
+            "(pred_score = w * p_image + (1 - w) * max(map))"
+        )
+
+
+def _per_group(n: int, make) -> nnx.List:
+    """``n`` trainable modules from ``make()``, one per group (``name.k`` in the state)."""
+    return trainable(nnx.List([make() for _ in range(n)]))
+
+
 class AcdClip(AnomalyModel):
     """ACD-CLIP (see the module docstring and ``configs/acd_clip.py``).
 
@@ -226,24 +255,16 @@ class AcdClip(AnomalyModel):
 
     def __init__(self, config, *, rngs: nnx.Rngs, load_weights: bool = True):
         m = config.model
-        if str(config.compute_dtype) not in COMPUTE_DTYPES:
-            raise ValueError(
-                f"{_CONFIG}: compute_dtype={config.compute_dtype!r} is not supported; use one of "
-                f"{list(COMPUTE_DTYPES)}"
-            )
+        dtype = resolve_compute_dtype(config.compute_dtype)
+        _check_config(config)
         self.n_groups = int(m.n_groups)
-        if self.n_groups not in N_GROUPS_CHOICES:
-            raise ValueError(
-                f"{_CONFIG}: model.n_groups={self.n_groups}; the method is defined for "
-                f"{list(N_GROUPS_CHOICES)}"
-            )
         self.backbone = build_backbone(
             m.backbone,
             rngs=rngs,
             load_weights=load_weights,
             act=m.act,
             pos_resize=m.pos_resize,
-            dtype=str(config.compute_dtype),
+            dtype=dtype,
         )
         vision, text = self.backbone.vision.config, self.backbone.text.config
         self.image_levels = group_levels(
@@ -253,30 +274,21 @@ class AcdClip(AnomalyModel):
             m.text_levels, self.n_groups, text.layers, "model.text_levels"
         )
         self.patch_size = vision.patch_size
-        image_size = int(config.data.image_size)
-        if image_size % vision.patch_size:
-            raise ValueError(
-                f"{_CONFIG}: data.image_size={image_size} is not a multiple of the backbone patch "
-                f"size {vision.patch_size}"
-            )
+        _check_image_options(config, vision.patch_size)
         self.remat = bool(m.get("remat", False))
         self.logit_scale = float(m.seg_logit_scale)
         self.blur_kernel = int(m.blur_kernel)
         self.blur_sigma = float(m.blur_sigma)
         self.image_score_weight = float(m.image_score_weight)
-        if not 0.0 <= self.image_score_weight <= 1.0:
-            raise ValueError(
-                f"{_CONFIG}: model.image_score_weight={self.image_score_weight} must be in [0, 1] "
-                "(pred_score = w * p_image + (1 - w) * max(map))"
-            )
+        self._build_image_adapters(m, vision.width, text.width, rngs)
+        self._build_text_adapters(m, text.width, rngs)
+        self._init_class_prompts(m, text)
 
-        n, width, text_width = self.n_groups, vision.width, text.width
-        a = m.adapter
-
-        def per_group(make):
-            return trainable(nnx.List([make() for _ in range(n)]))
-
-        self.image_lora = per_group(
+    def _build_image_adapters(self, m, width: int, text_width: int, rngs: nnx.Rngs) -> None:
+        """The official ``image_adapter``: Conv-LoRA + blend, seg/det heads, fusion gates."""
+        n, a, hidden = self.n_groups, m.adapter, int(m.head_hidden)
+        self.image_lora = _per_group(
+            n,
             lambda: ConvLoraAdapter(
                 width,
                 width,
@@ -286,29 +298,35 @@ class AcdClip(AnomalyModel):
                 conv_rank=int(a.conv_rank),
                 conv_alpha=float(a.conv_alpha),
                 rngs=rngs,
-            )
+            ),
         )
-        self.image_blend = per_group(lambda: AdaptiveBlend(width, float(m.image_blend_init)))
-        hidden = int(m.head_hidden)
+        self.image_blend = _per_group(n, lambda: AdaptiveBlend(width, float(m.image_blend_init)))
         # Heads project into the text tower's width: the text features are LN(text tokens), not
         # text_projection outputs.
-        self.seg_proj = per_group(lambda: MlpProjection(width, hidden, text_width, rngs=rngs))
-        self.seg_norm = per_group(lambda: _layer_norm(text_width, rngs))
-        self.det_proj = per_group(lambda: MlpProjection(width, hidden, text_width, rngs=rngs))
-        self.det_norm = per_group(lambda: _layer_norm(text_width, rngs))
-        self.fusion_gate = per_group(
-            lambda: DynamicFusionGateway(text_width, n, hidden=int(m.gate_hidden), rngs=rngs)
+        self.seg_proj = _per_group(n, lambda: MlpProjection(width, hidden, text_width, rngs=rngs))
+        self.seg_norm = _per_group(n, lambda: _layer_norm(text_width, rngs))
+        self.det_proj = _per_group(n, lambda: MlpProjection(width, hidden, text_width, rngs=rngs))
+        self.det_norm = _per_group(n, lambda: _layer_norm(text_width, rngs))
+        self.fusion_gate = _per_group(
+            n, lambda: DynamicFusionGateway(text_width, n, hidden=int(m.gate_hidden), rngs=rngs)
         )
-        self.text_lora = per_group(
+
+    def _build_text_adapters(self, m, text_width: int, rngs: nnx.Rngs) -> None:
+        """The official ``text_adapter``: LoRA + blend and a LayerNorm per group."""
+        n, a = self.n_groups, m.adapter
+        self.text_lora = _per_group(
+            n,
             lambda: TextLoraAdapter(
                 text_width, text_width, rank=int(a.rank), alpha=float(a.alpha), rngs=rngs
-            )
+            ),
         )
-        self.text_blend = per_group(lambda: AdaptiveBlend(text_width, float(m.text_blend_init)))
-        self.text_norm = per_group(lambda: _layer_norm(text_width, rngs))
+        self.text_blend = _per_group(n, lambda: AdaptiveBlend(text_width, float(m.text_blend_init)))
+        self.text_norm = _per_group(n, lambda: _layer_norm(text_width, rngs))
 
-        # Plain (hashable, graph-static) values from which set_classes rebuilds the tokenizer.
-        self._tokenizer_source = (bool(m.backbone.random_init), m.backbone.checkpoint)
+    def _init_class_prompts(self, m, text) -> None:
+        """Empty class tables (``set_classes`` fills them) and what rebuilds the tokenizer."""
+        # What set_classes rebuilds the tokenizer from (hashable: graph-static).
+        self._tokenizer_source = TokenizerSource.of(m.backbone)
         self.context_length = text.context_length
         normal, abnormal = acd_clip_sentences("object")
         self.n_normal, self.n_abnormal = len(normal), len(abnormal)
@@ -318,7 +336,7 @@ class AcdClip(AnomalyModel):
         )
         # Per-class text at inference (N, C, text width, 2), and what it was computed from; NaN
         # never equals anything, so the table is unused until set_classes fills both.
-        self.class_text = Buffer(jnp.zeros((n, 1, text_width, 2), jnp.float32))
+        self.class_text = Buffer(jnp.zeros((self.n_groups, 1, text.width, 2), jnp.float32))
         self.class_text_key = Buffer(jnp.full((1,), jnp.nan, jnp.float32))
 
     # ------------------------------------------------------------------------------------------
@@ -333,14 +351,14 @@ class AcdClip(AnomalyModel):
         long descriptive names are truncated to the context; with real weights a sentence longer
         than the context is an error, never truncated.
         """
-        random_init, checkpoint = self._tokenizer_source
-        tokenizer = build_tokenizer(
-            types.SimpleNamespace(random_init=random_init, checkpoint=checkpoint)
-        )
+        source = self._tokenizer_source
+        tokenizer = source.build()
         rows = []
         for name in names:
             normal, abnormal = acd_clip_sentences(name)
-            rows.append(tokenizer(normal + abnormal, self.context_length, truncate=random_init))
+            rows.append(
+                tokenizer(normal + abnormal, self.context_length, truncate=source.random_init)
+            )
         ids = np.stack(rows)
         longest = int(ids.argmax(axis=-1).max()) + 1
         length = min(self.context_length, -(-longest // 8) * 8)

@@ -44,28 +44,18 @@ from zsad_jax.encoders.attention import dot_product_attention
 from zsad_jax.layers import aggregate_neighbours, gaussian_filter, resize_bilinear
 from zsad_jax.methods.backbone import build_backbone, build_tokenizer
 from zsad_jax.methods.base import AnomalyModel
-from zsad_jax.nn import Buffer, Trainable, trainable
+from zsad_jax.nn import (
+    DTYPES,
+    Buffer,
+    Trainable,
+    l2_normalize,
+    resolve_compute_dtype,
+    torch_linear,
+    trainable,
+)
 from zsad_jax.prompts import AF_CLIP_STATES
 
 _HERE = "zsad_jax/methods/af_clip.py"
-COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-
-def _torch_linear_init(fan_in: int):
-    """PyTorch's ``nn.Linear`` default: weight and bias ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
-    bound = fan_in**-0.5
-
-    def bias_init(key, shape, dtype=jnp.float32):
-        return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-    # kaiming_uniform(a=sqrt(5)) on a (out, in) weight = variance_scaling(1/3, fan_in, uniform).
-    return nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform"), bias_init
-
-
-def l2_normalize(x: jax.Array, axis: int = -1) -> jax.Array:
-    """``torch.nn.functional.normalize`` (eps 1e-12 on the norm), float32."""
-    x = x.astype(jnp.float32)
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=axis, keepdims=True), 1e-12)
 
 
 class AttentionAdaptor(nnx.Module):
@@ -90,20 +80,10 @@ class AttentionAdaptor(nnx.Module):
         self.norm = nnx.LayerNorm(
             width, epsilon=1e-5, dtype=jnp.float32, use_fast_variance=False, rngs=rngs
         )
-        w_in, _ = _torch_linear_init(width)
-        self.to_q = nnx.Linear(
-            width, inner, use_bias=False, kernel_init=w_in, dtype=dtype, rngs=rngs
+        self.to_q, self.to_k, self.to_v = (
+            torch_linear(width, inner, use_bias=False, dtype=dtype, rngs=rngs) for _ in "qkv"
         )
-        self.to_k = nnx.Linear(
-            width, inner, use_bias=False, kernel_init=w_in, dtype=dtype, rngs=rngs
-        )
-        self.to_v = nnx.Linear(
-            width, inner, use_bias=False, kernel_init=w_in, dtype=dtype, rngs=rngs
-        )
-        w_out, b_out = _torch_linear_init(inner)
-        self.to_out = nnx.Linear(
-            inner, width, kernel_init=w_out, bias_init=b_out, dtype=dtype, rngs=rngs
-        )
+        self.to_out = torch_linear(inner, width, dtype=dtype, rngs=rngs)
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
         """tokens (N, T, width) -> (N, T, width) float32."""
@@ -127,6 +107,24 @@ def _layers_field(value: Any, field: str, depth: int) -> tuple[int, ...]:
     return layers
 
 
+def _aggregation_sizes(value: Any) -> tuple[int, ...]:
+    sizes = tuple(int(r) for r in value)
+    if not sizes or any(r < 1 or r % 2 == 0 for r in sizes):
+        raise ValueError(
+            f"configs/af_clip.py: model.aggregation_sizes={sizes} must be positive odd window "
+            "sizes, e.g. (1, 3, 5)"
+        )
+    return sizes
+
+
+def _check_image_size(image_size: int, patch_size: int) -> None:
+    if image_size % patch_size:
+        raise ValueError(
+            f"configs/af_clip.py: data.image_size={image_size} is not a multiple of the backbone "
+            f"patch size {patch_size}"
+        )
+
+
 class AfClip(AnomalyModel):
     """AF-CLIP with its few-shot extension AF-CLIP+ (see the module docstring).
 
@@ -137,44 +135,31 @@ class AfClip(AnomalyModel):
 
     def __init__(self, config, *, rngs: nnx.Rngs, load_weights: bool = True):
         m = config.model
-        if str(config.compute_dtype) not in COMPUTE_DTYPES:
-            raise ValueError(
-                f"configs/af_clip.py: compute_dtype={config.compute_dtype!r} is not supported; use "
-                f"one of {sorted(COMPUTE_DTYPES)}"
-            )
-        self.compute_dtype = COMPUTE_DTYPES[str(config.compute_dtype)]
+        dtype = resolve_compute_dtype(config.compute_dtype)
+        self.compute_dtype = DTYPES[dtype]
         self.backbone = build_backbone(
             m.backbone,
             rngs=rngs,
             load_weights=load_weights,
             act=m.act,
             pos_resize=m.pos_resize,
-            dtype=str(config.compute_dtype),
+            dtype=dtype,
         )
         vision, text = self.backbone.vision.config, self.backbone.text.config
         depth = vision.layers
         self.feature_layers = _layers_field(m.feature_layers, "model.feature_layers", depth)
         self.memory_layers = _layers_field(m.memory_layers, "model.memory_layers", depth)
-        self.aggregation_sizes = tuple(int(r) for r in m.aggregation_sizes)
-        if not self.aggregation_sizes or any(r < 1 or r % 2 == 0 for r in self.aggregation_sizes):
-            raise ValueError(
-                f"configs/af_clip.py: model.aggregation_sizes={self.aggregation_sizes} must be "
-                "positive odd window sizes, e.g. (1, 3, 5)"
-            )
+        self.aggregation_sizes = _aggregation_sizes(m.aggregation_sizes)
         self.aggregation_sigma = float(m.aggregation_sigma)
         self.temperature = float(m.temperature)
         self.smoothing_sigma = float(m.smoothing_sigma)
         self.alpha = float(m.few_shot.alpha)
         self.rescale_few_shot = bool(m.few_shot.rescale)
-        self.loss_config = {k: float(v) for k, v in m.loss.items()}
+        # (name, value) pairs, not a dict: module attributes go into the graphdef, which must be
+        # hashable to be a static argument of jax.jit.
+        self.loss_config = tuple((k, float(v)) for k, v in m.loss.items())
         self.patch_size = vision.patch_size
-
-        image_size = int(config.data.image_size)
-        if image_size % vision.patch_size:
-            raise ValueError(
-                f"configs/af_clip.py: data.image_size={image_size} is not a multiple of the "
-                f"backbone patch size {vision.patch_size}"
-            )
+        _check_image_size(int(config.data.image_size), vision.patch_size)
 
         self.adaptor = trainable(
             AttentionAdaptor(
@@ -358,7 +343,7 @@ class AfClip(AnomalyModel):
         self, outputs: dict[str, jax.Array], batch: dict[str, jax.Array]
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         """``focal(img) + lambda1 (focal(map) + L1(map)) + lambda2 * patch alignment`` (§1.6)."""
-        c = self.loss_config
+        c = dict(self.loss_config)
         grid = outputs["patch_map"].shape[1:]
         targets = self.patch_targets(batch["gt_mask"], grid)
         valid = batch.get("has_mask")

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from types import SimpleNamespace
 from typing import Any
 
 import jax
@@ -47,32 +46,19 @@ from flax import nnx
 
 from zsad_jax import losses, text_cache
 from zsad_jax.layers import resize_bilinear
-from zsad_jax.methods.backbone import build_backbone, build_tokenizer
+from zsad_jax.methods.backbone import TokenizerSource, build_backbone
 from zsad_jax.methods.base import AnomalyModel
-from zsad_jax.nn import Buffer, trainable
+from zsad_jax.nn import Buffer, l2_normalize, resolve_compute_dtype, torch_linear, trainable
 from zsad_jax.prompts import ensemble_sentences
 
 _HERE = "zsad_jax/methods/ava_dino.py"
 _CONFIG = "configs/ava_dino.py"
-COMPUTE_DTYPES = ("float32", "bfloat16")
 # torch.nn.LeakyReLU's default negative slope.
 LEAKY_SLOPE = 0.01
 _HIGHEST = jax.lax.Precision.HIGHEST
 # Names the pooling recipe of ``ensemble_embeddings`` in the text cache key: bump it when the recipe
 # changes, so files written by the old one are not read.
 ENSEMBLE_CACHE_TAG = "ava_dino.prompt_ensemble/1"
-
-
-def torch_linear_kernel_init():
-    """PyTorch's ``nn.Linear`` default weight init, kaiming_uniform(a=sqrt(5)) =
-    U(+-1/sqrt(fan_in)), for an (in, out) Flax kernel."""
-    return nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
-
-
-def l2_normalize(x: jax.Array, axis: int = -1) -> jax.Array:
-    """``torch.nn.functional.normalize`` (eps 1e-12 on the norm), float32."""
-    x = x.astype(jnp.float32)
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=axis, keepdims=True), 1e-12)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -92,14 +78,7 @@ def standardize_tokens(patches: jax.Array, eps: float = 1e-6) -> jax.Array:
 
 
 def _linear(d_in: int, d_out: int, rngs: nnx.Rngs) -> nnx.Linear:
-    return nnx.Linear(
-        d_in,
-        d_out,
-        use_bias=False,
-        kernel_init=torch_linear_kernel_init(),
-        precision=_HIGHEST,
-        rngs=rngs,
-    )
+    return torch_linear(d_in, d_out, use_bias=False, precision=_HIGHEST, rngs=rngs)
 
 
 class BottleneckAdapter(nnx.Module):
@@ -161,6 +140,34 @@ def _layers_field(value: Any, depth: int) -> tuple[int, ...]:
     return layers
 
 
+def _check_config(config) -> None:
+    """What can be refused before either tower is built (or its weights read)."""
+    m = config.model
+    if m.backbone.kind != "dinov3" or m.text_encoder.kind != "clip":
+        raise ValueError(
+            f"{_CONFIG}: model.backbone.kind must be 'dinov3' and model.text_encoder.kind "
+            f"'clip', got {m.backbone.kind!r} / {m.text_encoder.kind!r}"
+        )
+
+
+def _check_image_size(image_size: int, patch_size: int) -> None:
+    if image_size % patch_size:
+        raise ValueError(
+            f"{_CONFIG}: data.image_size={image_size} is not a multiple of the DINOv3 "
+            f"patch size {patch_size} (AVA-DINO uses 512)"
+        )
+
+
+def _loss_weights(loss) -> tuple[tuple[str, float], ...]:
+    """``config.model.loss``'s term weights; ``include_aacm=False`` zeroes the AACM term."""
+    weights = {k: float(loss[k]) for k in ("aacm", "seg", "global", "routing")}
+    if not bool(loss.include_aacm):
+        weights["aacm"] = 0.0
+    # (name, value) pairs, not a dict: module attributes go into the graphdef, which must be
+    # hashable to be a static argument of jax.jit.
+    return tuple(weights.items())
+
+
 class AvaDino(AnomalyModel):
     """AVA-DINO (see the module docstring).
 
@@ -174,16 +181,8 @@ class AvaDino(AnomalyModel):
 
     def __init__(self, config, *, rngs: nnx.Rngs, load_weights: bool = True):
         m = config.model
-        dtype = str(config.compute_dtype)
-        if dtype not in COMPUTE_DTYPES:
-            raise ValueError(
-                f"{_CONFIG}: compute_dtype={dtype!r} is not supported; use one of {COMPUTE_DTYPES}"
-            )
-        if m.backbone.kind != "dinov3" or m.text_encoder.kind != "clip":
-            raise ValueError(
-                f"{_CONFIG}: model.backbone.kind must be 'dinov3' and model.text_encoder.kind "
-                f"'clip', got {m.backbone.kind!r} / {m.text_encoder.kind!r}"
-            )
+        dtype = resolve_compute_dtype(config.compute_dtype)
+        _check_config(config)
         self.backbone = build_backbone(
             m.backbone, rngs=rngs, load_weights=load_weights, dtype=dtype
         )
@@ -197,8 +196,7 @@ class AvaDino(AnomalyModel):
             where="config.model.text_encoder",
             act=m.text_act,
         )
-        # Plain values only (module attributes are static graph data): what build_tokenizer reads.
-        self._tokenizer_source = (m.text_encoder.checkpoint, bool(m.text_encoder.random_init))
+        self._tokenizer_source = TokenizerSource.of(m.text_encoder, "config.model.text_encoder")
         dino = self.backbone.config
         self.layers = _layers_field(m.layers, dino.num_layers)
         self.temperature = float(m.routing_temperature)
@@ -206,19 +204,18 @@ class AvaDino(AnomalyModel):
         self.aacm_scale = float(m.aacm_scale)
         self.patch_std_eps = float(m.patch_std_eps)
         self.interleave = bool(m.text_interleave_quirk)
-        self.loss_weights = {k: float(m.loss[k]) for k in ("aacm", "seg", "global", "routing")}
-        if not bool(m.loss.include_aacm):
-            self.loss_weights["aacm"] = 0.0
+        self.loss_weights = _loss_weights(m.loss)
         self.image_size = int(config.data.image_size)
-        if self.image_size % dino.patch_size:
-            raise ValueError(
-                f"{_CONFIG}: data.image_size={self.image_size} is not a multiple of the DINOv3 "
-                f"patch size {dino.patch_size} (AVA-DINO uses 512)"
-            )
+        _check_image_size(self.image_size, dino.patch_size)
+        text_dim = self.text_encoder.config.output_dim
+        self._build_adapters(m, dino.hidden_size, text_dim, rngs)
+        # (C, 2, E) unit (normal, anomalous) ensemble embeddings per class; set by set_classes.
+        self.class_text = Buffer(jnp.zeros((0, 2, text_dim), jnp.float32))
+        self.class_names: tuple[str, ...] = ()
 
-        width, text_dim = dino.hidden_size, self.text_encoder.config.output_dim
-        bottleneck = int(m.bottleneck)
-        n = len(self.layers)
+    def _build_adapters(self, m, width: int, text_dim: int, rngs: nnx.Rngs) -> None:
+        """The trained state: per-layer visual adapters, prompt adapters, text projection."""
+        bottleneck, n = int(m.bottleneck), len(self.layers)
         self.cls_adapters = trainable(
             nnx.List([DualAdapter(width, bottleneck, rngs=rngs) for _ in range(n)])
         )
@@ -234,21 +231,19 @@ class AvaDino(AnomalyModel):
             )
         )
         self.text_projection = trainable(_linear(text_dim, width, rngs))
-        # (C, 2, E) unit (normal, anomalous) ensemble embeddings per class; set by set_classes.
-        self.class_text = Buffer(jnp.zeros((0, 2, text_dim), jnp.float32))
-        self.class_names: tuple[str, ...] = ()
 
     # ------------------------------------------------------------------------------------------
     # Text side (frozen, once per class).
 
     def tokenize(self, sentences: list[str]) -> np.ndarray:
         """sentences -> (S, context_length) int32 ids with the text tower's tokenizer."""
-        checkpoint, random_init = self._tokenizer_source
-        cfg = SimpleNamespace(checkpoint=checkpoint, random_init=random_init)
-        tokenizer = build_tokenizer(cfg, where="config.model.text_encoder")
+        source = self._tokenizer_source
+        tokenizer = source.build()
         # Random-weight towers use the byte tokenizer (~1 id per character): the longest
         # ensemble sentences then exceed 77 ids. Real BPE ids never do; never truncate them.
-        return tokenizer(sentences, self.text_encoder.config.context_length, truncate=random_init)
+        return tokenizer(
+            sentences, self.text_encoder.config.context_length, truncate=source.random_init
+        )
 
     def class_prompts(self, name: str) -> tuple[np.ndarray, int]:
         """A class's ensemble -> (ids (420, T) of its 245 normal then 175 anomalous sentences,
@@ -261,8 +256,8 @@ class AvaDino(AnomalyModel):
         return ids[:, : min(ids.shape[1], -(-longest // 8) * 8)], len(normal)
 
     def _text_cache_dir(self):
-        checkpoint, random_init = self._tokenizer_source
-        return text_cache.cache_dir(checkpoint, random_init=random_init)
+        source = self._tokenizer_source
+        return text_cache.cache_dir(source.checkpoint, random_init=source.random_init)
 
     def ensemble_embeddings(self, names: Sequence[str]) -> jax.Array:
         """class names -> (C, 2, E) (normal, anomalous): every sentence embedding L2-normalised,
@@ -310,9 +305,10 @@ class AvaDino(AnomalyModel):
         return out
 
     def set_classes(self, names: Sequence[str]) -> None:
-        """Caches the frozen ensemble text of each class (raw folder names, underscores kept, as
-        the official ``image_path.split('/')[-4]``) in ``class_text`` (C, 2, E); see
-        ``ensemble_embeddings`` for the disk cache and the progress bar."""
+        """Caches the frozen ensemble text of each class in ``class_text`` (C, 2, E); see
+        ``ensemble_embeddings`` for the disk cache and the progress bar. ``names`` are the words
+        the prompts use: raw folder names, underscores kept, or, as the official code has for
+        VisA, "Data" for every class (``zsad_jax.methods.text_class_names``)."""
         names = tuple(str(n) for n in names)
         if not names:
             raise ValueError(f"{_HERE}: set_classes needs at least one class name")
@@ -431,7 +427,7 @@ class AvaDino(AnomalyModel):
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         """``w_aacm [focal + dice](AACM) + w_seg [focal + dice](cross-modal) + w_global CE(global)
         + w_routing MSE routing`` (``train.py``; weights 0.25 / 0.5 / 0.25 / 0.1)."""
-        w = self.loss_weights
+        w = dict(self.loss_weights)
         mask = losses.binary_target(batch["gt_mask"])
         valid = batch.get("has_mask")
         labels = batch["gt_label"]

@@ -4,7 +4,7 @@ A config's ``model.backbone`` (see ``configs.common.backbone``) says which::
 
     kind         "clip" | "dinov3"
     checkpoint   a directory written by ``python -m convert.clip`` / ``python -m convert.dinov3``
-    preset       the architecture used when no weights are read (see ``PRESETS``)
+    preset       the architecture used when no weights are read (``zsad_jax.encoders.presets``)
     random_init  True: random weights from ``preset`` (tests and the synthetic demo only)
 
 ``build_backbone(cfg, rngs=..., load_weights=False)`` builds the architecture without reading any
@@ -22,50 +22,8 @@ from typing import Any
 from flax import nnx
 
 from zsad_jax.encoders import checkpoint, clip, dinov3
+from zsad_jax.encoders.presets import PRESETS
 from zsad_jax.encoders.tokenizer import ClipTokenizer, openai_vocab
-
-# Random-init CLIP text towers use the byte-level vocabulary without merges (``byte_tokenizer``):
-# 512 byte symbols + SOS + EOT.
-BYTE_VOCAB_SIZE = 514
-
-
-def _clip_tiny() -> clip.ClipConfig:
-    """``ClipConfig.tiny`` with a text tower that takes byte-tokenised 77-token prompts."""
-    c = clip.ClipConfig.tiny()
-    text = dataclasses.replace(c.text, vocab_size=BYTE_VOCAB_SIZE, context_length=77)
-    return dataclasses.replace(c, text=text)
-
-
-def _clip_small() -> clip.ClipConfig:
-    """A small CLIP for the CPU demo: patch 8 on 128-pixel images (16x16 patches), 6 blocks."""
-    vision = clip.ClipVisionConfig(
-        width=96, layers=6, heads=4, patch_size=8, image_size=128, output_dim=64, mlp_dim=192
-    )
-    text = clip.ClipTextConfig(
-        width=64,
-        layers=2,
-        heads=4,
-        context_length=77,
-        vocab_size=BYTE_VOCAB_SIZE,
-        output_dim=64,
-        mlp_dim=128,
-    )
-    return clip.ClipConfig(vision=vision, text=text)
-
-
-def _dinov3_small() -> dinov3.DinoV3Config:
-    """A small DINOv3 for the CPU demo: patch 8 on 128-pixel images (16x16 patches), 6 blocks."""
-    return dinov3.DinoV3Config(hidden_size=96, num_layers=6, num_heads=4, mlp_dim=192, patch_size=8)
-
-
-PRESETS = {
-    "clip": {
-        "vit_l14_336": clip.ClipConfig.vit_l14_336,
-        "tiny": _clip_tiny,
-        "small": _clip_small,
-    },
-    "dinov3": {**dinov3.PRESETS, "small": _dinov3_small},
-}
 
 
 def _check_kind(cfg: Any, where: str) -> str:
@@ -165,6 +123,25 @@ def byte_tokenizer() -> ClipTokenizer:
     pretrained meaning anyway; prompts tokenise to about one id per character.
     """
     return ClipTokenizer(openai_vocab([]), [], source="<byte-level, no merges>")
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizerSource:
+    """What ``build_tokenizer`` reads of an encoder config block, as a hashable value: a method
+    keeps it as a (graph-static) attribute to rebuild the tokenizer in ``set_classes``. ``kind``
+    and ``where`` are for the missing-weights message."""
+
+    checkpoint: str | None
+    random_init: bool
+    kind: str = "clip"
+    where: str = "config.model.backbone"
+
+    @classmethod
+    def of(cls, cfg: Any, where: str = "config.model.backbone") -> TokenizerSource:
+        return cls(cfg.checkpoint, bool(cfg.random_init), str(cfg.kind), where)
+
+    def build(self) -> ClipTokenizer:
+        return build_tokenizer(self, self.where)
 
 
 def build_tokenizer(cfg: Any, where: str = "config.model.backbone") -> ClipTokenizer:

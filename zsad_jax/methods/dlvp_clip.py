@@ -39,8 +39,6 @@ weights are 1 and 1).
 
 from __future__ import annotations
 
-import math
-import types
 from collections.abc import Sequence
 from typing import Any
 
@@ -55,9 +53,9 @@ from zsad_jax.layers.frequency import sobel_magnitude
 from zsad_jax.layers.haar import haar_dwt2, haar_idwt2
 from zsad_jax.layers.resize import resize_bilinear
 from zsad_jax.layers.smoothing import gaussian_filter
-from zsad_jax.methods.backbone import build_backbone, build_tokenizer
+from zsad_jax.methods.backbone import TokenizerSource, build_backbone
 from zsad_jax.methods.base import AnomalyModel
-from zsad_jax.nn import Buffer, Trainable, trainable
+from zsad_jax.nn import Buffer, Trainable, resolve_compute_dtype, torch_linear, trainable
 from zsad_jax.prompts import OBJECT_AGNOSTIC_PLACEHOLDER, object_agnostic_prompts
 
 _HERE = "zsad_jax/methods/dlvp_clip.py"
@@ -72,18 +70,10 @@ HFD_INITS = ("torch", "zero")
 # Heads
 
 
-def torch_linear(d_in: int, d_out: int, *, rngs: nnx.Rngs) -> nnx.Linear:
-    """A trainable ``nnx.Linear`` initialised like ``torch.nn.Linear`` (weight and bias uniform in
-    +-1/sqrt(d_in)): the authors' heads would be plain ``nn.Linear`` layers."""
-    bound = 1.0 / math.sqrt(d_in)
-
-    def bias_init(key, shape, dtype=jnp.float32):
-        return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-    kernel_init = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
-    return trainable(
-        nnx.Linear(d_in, d_out, kernel_init=kernel_init, bias_init=bias_init, rngs=rngs)
-    )
+def _head(d_in: int, d_out: int, rngs: nnx.Rngs) -> nnx.Linear:
+    """A trained ``nn.Linear`` with PyTorch's default init: the authors' heads would be plain
+    ``nn.Linear`` layers."""
+    return trainable(torch_linear(d_in, d_out, rngs=rngs))
 
 
 def _zero(linear: nnx.Linear) -> None:
@@ -104,9 +94,9 @@ class HighLowFrequencyDecomposition(nnx.Module):
         if init not in HFD_INITS:
             raise ValueError(f"config.model.hfd_init={init!r}: use one of {list(HFD_INITS)}")
         self.kind = kind
-        self.spatial = torch_linear(width, width, rngs=rngs)  # F_v
-        self.low = torch_linear(width, width, rngs=rngs)
-        self.high = torch_linear(width, width, rngs=rngs)  # shared by the three detail bands
+        self.spatial = _head(width, width, rngs)  # F_v
+        self.low = _head(width, width, rngs)
+        self.high = _head(width, width, rngs)  # shared by the three detail bands
         if init == "zero":
             _zero(self.low)
             _zero(self.high)
@@ -155,14 +145,57 @@ def _dpam_block(block, x: jax.Array, original: jax.Array) -> tuple[jax.Array, ja
     return x + value_value, original
 
 
-def _check_layer(field: str, value: int, depth: int) -> int:
+def _check_layer(field: str, value: int, depth: int) -> None:
     value = int(value)
     if not 1 <= value <= depth:
         raise ValueError(
             f"config.model.{field}={value} is not a block of this {depth}-block CLIP (1..{depth}); "
             "the tiny preset has 3 blocks"
         )
-    return value
+
+
+def _check_range(field: str, value: int, low: int, high: int, why: str = "") -> None:
+    if not low <= value <= high:
+        raise ValueError(f"config.model.{field}={value} must be in {low}..{high}{why}")
+
+
+def _local_prompts(m) -> int:
+    """M; configs written before M was its own field had M = K."""
+    return int(m.get("local_prompts", m.top_k))
+
+
+def _check_config(m, depth: int, text_depth: int) -> None:
+    """Refuses a ``config.model`` this CLIP (``depth`` vision, ``text_depth`` text blocks) cannot
+    run, naming the field; checked before any head is built."""
+    for i in m.layers:
+        _check_layer("layers", i, depth)
+    top_k, local_prompts = int(m.top_k), _local_prompts(m)
+    if top_k < 1 or local_prompts < 1:
+        raise ValueError(
+            f"config.model.top_k={top_k} and config.model.local_prompts={local_prompts} must both "
+            "be >= 1"
+        )
+    _check_layer("slfs_attn_layer", m.slfs_attn_layer, depth)
+    _check_layer("slfs_feature_layer", m.slfs_feature_layer, depth)
+    _check_range("visual_fixed_depth", int(m.visual_fixed_depth), 0, depth)
+    dpam_note = " (AnomalyCLIP's DPAM_layer: 1 = no DPAM, 20 = blocks 6..24 of 24)"
+    _check_range("dpam_layers", int(m.dpam_layers), 1, depth + 1, dpam_note)
+    n_ctx, text_prompt_len = int(m.n_ctx), int(m.text_prompt_len)
+    _check_range("prompt_depth", int(m.prompt_depth), 1, text_depth)
+    if not 0 < text_prompt_len <= n_ctx:
+        raise ValueError(
+            f"config.model.text_prompt_len={text_prompt_len} must be in 1..n_ctx ({n_ctx}): deep "
+            "prompts replace the first context tokens"
+        )
+    if bool(m.use_mlop) and text_prompt_len != local_prompts:
+        raise ValueError(
+            f"config.model.text_prompt_len={text_prompt_len} must equal local_prompts="
+            f"{local_prompts} with use_mlop: the text prompts are F_theta(P') + E_j"
+        )
+    if str(m.hfd_space) not in HFD_SPACES:
+        raise ValueError(
+            f"config.model.hfd_space={str(m.hfd_space)!r}: use one of {list(HFD_SPACES)}"
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -180,111 +213,82 @@ class DlvpClip(AnomalyModel):
             load_weights=load_weights,
             act=m.act,
             pos_resize=m.pos_resize,
-            dtype=config.compute_dtype,
+            dtype=resolve_compute_dtype(config.compute_dtype),
         )
         vcfg, tcfg = self.clip.vision.config, self.clip.text.config
-        depth = vcfg.layers
-        self.layers = tuple(_check_layer("layers", i, depth) for i in m.layers)
+        _check_config(m, vcfg.layers, tcfg.layers)
+        self._set_options(m, vcfg.layers)
+        self.cls_weight = float(config.loss.cls_weight)
+        self.seg_weight = float(config.loss.seg_weight)
+        self._build_prompts(tcfg.width, rngs)
+        self._build_heads(m, vcfg.width, tcfg.width, vcfg.output_dim, rngs)
+        # What set_classes rebuilds the tokenizer from (hashable: graph-static).
+        self._tokenizer_source = TokenizerSource.of(m.backbone)
+        self.prompt_ids = Buffer(jnp.zeros((2, tcfg.context_length), jnp.int32))
+        if load_weights:
+            self.set_classes(())
+
+    def _set_options(self, m, depth: int) -> None:
+        """The checked ``config.model`` values the forward reads (graph-static attributes)."""
+        self.layers = tuple(int(i) for i in m.layers)
         self.remat = bool(m.get("remat", False))
         self.use_slfs = bool(m.use_slfs)
         self.use_mlop = bool(m.use_mlop)
         self.use_hfd = bool(m.use_hfd)
         self.top_k = int(m.top_k)
-        # M; configs written before M was its own field had M = K.
-        self.local_prompts = int(m.get("local_prompts", m.top_k))
-        if self.top_k < 1 or self.local_prompts < 1:
-            raise ValueError(
-                f"config.model.top_k={self.top_k} and config.model.local_prompts="
-                f"{self.local_prompts} must both be >= 1"
-            )
-        self.slfs_attn_layer = _check_layer("slfs_attn_layer", m.slfs_attn_layer, depth)
-        self.slfs_feature_layer = _check_layer("slfs_feature_layer", m.slfs_feature_layer, depth)
+        self.local_prompts = _local_prompts(m)
+        self.slfs_attn_layer = int(m.slfs_attn_layer)
+        self.slfs_feature_layer = int(m.slfs_feature_layer)
         self.slfs_ln_post = bool(m.slfs_ln_post)
         self.visual_fixed_depth = int(m.visual_fixed_depth)
-        if not 0 <= self.visual_fixed_depth <= depth:
-            raise ValueError(
-                f"config.model.visual_fixed_depth={self.visual_fixed_depth} must be in 0..{depth}"
-            )
         self.dpam_layers = int(m.dpam_layers)
-        if not 1 <= self.dpam_layers <= depth + 1:
-            raise ValueError(
-                f"config.model.dpam_layers={self.dpam_layers} must be in 1..{depth + 1} "
-                "(AnomalyCLIP's DPAM_layer: 1 = no DPAM, 20 = blocks 6..24 of 24)"
-            )
         self.dpam_start = depth - self.dpam_layers + 2  # first DPAM block, 1-indexed
         self.n_ctx = int(m.n_ctx)
         self.text_prompt_len = int(m.text_prompt_len)
         self.prompt_depth = int(m.prompt_depth)
-        if not 1 <= self.prompt_depth <= tcfg.layers:
-            raise ValueError(
-                f"config.model.prompt_depth={self.prompt_depth} must be in 1..{tcfg.layers}"
-            )
-        if not 0 < self.text_prompt_len <= self.n_ctx:
-            raise ValueError(
-                f"config.model.text_prompt_len={self.text_prompt_len} must be in 1..n_ctx "
-                f"({self.n_ctx}): deep prompts replace the first context tokens"
-            )
-        if self.use_mlop and self.text_prompt_len != self.local_prompts:
-            raise ValueError(
-                f"config.model.text_prompt_len={self.text_prompt_len} must equal local_prompts="
-                f"{self.local_prompts} with use_mlop: the text prompts are F_theta(P') + E_j"
-            )
         self.temperature = float(m.temperature)
         self.sigma = float(m.sigma)
         self.global_ln_post = bool(m.global_ln_post)
         self.local_image_branch = bool(m.local_image_branch)
         self.hfd_space = str(m.hfd_space)
-        if self.hfd_space not in HFD_SPACES:
-            raise ValueError(
-                f"config.model.hfd_space={self.hfd_space!r}: use one of {list(HFD_SPACES)}"
-            )
-        loss_cfg = config.loss
-        self.cls_weight = float(loss_cfg.cls_weight)
-        self.seg_weight = float(loss_cfg.seg_weight)
 
-        width, text_width, embed = vcfg.width, tcfg.width, vcfg.output_dim
-        # AnomalyCLIP_PromptLearner: ctx vectors and compound prompts ~ N(0, 0.02).
+    def _build_prompts(self, text_width: int, rngs: nnx.Rngs) -> None:
+        """AnomalyCLIP_PromptLearner's ctx vectors and compound prompts E_j, ~ N(0, 0.02)."""
         normal = nnx.initializers.normal(0.02)
         self.ctx_normal = Trainable(normal(rngs.params(), (self.n_ctx, text_width)))
         self.ctx_abnormal = Trainable(normal(rngs.params(), (self.n_ctx, text_width)))
         self.text_deep_prompts = Trainable(  # E_j, j = 2..prompt_depth
             normal(rngs.params(), (self.prompt_depth - 1, self.text_prompt_len, text_width))
         )
-        self.visual_prompt_proj = (
-            torch_linear(width, width, rngs=rngs) if self.visual_prompts_on else None
-        )
+
+    def _build_heads(self, m, width: int, text_width: int, embed: int, rngs: nnx.Rngs) -> None:
+        """The trained heads; one a variant does not use is ``None`` (no parameters)."""
+        self.visual_prompt_proj = _head(width, width, rngs) if self.visual_prompts_on else None
         # K selected patches -> M prompt tokens, only where they differ (the Top-K ablation).
         self.prompt_token_proj = (
-            torch_linear(self.top_k, self.local_prompts, rngs=rngs)
+            _head(self.top_k, self.local_prompts, rngs)
             if self.use_slfs and self.top_k != self.local_prompts
             else None
         )
         self.text_prompt_proj = (  # F_theta
-            torch_linear(width, text_width, rngs=rngs) if self.use_mlop else None
+            _head(width, text_width, rngs) if self.use_mlop else None
         )
-        hfd_width = embed if self.hfd_space == "projected" else width
-        self.hfd = (
-            nnx.List(
-                [
-                    HighLowFrequencyDecomposition(
-                        hfd_width, kind=m.hfd_kind, init=str(m.get("hfd_init", "torch")), rngs=rngs
-                    )
-                    for _ in self.layers
-                ]
-            )
-            if self.use_hfd
-            else None
-        )
+        self.hfd = self._build_hfd(m, embed if self.hfd_space == "projected" else width, rngs)
         self.local_compress = (
-            torch_linear(len(self.layers) * embed, embed, rngs=rngs)
-            if self.local_image_branch
-            else None
+            _head(len(self.layers) * embed, embed, rngs) if self.local_image_branch else None
         )
-        # Plain (hashable, graph-static) values from which set_classes rebuilds the tokenizer.
-        self._tokenizer_source = (bool(m.backbone.random_init), m.backbone.checkpoint)
-        self.prompt_ids = Buffer(jnp.zeros((2, tcfg.context_length), jnp.int32))
-        if load_weights:
-            self.set_classes(())
+
+    def _build_hfd(self, m, width: int, rngs: nnx.Rngs) -> nnx.List | None:
+        """One HFD per tapped layer (``use_hfd``)."""
+        if not self.use_hfd:
+            return None
+        init = str(m.get("hfd_init", "torch"))
+        return nnx.List(
+            [
+                HighLowFrequencyDecomposition(width, kind=m.hfd_kind, init=init, rngs=rngs)
+                for _ in self.layers
+            ]
+        )
 
     @property
     def visual_prompts_on(self) -> bool:
@@ -298,10 +302,7 @@ class DlvpClip(AnomalyModel):
         """Tokenises the two object-agnostic prompts; class names are not used (AnomalyCLIP's
         prompts say "object" for every category)."""
         del names
-        random_init, checkpoint = self._tokenizer_source
-        tokenizer = build_tokenizer(
-            types.SimpleNamespace(random_init=random_init, checkpoint=checkpoint)
-        )
+        tokenizer = self._tokenizer_source.build()
         texts = object_agnostic_prompts(self.n_ctx)
         ids = tokenizer(list(texts), self.clip.text.config.context_length)
         placeholder = tokenizer.encode(OBJECT_AGNOSTIC_PLACEHOLDER)

@@ -33,14 +33,17 @@ import json
 import math
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 
+from zsad_jax import metrics
 from zsad_jax.data import (
     procedural,
     procedural_scenes,
@@ -52,6 +55,9 @@ from zsad_jax.data.procedural_defects import sample
 from zsad_jax.data.synthetic_defects import _blob_sdf
 from zsad_jax.data.synthetic_scenes import coverage
 from zsad_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from zsad_jax.encoders import checkpoint, dinov3
+from zsad_jax.methods.ava_dino import standardize_tokens
+from zsad_jax.nn import TORCH_DEFAULT_KERNEL_INIT, l2_normalize
 
 DEFAULTS = {
     "seed": 0,
@@ -208,7 +214,7 @@ class PatchProbe(nnx.Module):
     direction", which is what a pasted blob first looks like; this one can."""
 
     def __init__(self, d: int, rngs: nnx.Rngs, bottleneck: int = 64):
-        init = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+        init = TORCH_DEFAULT_KERNEL_INIT
         self.fc1 = nnx.Linear(d, bottleneck, use_bias=False, kernel_init=init, rngs=rngs)
         self.fc2 = nnx.Linear(bottleneck, d, use_bias=False, kernel_init=init, rngs=rngs)
         self.direction = nnx.Param(nnx.initializers.normal(0.01)(rngs.params(), (d,)))
@@ -217,14 +223,11 @@ class PatchProbe(nnx.Module):
     def __call__(self, z: jax.Array) -> jax.Array:
         """(B, N, D) standardised tokens -> (B, N) logits."""
         y = jax.nn.leaky_relu(self.fc2(jax.nn.leaky_relu(self.fc1(z), 0.01)), 0.01)
-        v = z + y
-        v = v / jnp.maximum(jnp.linalg.norm(v, axis=-1, keepdims=True), 1e-12)
+        v = l2_normalize(z + y)
         return PROBE_SCALE * (v @ self.direction[...]) + self.bias[...]
 
 
 def dinov3_config(opts: dict):
-    from zsad_jax.encoders import dinov3
-
     return dinov3.DinoV3Config(
         hidden_size=int(opts["hidden_size"]),
         num_layers=int(opts["num_layers"]),
@@ -240,11 +243,6 @@ def _layers(opts: dict) -> tuple[int, ...]:
 
 def build(opts: dict):
     """(backbone, probes) with weights from ``opts["seed"]``."""
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from zsad_jax.encoders import dinov3
-
     rngs = nnx.Rngs(int(opts["seed"]))
     cfg = dinov3_config(opts)
     backbone = dinov3.DinoV3(cfg, rngs=rngs)
@@ -274,10 +272,6 @@ def build(opts: dict):
 
 def forward(backbone, probes, images, layers: Sequence[int]):
     """-> patch logits per layer (L, B, N), image logits (L, B), reconstruction (B, N, p*p*3)."""
-    import jax.numpy as jnp
-
-    from zsad_jax.methods.ava_dino import standardize_tokens
-
     _, aux = backbone(images, layers=layers)
     prefix = backbone.num_prefix_tokens
     patch_logits, image_logits = [], []
@@ -292,17 +286,12 @@ def forward(backbone, probes, images, layers: Sequence[int]):
 
 
 def _patchify(images, p: int):
-    import jax.numpy as jnp
-
     b, h, w, c = images.shape
     x = images.reshape(b, h // p, p, w // p, p, c)
     return jnp.transpose(x, (0, 1, 3, 2, 4, 5)).reshape(b, (h // p) * (w // p), p * p * c)
 
 
 def losses(backbone, probes, batch, opts: dict):
-    import jax.numpy as jnp
-    import optax
-
     images, clean, targets, labels = batch
     layers = _layers(opts)
     patch_logits, image_logits, recon = forward(backbone, probes, images, layers)
@@ -323,10 +312,6 @@ def validation_set(opts: dict, pool_val: np.ndarray):
 
 def evaluate_val(backbone, probes, val, opts: dict, batch: int = 32) -> dict[str, float]:
     """Patch and image AUROC of the last tapped block's probes, and the mean loss, on ``val``."""
-    import jax
-
-    from zsad_jax import metrics
-
     layers = _layers(opts)
     fwd = jax.jit(lambda x: forward(backbone, probes, x, layers)[:2])
     loss_fn = jax.jit(lambda b: losses(backbone, probes, b, opts)[0])
@@ -349,10 +334,6 @@ def evaluate_val(backbone, probes, val, opts: dict, batch: int = 32) -> dict[str
 
 def pretrain(opts: dict, *, log=print) -> tuple[object, dict]:
     """Runs the pretraining of ``opts`` (``DEFAULTS`` keys); returns (backbone, record)."""
-    import jax
-    import optax
-    from flax import nnx
-
     start = time.time()
     opts = {**DEFAULTS, **opts}
     size, seed = int(opts["image_size"]), int(opts["seed"])
@@ -433,10 +414,6 @@ def pretrain(opts: dict, *, log=print) -> tuple[object, dict]:
 
 def save(backbone, out: str, record: dict, command: str) -> str:
     """Writes ``out`` as a converted dinov3 checkpoint plus ``pretrain.json``."""
-    import tempfile
-
-    from zsad_jax.encoders import checkpoint
-
     record = {**record, "command": command}
     with tempfile.TemporaryDirectory() as tmp:
         side = os.path.join(tmp, "pretrain.json")

@@ -1,8 +1,10 @@
-"""ACD-CLIP's low-rank adapters and their blend into a frozen residual stream (methods.md §3.3-3.5).
+"""ACD-CLIP's trainable heads: low-rank adapters, their blend into the frozen residual stream
+(methods.md §3.3-3.5) and the Dynamic Fusion Gateway (§3.6).
 
 Official code: cockmake/ACD-CLIP @2026067 ``model/adapter_modules.py`` (``ConvLoraBlock``,
 ``ConvLoraAdapter``, ``TextLoraAdapter``) and ``model/adapter.py`` (``AddWeight``, the norm matching
-in ``ACDCLIP.forward`` / ``encode_text``). Written from the description there, channels-last.
+in ``ACDCLIP.forward`` / ``encode_text``, ``ACDCLIP.vision_text_fusion_gate_seg``). Written from the
+description there, channels-last.
 
 * ``ConvLoraAdapter`` (vision): per kernel size k (3 and 5), tokens (B, h*w, C) -> ``@ A`` (C, r)
   -> grid (B, h, w, r) -> k x k conv r -> conv_r -> k x k conv conv_r -> r, times
@@ -19,6 +21,12 @@ Initialisation follows PyTorch exactly, including one quirk: the LoRA ``A`` matr
 r``, so ``A ~ U(+-sqrt(6 / r))`` (not ``sqrt(6 / c_in)``). ``B ~ N(0, 0.02)`` (not zero), the k x k
 convs ``kaiming_uniform_(a=0)`` (``U(+-sqrt(6 / (in * k * k)))``), the 1 x 1 fusion conv torch's
 default ``U(+-1 / sqrt(in))``.
+
+``DynamicFusionGateway``: for vision group g, the mean over patches of its (normalised)
+segmentation tokens goes through ``Linear(E -> hidden) -> GELU (exact) -> Linear(hidden -> 2 N)``;
+the 2 N outputs are read as (N, 2) (output ``2 j + c`` = group j, state c) and softmax-ed over the
+N groups, separately for the normal (c = 0) and abnormal (c = 1) columns. The fused text of group
+g is then ``sum_j gate[j, c] * T_j[:, c]`` (not re-normalised).
 """
 
 from __future__ import annotations
@@ -29,37 +37,19 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-_HERE = "zsad_jax/layers/conv_lora.py"
+from zsad_jax.nn import TORCH_DEFAULT_KERNEL_INIT, torch_linear, uniform_init
 
-
-def _uniform(bound: float):
-    def init(key, shape, dtype=jnp.float32):
-        return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-    return init
+_HERE = "zsad_jax/methods/acd_heads.py"
 
 
 def lora_a_init(rank: int):
     """torch ``kaiming_uniform_`` on a raw (c_in, rank) tensor: fan_in = rank, U(+-sqrt(6/rank))."""
-    return _uniform((6.0 / rank) ** 0.5)
+    return uniform_init((6.0 / rank) ** 0.5)
 
 
 # kaiming_uniform_(a=0) on a conv weight: bound sqrt(6 / fan_in), fan_in = in * k * k (the JAX
 # kernel (k, k, in, out) gives the same fan_in).
 KAIMING_UNIFORM = nnx.initializers.variance_scaling(2.0, "fan_in", "uniform")
-# torch's default Conv2d / Linear weight init, kaiming_uniform_(a=sqrt(5)): bound 1 / sqrt(fan_in).
-TORCH_DEFAULT_WEIGHT = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
-
-
-def torch_linear(d_in: int, d_out: int, *, rngs: nnx.Rngs) -> nnx.Linear:
-    """``nn.Linear(d_in, d_out)`` with PyTorch's default init: weight and bias U(+-1/sqrt(d_in))."""
-    return nnx.Linear(
-        d_in,
-        d_out,
-        kernel_init=TORCH_DEFAULT_WEIGHT,
-        bias_init=_uniform(d_in**-0.5),
-        rngs=rngs,
-    )
 
 
 def norm_match(adapted: jax.Array, tokens: jax.Array) -> jax.Array:
@@ -183,7 +173,7 @@ class ConvLoraAdapter(nnx.Module):
             len(kernel_sizes) * c_out,
             c_out,
             use_bias=False,
-            kernel_init=TORCH_DEFAULT_WEIGHT,
+            kernel_init=TORCH_DEFAULT_KERNEL_INIT,
             rngs=rngs,
         )
 
@@ -196,3 +186,26 @@ class ConvLoraAdapter(nnx.Module):
             )
         branches = [block(tokens, grid) for block in self.blocks]
         return self.fusion_conv(jnp.concatenate(branches, axis=-1))
+
+
+class DynamicFusionGateway(nnx.Module):
+    """Per-image weights over the N text groups, for one vision group."""
+
+    def __init__(self, width: int, n_groups: int, *, hidden: int = 256, rngs: nnx.Rngs):
+        self.n_groups = n_groups
+        self.fc1 = torch_linear(width, hidden, rngs=rngs)
+        self.fc2 = torch_linear(hidden, 2 * n_groups, rngs=rngs)
+
+    def weights(self, tokens: jax.Array) -> jax.Array:
+        """tokens (B, P, E) -> gate (B, N, 2) float32, each column summing to 1 over N."""
+        pooled = jnp.mean(tokens.astype(jnp.float32), axis=1)
+        logits = self.fc2(jax.nn.gelu(self.fc1(pooled), approximate=False))
+        logits = logits.reshape(logits.shape[0], self.n_groups, 2)
+        return jax.nn.softmax(logits, axis=1)
+
+    def __call__(self, tokens: jax.Array, text: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """tokens (B, P, E), text (N, B, E, 2) per-group state embeddings -> (fused text (B, E, 2),
+        gate (B, N, 2))."""
+        gate = self.weights(tokens)
+        fused = jnp.einsum("nbec,bnc->bec", text.astype(jnp.float32), gate)
+        return fused, gate

@@ -1,8 +1,6 @@
-"""Training-free baselines and the held-out transfer report of the demo.
-
-Two baselines that learn nothing, scored by ``zsad_jax.evaluate.evaluate`` exactly as a trained
-model is (same transform, resolution, metrics, per-category means), so their numbers sit beside a
-model's on the same images:
+"""Two training-free baselines as ``AnomalyModel``s, scored by ``zsad_jax.evaluate.evaluate``
+exactly as a trained model is (same transform, resolution, metrics, per-category means), so their
+numbers sit beside a model's on the same images:
 
 ``colour_median``        distance of each pixel's colour (the normalised input) to the image's
                          per-channel median colour; image score = the map's maximum.
@@ -14,17 +12,11 @@ model's on the same images:
 
 ``backbone_token_median`` is the second with the config's own backbone (e.g. a pretrained one):
 what the frozen features give before any head is trained (not training-free when the backbone
-was pretrained; reported for reference).
-
-``transfer_report(model, config)`` evaluates ``model`` and the baselines on every held-out set of
-the config: ``config.data.test_set`` plus ``config.eval.extra_test_sets`` (comma-separated dataset
-names, each read from ``data/<name>`` with all its categories) and returns, per set, the model's
-and each baseline's mean metrics.
+was pretrained; reported for reference). ``zsad_jax.transfer`` reports them beside a model.
 """
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from typing import Any
 
@@ -34,11 +26,11 @@ import ml_collections
 from flax import nnx
 
 from zsad_jax.layers import resize_bilinear
+from zsad_jax.methods.backbone import build_backbone
 from zsad_jax.methods.base import AnomalyModel
 
 BASELINES = ("colour_median", "random_token_median", "backbone_token_median")
 TRAINING_FREE = ("colour_median", "random_token_median")
-REPORTED = ("image_AUROC", "pixel_AUROC", "pixel_AP", "pixel_AUPRO")
 
 
 def _bounded(d: jax.Array) -> jax.Array:
@@ -83,18 +75,14 @@ class TokenMedianDistance(AnomalyModel):
 
 def random_backbone_config(config: Any) -> ml_collections.ConfigDict:
     """The demo's random frozen encoder: DINOv3 ``small`` preset with random weights."""
-    from configs.common import backbone
-
-    cfg = backbone("dinov3", None, "small")
-    cfg.random_init = True
-    return cfg
+    return ml_collections.ConfigDict(
+        {"kind": "dinov3", "checkpoint": None, "preset": "small", "random_init": True}
+    )
 
 
 def build_baseline(name: str, config: Any) -> AnomalyModel:
     """One of ``BASELINES`` for ``config`` (its layers, seed and, for ``backbone_token_median``,
     its backbone)."""
-    from zsad_jax.methods.backbone import build_backbone
-
     if name == "colour_median":
         return ColourMedianDistance()
     if name == "random_token_median":
@@ -107,55 +95,3 @@ def build_baseline(name: str, config: Any) -> AnomalyModel:
         encoder = build_backbone(config.model.backbone, rngs=nnx.Rngs(int(config.seed)))
         return TokenMedianDistance(encoder, config.model.layers)
     raise ValueError(f"unknown baseline {name!r}; known: {list(BASELINES)}")
-
-
-def heldout_configs(config: Any) -> dict[str, Any]:
-    """{name: config} for ``config.data.test_set`` and each of ``config.eval.extra_test_sets``."""
-    from configs.common import DATA_ROOTS
-
-    out = {str(config.data.test_set): config}
-    extra = str(config.eval.get("extra_test_sets", "") or "")
-    for name in filter(None, (n.strip() for n in extra.split(","))):
-        c = copy.deepcopy(config)
-        c.data.test_set = name
-        c.data.test_root = DATA_ROOTS.get(name, f"data/{name}")
-        c.data.test_categories = ()
-        out[name] = c
-    return out
-
-
-def _means(result: dict) -> dict[str, float]:
-    return {k: float(result[k]) for k in REPORTED if k in result}
-
-
-def transfer_report(
-    model: AnomalyModel | None,
-    config: Any,
-    *,
-    baselines: Sequence[str] | None = None,
-    main: dict | None = None,
-    progress: bool = False,
-) -> dict[str, dict[str, dict[str, float]]]:
-    """``{set name: {"model": means, baseline: means, ...}}`` over the config's held-out sets.
-
-    ``baselines`` default: ``config.eval.baselines`` (comma-separated) or ``TRAINING_FREE``.
-    ``model`` None reports the baselines only. ``main``: the model's ``evaluate`` result on
-    ``config.data.test_set`` when the caller has it already (not evaluated again).
-    """
-    from zsad_jax import evaluate as evaluate_lib
-
-    if baselines is None:
-        text = str(config.eval.get("baselines", "") or "")
-        baselines = [b.strip() for b in text.split(",") if b.strip()] or list(TRAINING_FREE)
-    built = {name: build_baseline(name, config) for name in baselines}
-    report: dict[str, dict[str, dict[str, float]]] = {}
-    for set_name, c in heldout_configs(config).items():
-        row: dict[str, dict[str, float]] = {}
-        if main is not None and c is config:
-            row["model"] = _means(main)
-        elif model is not None:
-            row["model"] = _means(evaluate_lib.evaluate(model, c, num_vis=0, progress=progress))
-        for name, baseline in built.items():
-            row[name] = _means(evaluate_lib.evaluate(baseline, c, num_vis=0, progress=progress))
-        report[set_name] = row
-    return report
