@@ -2,7 +2,7 @@
 
     python bench/train_step.py                          # every configs/<method>.py, variant "tiny"
     python bench/train_step.py --configs=configs/af_clip.py --variant=tiny --batch=8 --steps=5
-    python bench/train_step.py --configs=tests/test_train.py --variant=     # the tests' toy
+    PYTHONPATH=tests python bench/train_step.py --configs=tests/toys.py --variant=loop  # loop toy
 
 For each config the step is the one ``python -m zsad_jax.train`` runs (``zsad_jax.train``'s jitted
 step over the split model, optimiser of the config), fed a random batch of ``--batch`` images at the

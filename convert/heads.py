@@ -60,9 +60,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from flax import nnx
 
 from convert.common import NameTable, apply_name_table, flatten_nested
 from convert.torchscript import SavedModule, read_saved
+from zsad_jax import checkpoint as ckpt_lib
+from zsad_jax import cli, methods
+from zsad_jax.encoders import checkpoint as encoder_checkpoint
+from zsad_jax.nn import Trainable
 
 METHODS = ("af_clip", "ava_dino", "acd_clip")
 OFFICIAL_CODE = {
@@ -388,12 +393,6 @@ def convert_state(
 def trainable_template(config: Any) -> dict[str, tuple[tuple[int, ...], Any]]:
     """``{Trainable path: (shape, dtype)}`` of ``config``'s model, built abstractly (no weights
     read: the encoder architecture comes from its converted ``config.json`` or the preset)."""
-    from flax import nnx
-
-    from zsad_jax import checkpoint as ckpt_lib
-    from zsad_jax import methods
-    from zsad_jax.nn import Trainable
-
     model = nnx.eval_shape(lambda: methods.build(config, load_weights=False))
     flat = ckpt_lib.flat_arrays(nnx.state(model, Trainable))
     return {k: (tuple(v.shape), np.dtype(v.dtype)) for k, v in flat.items()}
@@ -504,7 +503,6 @@ def write_checkpoint(
     """Writes ``params`` as step ``step`` of the training workdir ``out`` (TrainCheckpointer, the
     format ``zsad_jax.checkpoint.load_for_inference`` reads) and ``out/conversion.json``; returns
     the step folder. Refuses a workdir that already holds checkpoints."""
-    from zsad_jax import checkpoint as ckpt_lib
 
     out = Path(out)
     folder = out / ckpt_lib.CHECKPOINT_SUBDIR
@@ -577,8 +575,6 @@ ENCODER_FLAGS = {
 def build_config(method: str, config_file: str | None, overrides, encoders: dict[str, str | None]):
     """The config to store: ``config_file`` (default ``configs/<method>.py``) with the overrides
     and the encoder paths (``--backbone`` = ``--config.model.backbone.checkpoint=...``)."""
-    from zsad_jax import cli
-
     spec = config_file or default_config_file(method)
     _siblings_importable(spec)
     overrides = list(overrides)
@@ -592,8 +588,6 @@ def build_config(method: str, config_file: str | None, overrides, encoders: dict
 def encoder_notes(method: str, config: Any) -> list[str]:
     """A note per encoder whose converted weights are not there yet (the heads were checked
     against its preset architecture)."""
-    from zsad_jax.encoders import checkpoint as encoder_checkpoint
-
     notes = []
     for flag, field in ENCODER_FLAGS[method].items():
         cfg = config.model[field.split(".")[1]]
@@ -672,8 +666,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from zsad_jax import cli
-
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         rest, overrides = cli.split_overrides(argv)

@@ -8,10 +8,10 @@ r"""Train a config (or load a checkpoint) and report zero-shot transfer on every
 What ``zsad_jax.train`` does, with the evaluation at the end replaced by
 ``zsad_jax.transfer.transfer_report``: the model and the training-free baselines on
 ``config.data.test_set`` and on each of ``--extra`` (default: the config's
-``eval.extra_test_sets``, else ``synthetic_novel``), plus ``--val`` sets (validation sets of the
-*training* side, e.g. ``synthetic_aux`` categories, for choices that must not look at held-out
-data). The last line printed is JSON: ``steps``, ``seconds``, ``train_seconds`` and ``report``
-({set: {"model"|baseline: {metric: value}}}).
+``eval.extra_test_sets``, else ``synthetic_novel``). The last line printed is JSON: ``steps``,
+``seconds``, ``train_seconds`` and ``report`` ({set: {"model"|baseline: {metric: value}}}).
+``zsad_jax.train`` itself reports the same under ``transfer`` when the config names
+``eval.extra_test_sets`` or ``eval.baselines`` (configs/demo.py does).
 """
 
 from __future__ import annotations
