@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 from flax import nnx
 from PIL import Image
-from toys import CATEGORIES, ToyDetector, toy_config, toy_numpy_forward
+from toys import CATEGORIES, ToyDetector, toy_config, toy_numpy_forward, trained_toy_config
 
 from zsad_jax import checkpoint as ckpt_lib
 from zsad_jax import evaluate as eval_lib
@@ -57,13 +57,7 @@ def bilinear_upsample(x: np.ndarray, height: int, width: int) -> np.ndarray:
 def toy_run(tmp_path_factory) -> Path:
     """A placeholder training run (2 steps), with an image threshold stored in its checkpoint."""
     workdir = tmp_path_factory.mktemp("toy_run")
-    config = toy_config()
-    config.model.random_init = False
-    config.data.train_set = "toys:toy_train_data"
-    config.data.batch_size = 8
-    config.optim.steps = 2
-    config.optim.lr = 0.1
-    config.ckpt.every_steps = 0
+    config = trained_toy_config()
     model = ToyDetector(config, rngs=nnx.Rngs(config.seed))
     train_lib.train(config, workdir, model=model, evaluator=None, progress=False)
     ckpt_lib.save_threshold(workdir, THRESHOLD)

@@ -134,22 +134,28 @@ def toy_train_data(config):
     )
 
 
+def trained_toy_config(root: str | None = None) -> ml_collections.ConfigDict:
+    """The placeholder trained for 2 steps (lr 0.1, batch 8) on ``toy_train_data``."""
+    config = toy_config(root)
+    config.model.random_init = False
+    config.data.train_set = "toys:toy_train_data"
+    config.data.batch_size = 8
+    config.optim.steps = 2
+    config.optim.lr = 0.1
+    config.ckpt.every_steps = 0
+    return config
+
+
 def detector_command_config(kind: str, bench: str) -> ml_collections.ConfigDict:
     """``train``: the placeholder trained 2 steps, then evaluated on ``bench`` (final held-out
     evaluation); ``slow``: the random-init slow placeholder for evaluation."""
-    config = toy_config(bench)
     if kind == "train":
-        config.model.random_init = False
-        config.data.train_set = "toys:toy_train_data"
-        config.data.batch_size = 8
-        config.optim.steps = 2
-        config.optim.lr = 0.1
-        config.ckpt.every_steps = 0
-    elif kind == "slow":
-        config.method = "toys:SlowToyDetector"
-        config.model.sleep_s = 0.0
-    else:
+        return trained_toy_config(bench)
+    if kind != "slow":
         raise ValueError(f"get_config: unknown kind {kind!r} (loop, train, slow)")
+    config = toy_config(bench)
+    config.method = "toys:SlowToyDetector"
+    config.model.sleep_s = 0.0
     return config
 
 

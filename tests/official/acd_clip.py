@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from official import to_torch as _t
+from official import torch_layer_norm as _ln
+from official import torch_linear as _linear
 from zsad_jax.methods import backbone as backbone_lib
 from zsad_jax.prompts import acd_clip_sentences
 
@@ -34,21 +36,6 @@ class TorchBlock(torch.nn.Module):
         h = self.ln_1(x)
         x = x + self.attn(h, h, h, need_weights=False, attn_mask=mask)[0]
         return x + self.c_proj(F.gelu(self.c_fc(self.ln_2(x))))
-
-
-def _ln(ln, width):
-    m = torch.nn.LayerNorm(width)
-    m.weight.data, m.bias.data = _t(ln.scale[...]), _t(ln.bias[...])
-    return m
-
-
-def _linear(lin):
-    w = _t(lin.kernel[...]).T.contiguous()
-    m = torch.nn.Linear(w.shape[1], w.shape[0], bias=lin.bias is not None)
-    m.weight.data = w
-    if lin.bias is not None:
-        m.bias.data = _t(lin.bias[...])
-    return m
 
 
 def _conv(kernel):  # ours (k, k, in, out) -> torch Conv2d(in, out, k, padding=k//2, bias=False)

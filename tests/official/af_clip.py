@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from official import to_torch as _t
+from official import torch_layer_norm as _ln
+from official import torch_linear as _linear
 
 
 def torch_gaussian_kernel(size, sigma):
@@ -101,21 +103,6 @@ class TorchTextTower(torch.nn.Module):
         x = self.ln_final(x.permute(1, 0, 2))
         eot = prompt.shape[1] + ids.argmax(dim=-1)
         return x[torch.arange(x.shape[0]), eot] @ self.text_projection
-
-
-def _ln(ln, width):
-    m = torch.nn.LayerNorm(width)
-    m.weight.data, m.bias.data = _t(ln.scale[...]), _t(ln.bias[...])
-    return m
-
-
-def _linear(lin):
-    w = _t(lin.kernel[...]).T.contiguous()
-    m = torch.nn.Linear(w.shape[1], w.shape[0], bias=lin.bias is not None)
-    m.weight.data = w
-    if lin.bias is not None:
-        m.bias.data = _t(lin.bias[...])
-    return m
 
 
 def torch_adaptor_from(model):
