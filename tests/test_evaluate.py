@@ -25,12 +25,12 @@ import numpy as np
 import pytest
 from flax import nnx
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
-from toys import CATEGORIES, IMAGE_SIZE, ToyDetector, toy_config, toy_numpy_forward
+from toys import CATEGORIES, IMAGE_SIZE, ToyDetector, toy_bench, toy_config, toy_numpy_forward
 
 from zsad_jax import evaluate as eval_lib
 from zsad_jax import inference
 from zsad_jax import metrics as metrics_lib
-from zsad_jax.data import decode, protocol, synthetic, transforms
+from zsad_jax.data import decode, protocol, transforms
 from zsad_jax.data.records import Record
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,14 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory) -> str:
-    return synthetic.generate(
-        str(tmp_path_factory.mktemp("bench") / "synthetic"),
-        image_size=48,
-        n_train_good=2,
-        n_test_good=4,
-        n_test_defect=5,
-        categories=CATEGORIES,
-    )
+    return toy_bench(str(tmp_path_factory.mktemp("bench") / "synthetic"))
 
 
 def sklearn_metrics(scores, labels) -> dict[str, float]:

@@ -31,9 +31,14 @@ import numpy as np
 import pytest
 from flax import nnx
 from PIL import Image
-from toys import CATEGORIES, SlowToyDetector, ToyDetector, detector_command_config, toy_config
-
-from zsad_jax.data import synthetic
+from toys import (
+    CATEGORIES,
+    SlowToyDetector,
+    ToyDetector,
+    detector_command_config,
+    toy_bench,
+    toy_config,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "tests" / "toys.py")
@@ -198,15 +203,7 @@ def _metrics(workdir: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory) -> str:
-    """Two categories, 9 test images each (4 normal, 5 with masks), 2 normal train images."""
-    return synthetic.generate(
-        str(tmp_path_factory.mktemp("bench") / "synthetic"),
-        image_size=48,
-        n_train_good=2,
-        n_test_good=4,
-        n_test_defect=5,
-        categories=CATEGORIES,
-    )
+    return toy_bench(str(tmp_path_factory.mktemp("bench") / "synthetic"))
 
 
 @pytest.fixture(scope="module")

@@ -26,6 +26,7 @@ from flax import nnx
 from configs.common import base_config
 from zsad_jax import checkpoint as ckpt_lib
 from zsad_jax import train as train_lib
+from zsad_jax.data import synthetic
 from zsad_jax.encoders.checkpoint import read_meta
 from zsad_jax.methods.base import AnomalyModel
 from zsad_jax.nn import Buffer, Trainable, resolve_compute_dtype, trainable
@@ -84,6 +85,15 @@ class SlowToyDetector(ToyDetector):
         if self.sleep_s:
             jax.debug.callback(lambda: time.sleep(self.sleep_s))
         return super().__call__(batch, train=train, memory=memory)
+
+
+def toy_bench(folder: str) -> str:
+    """The placeholder's test data: ``CATEGORIES`` of the synthetic benchmark at 48 px, 9 test
+    images each (4 normal, 5 with masks) and 2 normal train images, written into ``folder``."""
+    return synthetic.generate(
+        folder, image_size=48, n_train_good=2, n_test_good=4, n_test_defect=5,
+        categories=CATEGORIES,
+    )  # fmt: skip
 
 
 def toy_numpy_forward(
