@@ -126,24 +126,27 @@ class BatchedInference:
         and come back with their batch; an error reading a batch comes after the outputs of
         every batch before it."""
         pending: collections.deque = collections.deque()
+
+        def oldest():
+            done, outputs = pending.popleft()
+            return done, self.fetch(outputs, local=local)
+
         iterator = iter(batches)
         while True:
+            # Only the read is guarded: an exception thrown in at a yield is not a read error.
             try:
                 batch = next(iterator)
             except StopIteration:
                 break
             except BaseException:
                 while pending:
-                    done, outputs = pending.popleft()
-                    yield done, self.fetch(outputs, local=local)
+                    yield oldest()
                 raise
             pending.append((batch, self.dispatch(batch, model_kwargs)))
             if len(pending) > ahead:
-                done, outputs = pending.popleft()
-                yield done, self.fetch(outputs, local=local)
+                yield oldest()
         while pending:
-            done, outputs = pending.popleft()
-            yield done, self.fetch(outputs, local=local)
+            yield oldest()
 
 
 def _to_host(tree: Any) -> Any:
