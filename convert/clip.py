@@ -425,65 +425,73 @@ def transformers_config(config: ClipConfig):
     )
 
 
+# OpenAI/open_clip key -> (transformers key, transform); their linear projections are (in, out)
+# matrices, transformers' are (out, in) Linear weights.
+_OPENAI_TOP_LEVEL = {
+    "visual.conv1.weight": ("vision_model.embeddings.patch_embedding.weight", None),
+    "visual.class_embedding": ("vision_model.embeddings.class_embedding", None),
+    "visual.positional_embedding": ("vision_model.embeddings.position_embedding.weight", None),
+    "visual.proj": ("visual_projection.weight", np.transpose),
+    "token_embedding.weight": ("text_model.embeddings.token_embedding.weight", None),
+    "positional_embedding": ("text_model.embeddings.position_embedding.weight", None),
+    "text_projection": ("text_projection.weight", np.transpose),
+    "logit_scale": ("logit_scale", None),
+    **{
+        f"{name}.{suffix}": (f"{hf}.{suffix}", None)
+        for name, hf in (
+            ("visual.ln_pre", "vision_model.pre_layrnorm"),
+            ("visual.ln_post", "vision_model.post_layernorm"),
+            ("ln_final", "text_model.final_layer_norm"),
+        )
+        for suffix in ("weight", "bias")
+    },
+}
+_OPENAI_BLOCK_KEY = re.compile(r"(visual\.transformer|transformer)\.resblocks\.(\d+)\.(.+)")
+_OPENAI_TOWERS = {"visual.transformer": "vision_model", "transformer": "text_model"}
+# Prefixes of a residual block's keys; the fused attention in-projection is split apart instead.
+_OPENAI_BLOCK_RENAMES = {
+    "attn.out_proj.": "self_attn.out_proj.",
+    "ln_1.": "layer_norm1.",
+    "ln_2.": "layer_norm2.",
+    "mlp.c_fc.": "mlp.fc1.",
+    "mlp.c_proj.": "mlp.fc2.",
+}
+
+
 def openai_to_transformers(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Renames an OpenAI/open_clip state dict to transformers' ``CLIPModel`` keys (splitting the
     fused in-projections and transposing the projection matrices)."""
     state = strip_prefix(state, ("module.", "model.", "clip."))
     out = {}
-    ln = {"weight": "weight", "bias": "bias"}
-    towers = (("visual.transformer", "vision_model"), ("transformer", "text_model"))
     for key, value in state.items():
         if any(re.fullmatch(p, key) for p in OPENAI_IGNORE):
             continue
-        m = re.fullmatch(r"(visual\.transformer|transformer)\.resblocks\.(\d+)\.(.+)", key)
-        if m:
-            tower = dict(towers)[m.group(1)]
-            base = f"{tower}.encoder.layers.{m.group(2)}"
-            rest = m.group(3)
-            if rest in ("attn.in_proj_weight", "attn.in_proj_bias"):
-                kind = "weight" if rest.endswith("weight") else "bias"
-                for name, part in zip("qkv", np.split(value, 3, axis=0), strict=True):
-                    out[f"{base}.self_attn.{name}_proj.{kind}"] = part
-                continue
-            renames = {
-                "attn.out_proj.": "self_attn.out_proj.",
-                "ln_1.": "layer_norm1.",
-                "ln_2.": "layer_norm2.",
-                "mlp.c_fc.": "mlp.fc1.",
-                "mlp.c_proj.": "mlp.fc2.",
-            }
-            for theirs, hf in renames.items():
-                if rest.startswith(theirs):
-                    out[f"{base}.{hf}{rest[len(theirs) :]}"] = value
-                    break
-            else:
-                raise ValueError(f"openai_to_transformers: unexpected block key {key}")
+        block = _OPENAI_BLOCK_KEY.fullmatch(key)
+        if block:
+            out.update(_openai_block_entries(key, block, value))
             continue
-        simple = {
-            "visual.conv1.weight": ("vision_model.embeddings.patch_embedding.weight", None),
-            "visual.class_embedding": ("vision_model.embeddings.class_embedding", None),
-            "visual.positional_embedding": (
-                "vision_model.embeddings.position_embedding.weight",
-                None,
-            ),
-            "visual.proj": ("visual_projection.weight", np.transpose),
-            "token_embedding.weight": ("text_model.embeddings.token_embedding.weight", None),
-            "positional_embedding": ("text_model.embeddings.position_embedding.weight", None),
-            "text_projection": ("text_projection.weight", np.transpose),
-            "logit_scale": ("logit_scale", None),
-        }
-        for name, hf in (
-            ("visual.ln_pre", "vision_model.pre_layrnorm"),
-            ("visual.ln_post", "vision_model.post_layernorm"),
-            ("ln_final", "text_model.final_layer_norm"),
-        ):
-            for suffix in ln:
-                simple[f"{name}.{suffix}"] = (f"{hf}.{suffix}", None)
-        if key not in simple:
+        if key not in _OPENAI_TOP_LEVEL:
             raise ValueError(f"openai_to_transformers: unexpected key {key}")
-        hf_key, fn = simple[key]
+        hf_key, fn = _OPENAI_TOP_LEVEL[key]
         out[hf_key] = fn(value) if fn is not None else value
     return out
+
+
+def _openai_block_entries(key: str, block: re.Match, value: np.ndarray) -> dict[str, np.ndarray]:
+    """The transformers entries of one residual-block key (q, k and v for the fused one)."""
+    base = f"{_OPENAI_TOWERS[block.group(1)]}.encoder.layers.{block.group(2)}"
+    rest = block.group(3)
+    if rest in ("attn.in_proj_weight", "attn.in_proj_bias"):
+        kind = "weight" if rest.endswith("weight") else "bias"
+        parts = np.split(value, 3, axis=0)
+        return {
+            f"{base}.self_attn.{name}_proj.{kind}": part
+            for name, part in zip("qkv", parts, strict=True)
+        }
+    for theirs, hf in _OPENAI_BLOCK_RENAMES.items():
+        if rest.startswith(theirs):
+            return {f"{base}.{hf}{rest[len(theirs) :]}": value}
+    raise ValueError(f"openai_to_transformers: unexpected block key {key}")
 
 
 def reference_model(src: str | Path):

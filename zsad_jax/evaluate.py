@@ -626,11 +626,19 @@ def write_results(result: Mapping[str, Any], workdir: str | os.PathLike) -> dict
     """``metrics.json``, ``metrics.csv`` and ``metrics.md`` of an ``evaluate`` result."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    per_category = result["per_category"]
-    mean = {m: result[m] for m in METRIC_NAMES}
+    paths = {"json": str(workdir / "metrics.json"), "csv": str(workdir / "metrics.csv"),
+             "md": str(workdir / "metrics.md")}  # fmt: skip
+    report.write_atomic(paths["json"], _results_json(result))
+    report.write_atomic(paths["csv"], _results_csv(result))
+    report.write_atomic(paths["md"], _results_markdown(result))
+    return paths
+
+
+def _results_json(result: Mapping[str, Any]) -> str:
+    """``metrics.json``: the means, every category, and what the values mean."""
     doc = {
-        "mean": mean,
-        "per_category": per_category,
+        "mean": {m: result[m] for m in METRIC_NAMES},
+        "per_category": result["per_category"],
         "excluded_from_mean": result.get("excluded", {}),
         "threshold": result.get("threshold"),
         "num_images": result.get("num_images"),
@@ -642,22 +650,28 @@ def write_results(result: Mapping[str, Any], workdir: str | os.PathLike) -> dict
             "threshold": "F1-optimal image threshold over all test images (score >= t)",
         },
     }
-    paths = {"json": str(workdir / "metrics.json"), "csv": str(workdir / "metrics.csv"),
-             "md": str(workdir / "metrics.md")}  # fmt: skip
-    report.write_atomic(
-        paths["json"], json.dumps(report.json_ready(doc), indent=1, allow_nan=False)
-    )
+    return json.dumps(report.json_ready(doc), indent=1, allow_nan=False)
+
+
+def _results_csv(result: Mapping[str, Any]) -> str:
+    """``metrics.csv``: a row per category, then the mean (``repr``: the floats round-trip)."""
     table = io.StringIO(newline="")
     writer = csv.writer(table)
     writer.writerow(["category", *METRIC_NAMES, "num_images", "num_anomalous"])
-    for name, values in per_category.items():
+    for name, values in result["per_category"].items():
         writer.writerow(
             [name, *(repr(float(values[m])) for m in METRIC_NAMES),
              values["num_images"], values["num_anomalous"]]
         )  # fmt: skip
-    writer.writerow(["mean", *(repr(float(mean[m])) for m in METRIC_NAMES),
+    writer.writerow(["mean", *(repr(float(result[m])) for m in METRIC_NAMES),
                      result.get("num_images", ""), ""])  # fmt: skip
-    report.write_atomic(paths["csv"], table.getvalue())
+    return table.getvalue()
+
+
+def _results_markdown(result: Mapping[str, Any]) -> str:
+    """``metrics.md``: the table in %, then the notes (left-out categories, threshold)."""
+    per_category = result["per_category"]
+    mean = {m: result[m] for m in METRIC_NAMES}
     lines = [
         "| category | " + " | ".join(METRIC_NAMES) + " |",
         "|---" * (len(METRIC_NAMES) + 1) + "|",
@@ -669,14 +683,13 @@ def write_results(result: Mapping[str, Any], workdir: str | os.PathLike) -> dict
     lines.append("Values in %. NaN = undefined for that category (e.g. no pixel masks).")
     for metric, names in result.get("excluded", {}).items():
         lines.append(f"- {metric}: mean leaves out {', '.join(names)} (NaN).")
-    notes = [(n, v["note"]) for n, v in per_category.items() if v.get("note")]
-    for name, note in notes:
-        lines.append(f"- {name}: {note}.")
+    for name, values in per_category.items():
+        if values.get("note"):
+            lines.append(f"- {name}: {values['note']}.")
     threshold = result.get("threshold")
     if threshold is not None and math.isfinite(float(threshold)):
         lines.append(f"- F1-optimal image threshold: {float(threshold):.6g}.")
-    report.write_atomic(paths["md"], "\n".join(lines) + "\n")
-    return paths
+    return "\n".join(lines) + "\n"
 
 
 # ----------------------------------------------------------------------------------------------

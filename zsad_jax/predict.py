@@ -761,37 +761,15 @@ def run(
     allow_custom_code: bool = False,
 ) -> dict[str, Any]:
     """What the command does: ``{"predictions": [...], "threshold", "export": files or None}``."""
-    if not images and not export:
-        raise ValueError("give image files or folders to score (or --export=PATH)")
     # Every refusal that needs no model comes before loading one (minutes for a large backbone).
-    check_options(threshold=threshold, batch_size=batch_size, export_batch=export_batch,
-                  shots=shots)  # fmt: skip
-    for given in images:
-        if not Path(given).exists():
-            raise FileNotFoundError(f"{given}: no such image file or folder")
-    if images:
-        check_out_dir(out, overwrite=overwrite)
+    _refuse_before_loading(
+        images, export=export, out=out, overwrite=overwrite, threshold=threshold,
+        batch_size=batch_size, export_batch=export_batch, shots=shots,
+    )  # fmt: skip
     model, config, stored, _ = inference.load_model(
         checkpoint, config, step=step, allow_custom_code=allow_custom_code
     )
-    chosen = stored if threshold is None else float(threshold)
-    if chosen is not None and not math.isfinite(float(chosen)):
-        chosen = None  # a stored NaN: evaluation found no anomalous image to choose one on
-    if reference and threshold is None and chosen is not None:
-        # The stored threshold was chosen on zero-shot scores; few-shot scores have another scale.
-        warnings.warn(
-            "--reference: the checkpoint's threshold was chosen for zero-shot scores and does not "
-            "apply to few-shot scores, so pred_label is null. Pass --threshold (e.g. the threshold "
-            "in metrics.json of python -m zsad_jax.evaluate --few_shot=K)",
-            stacklevel=2,
-        )
-        chosen = None
-    elif chosen is None and images:
-        warnings.warn(
-            "no image threshold: the checkpoint stores none and --threshold was not given, so "
-            "pred_label is null. Evaluate with --store_threshold or pass --threshold",
-            stacklevel=2,
-        )
+    chosen = _image_threshold(stored, threshold, reference=reference, scoring=bool(images))
     memory = None
     if reference:
         memory = build_reference_memory(model, config, reference, shots=shots, seed=seed)
@@ -816,6 +794,57 @@ def run(
             overwrite=overwrite,
         )  # fmt: skip
     return result
+
+
+def _refuse_before_loading(
+    images: Sequence[str],
+    *,
+    export: str | None,
+    out: str | os.PathLike,
+    overwrite: bool,
+    threshold: float | None,
+    batch_size: int | None,
+    export_batch: int,
+    shots: int | None,
+) -> None:
+    """``run``'s refusals that need no model: nothing to do, a bad option value, a missing
+    input, an ``--out`` holding an earlier run's predictions (``check_out_dir``)."""
+    if not images and not export:
+        raise ValueError("give image files or folders to score (or --export=PATH)")
+    check_options(threshold=threshold, batch_size=batch_size, export_batch=export_batch,
+                  shots=shots)  # fmt: skip
+    for given in images:
+        if not Path(given).exists():
+            raise FileNotFoundError(f"{given}: no such image file or folder")
+    if images:
+        check_out_dir(out, overwrite=overwrite)
+
+
+def _image_threshold(
+    stored: float | None, given: float | None, *, reference: str | None, scoring: bool
+) -> float | None:
+    """The threshold of pred_label: ``--threshold`` if given, else the checkpoint's; None (with
+    a warning saying why) where there is none or the stored one does not apply."""
+    chosen = stored if given is None else float(given)
+    if chosen is not None and not math.isfinite(float(chosen)):
+        chosen = None  # a stored NaN: evaluation found no anomalous image to choose one on
+    # stacklevel=3: the warnings point at run's caller, as they did when run issued them.
+    if reference and given is None and chosen is not None:
+        # The stored threshold was chosen on zero-shot scores; few-shot scores have another scale.
+        warnings.warn(
+            "--reference: the checkpoint's threshold was chosen for zero-shot scores and does not "
+            "apply to few-shot scores, so pred_label is null. Pass --threshold (e.g. the threshold "
+            "in metrics.json of python -m zsad_jax.evaluate --few_shot=K)",
+            stacklevel=3,
+        )
+        chosen = None
+    elif chosen is None and scoring:
+        warnings.warn(
+            "no image threshold: the checkpoint stores none and --threshold was not given, so "
+            "pred_label is null. Evaluate with --store_threshold or pass --threshold",
+            stacklevel=3,
+        )
+    return chosen
 
 
 def check_options(

@@ -730,6 +730,19 @@ def table_markdown(
     select: bool = False,
 ) -> str:
     """The human-readable table: one section per (direction, test set, shots)."""
+    lines = _markdown_preamble(spec, select)
+    groups: dict[tuple, list[Mapping[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row["trained_on"], row["tested_on"], row["shots"]), []).append(row)
+    for group, members in groups.items():
+        lines += _markdown_section(group, members, select)
+    if not_run:
+        lines += _markdown_not_run(not_run, trained={row["trained_on"] for row in rows})
+    return "\n".join(lines) + "\n"
+
+
+def _markdown_preamble(spec: str, select: bool) -> list[str]:
+    """The title and what the columns mean (with the selected column's caveat if it is shown)."""
     lines = [
         f"# Reproduction of `{spec}`",
         "",
@@ -746,66 +759,88 @@ def table_markdown(
             "on this test set is highest (every epoch evaluated on the test set, as the official "
             "code does); an optimistic number, not a held-out one.",
         ]
-    groups: dict[tuple, list[Mapping[str, Any]]] = {}
-    for row in rows:
-        groups.setdefault((row["trained_on"], row["tested_on"], row["shots"]), []).append(row)
-    for (train_set, test_set, shots), members in groups.items():
-        mode = (
-            "zero-shot"
-            if not shots
-            else f"{shots}-shot, mean ± std over {members[0]['seeds']} seeds"
+    return lines
+
+
+def _markdown_section(
+    group: tuple[str, str, int], members: Sequence[Mapping[str, Any]], select: bool
+) -> list[str]:
+    """One (direction, test set, shots) section: heading, table, notes."""
+    train_set, test_set, shots = group
+    # Epochs are selected on zero-shot evaluations only (few-shot ones run after training).
+    selected_column = select and not shots
+    mode = (
+        "zero-shot" if not shots else f"{shots}-shot, mean ± std over {members[0]['seeds']} seeds"
+    )
+    header = ["metric", "ours", "reported", "difference"]
+    if selected_column:
+        header.append(SELECTED_LABEL)
+    lines = [
+        "",
+        f"## Trained on {_title(train_set)}, tested on {_title(test_set)} ({mode})",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|---" * len(header) + "|",
+    ]
+    for row in members:
+        cells = _markdown_cells(row, shots)
+        if selected_column:
+            cells.append(_selected_cell(row))
+        lines.append("| " + " | ".join(cells) + " |")
+    return [*lines, "", _markdown_notes(members[0], selected_column)]
+
+
+def _markdown_cells(row: Mapping[str, Any], shots: int) -> list[str]:
+    """metric, ours, reported, difference (few-shot values with their std over seeds)."""
+    ours = _pct(row["ours"])
+    reported = _pct(row["reported"])
+    if shots:
+        ours += f" ± {_pct(row['ours_std'])}"
+        if row["reported_std"] is not None:
+            reported += f" ± {_pct(row['reported_std'])}"
+    return [row["metric"], ours, reported, _pct(row["difference"], signed=True)]
+
+
+def _selected_cell(row: Mapping[str, Any]) -> str:
+    """The best epoch's value and where it is, or why there is none."""
+    if row["selected_on_test"] is None:
+        return row["selection"] or "n/a"
+    where = (f"epoch {row['selected_epoch']}" if row["selected_epoch"] is not None
+             else f"step {row['selected_step']}")  # fmt: skip
+    return f"{_pct(row['selected_on_test'])} ({where})"
+
+
+def _markdown_notes(first: Mapping[str, Any], selected_column: bool) -> str:
+    """The line under a section's table (the section's rows share these fields)."""
+    notes = [f"AUPRO: `{first['aupro_method']}` variant"]
+    if first["source"]:
+        notes.insert(0, f"reported: {first['source']}")
+    if selected_column and first["selection"]:
+        notes.append(f"selection: {first['selection']}")
+    return "; ".join(notes) + "."
+
+
+def _markdown_not_run(not_run: Sequence[Mapping[str, Any]], trained: set[str]) -> list[str]:
+    """The reported records without a row, each with what to add to run it."""
+    lines = ["", "## Reported but not run here", ""]
+    for r in not_run:
+        shots = f" ({r['shots']}-shot)" if r["shots"] else ""
+        values = ", ".join(f"{m} {v:.1f}" for m, v in r["metrics"].items())
+        lines.append(
+            f"- trained on {_title(r['train_set'])}, tested on {_title(r['test_set'])}{shots}: "
+            f"{values} ({r['source']}; {_not_run_reason(r, trained)})"
         )
-        lines += [
-            "",
-            f"## Trained on {_title(train_set)}, tested on {_title(test_set)} ({mode})",
-            "",
-        ]
-        header = ["metric", "ours", "reported", "difference"]
-        if select and not shots:
-            header.append(SELECTED_LABEL)
-        lines.append("| " + " | ".join(header) + " |")
-        lines.append("|---" * len(header) + "|")
-        for row in members:
-            ours = _pct(row["ours"])
-            reported = _pct(row["reported"])
-            if shots:
-                ours += f" ± {_pct(row['ours_std'])}"
-                if row["reported_std"] is not None:
-                    reported += f" ± {_pct(row['reported_std'])}"
-            cells = [row["metric"], ours, reported, _pct(row["difference"], signed=True)]
-            if select and not shots:
-                if row["selected_on_test"] is None:
-                    cells.append(row["selection"] or "n/a")
-                else:
-                    where = (f"epoch {row['selected_epoch']}" if row["selected_epoch"] is not None
-                             else f"step {row['selected_step']}")  # fmt: skip
-                    cells.append(f"{_pct(row['selected_on_test'])} ({where})")
-            lines.append("| " + " | ".join(cells) + " |")
-        notes = [f"AUPRO: `{members[0]['aupro_method']}` variant"]
-        if members[0]["source"]:
-            notes.insert(0, f"reported: {members[0]['source']}")
-        if select and not shots and members[0]["selection"]:
-            notes.append(f"selection: {members[0]['selection']}")
-        lines += ["", "; ".join(notes) + "."]
-    if not_run:
-        lines += ["", "## Reported but not run here", ""]
-        trained = {row["trained_on"] for row in rows}
-        for r in not_run:
-            if r["train_set"] in ZERO_SHOT_PAIRS and r["train_set"] not in trained:
-                why = f"the model trained on {_title(r['train_set'])} was not run (--directions)"
-            elif r["shots"]:
-                why = f"add --few_shot={r['shots']}"
-            elif r["test_set"] in EXTRA_TEST_SETS and r["train_set"] == EXTRA_TRAIN_SET:
-                why = f"add --{r['test_set']}=DIR"
-            else:
-                why = "not a test set of this protocol (no reader here)"
-            shots = f" ({r['shots']}-shot)" if r["shots"] else ""
-            values = ", ".join(f"{m} {v:.1f}" for m, v in r["metrics"].items())
-            lines.append(
-                f"- trained on {_title(r['train_set'])}, tested on {_title(r['test_set'])}{shots}: "
-                f"{values} ({r['source']}; {why})"
-            )
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+def _not_run_reason(record: Mapping[str, Any], trained: set[str]) -> str:
+    if record["train_set"] in ZERO_SHOT_PAIRS and record["train_set"] not in trained:
+        return f"the model trained on {_title(record['train_set'])} was not run (--directions)"
+    if record["shots"]:
+        return f"add --few_shot={record['shots']}"
+    if record["test_set"] in EXTRA_TEST_SETS and record["train_set"] == EXTRA_TRAIN_SET:
+        return f"add --{record['test_set']}=DIR"
+    return "not a test set of this protocol (no reader here)"
 
 
 def run(
@@ -841,28 +876,10 @@ def run(
       ``{"rows", "not_run", "actions", "table_md", "table_csv"}``: the table rows (% values), the
       reported records not run, what was done (trained / reused, evaluated / reused) and the paths.
     """
-    if jax.process_count() > 1:
-        raise ValueError(
-            "zsad_jax.reproduce runs in one process; for multi-host runs use zsad_jax.train and "
-            "zsad_jax.evaluate"
-        )
+    _refuse_several_processes()
     start = time.time()
-    if aupro_method != "reported" and aupro_method not in metrics_lib.AUPRO_METHODS:
-        raise ValueError(f"--aupro_method must be 'reported' or one of "
-                         f"{metrics_lib.AUPRO_METHODS}, got {aupro_method!r}")  # fmt: skip
-    roots = {k: v for k, v in dict(roots).items() if v}
-    unknown = sorted(set(roots) - set(DATASET_FLAGS))
-    if unknown:
-        raise ValueError(f"unknown dataset roots {unknown}; the protocol reads {DATASET_FLAGS}")
-    for name in ZERO_SHOT_PAIRS:
-        if name not in roots:
-            raise cli.CommandLineError(
-                f"give --{name}=DIR: the {_title(name)} root (both directions need "
-                f"--{' and --'.join(ZERO_SHOT_PAIRS)})"
-            )
-    for name, root in roots.items():
-        if not Path(root).is_dir():
-            raise FileNotFoundError(f"--{name}={root}: no such directory")
+    _check_aupro_method(aupro_method)
+    roots = _checked_roots(roots)
     if seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {seeds}")
     refuse_protocol_overrides(overrides)
@@ -875,11 +892,7 @@ def run(
     # Fail on a bad config, variant, override or few-shot request before any training.
     first = r.config(directions[0], ZERO_SHOT_PAIRS[directions[0]])
     if few_shot:
-        if not callable(getattr(methods.method_class(first.method), "build_memory", None)):
-            raise ValueError(
-                f"--few_shot: method {first.method!r} has no few-shot mode (model.build_memory); "
-                "only AF-CLIP (AF-CLIP+) has one"
-            )
+        _require_few_shot_mode(first.method)
     cli.ensure_writable(r.workdir, "--workdir")
     write_json_atomic(
         r.workdir / "protocol.json",
@@ -894,12 +907,60 @@ def run(
         r.train(train_set, evaluations)
         r.run_evaluations(train_set, evaluations)
     rows, not_run = r.rows(planned)
-    md = table_markdown(rows, spec=config, not_run=not_run, select=bool(r.select_metrics))
+    paths = _write_tables(r, rows, not_run)
+    r.log(f"tables in {paths['table_md']} and table.csv ({time.time() - start:.0f} s)")
+    return {"rows": rows, "not_run": not_run, "actions": r.actions, **paths}
+
+
+def _refuse_several_processes() -> None:
+    # Each direction trains once and evaluates in this process; the commands it wraps do the
+    # multi-host part themselves.
+    if jax.process_count() > 1:
+        raise ValueError(
+            "zsad_jax.reproduce runs in one process; for multi-host runs use zsad_jax.train and "
+            "zsad_jax.evaluate"
+        )
+
+
+def _check_aupro_method(aupro_method: str) -> None:
+    if aupro_method != "reported" and aupro_method not in metrics_lib.AUPRO_METHODS:
+        raise ValueError(f"--aupro_method must be 'reported' or one of "
+                         f"{metrics_lib.AUPRO_METHODS}, got {aupro_method!r}")  # fmt: skip
+
+
+def _checked_roots(roots: Mapping[str, Any]) -> dict[str, Any]:
+    """The given dataset roots (unset ones dropped); refuses unknown, missing or absent ones."""
+    roots = {k: v for k, v in dict(roots).items() if v}
+    unknown = sorted(set(roots) - set(DATASET_FLAGS))
+    if unknown:
+        raise ValueError(f"unknown dataset roots {unknown}; the protocol reads {DATASET_FLAGS}")
+    for name in ZERO_SHOT_PAIRS:
+        if name not in roots:
+            raise cli.CommandLineError(
+                f"give --{name}=DIR: the {_title(name)} root (both directions need "
+                f"--{' and --'.join(ZERO_SHOT_PAIRS)})"
+            )
+    for name, root in roots.items():
+        if not Path(root).is_dir():
+            raise FileNotFoundError(f"--{name}={root}: no such directory")
+    return roots
+
+
+def _require_few_shot_mode(method: str) -> None:
+    if not callable(getattr(methods.method_class(method), "build_memory", None)):
+        raise ValueError(
+            f"--few_shot: method {method!r} has no few-shot mode (model.build_memory); "
+            "only AF-CLIP (AF-CLIP+) has one"
+        )
+
+
+def _write_tables(r: _Reproduction, rows: list[dict], not_run: list[dict]) -> dict[str, str]:
+    """``table.csv`` then ``table.md`` in the workdir; their paths."""
+    md = table_markdown(rows, spec=r.spec, not_run=not_run, select=bool(r.select_metrics))
     paths = {"table_md": str(r.workdir / "table.md"), "table_csv": str(r.workdir / "table.csv")}
     report.write_atomic(Path(paths["table_csv"]), table_csv(rows))
     report.write_atomic(Path(paths["table_md"]), md)
-    r.log(f"tables in {paths['table_md']} and table.csv ({time.time() - start:.0f} s)")
-    return {"rows": rows, "not_run": not_run, "actions": r.actions, **paths}
+    return paths
 
 
 # ----------------------------------------------------------------------------------------------

@@ -668,18 +668,9 @@ def read_folder(
         )
     single = _locate_category(root, split, normal_dir)
     if single is not None:
-        if categories is not None and not isinstance(categories, str) and len(categories) != 1:
-            raise ValueError(
-                f"{root} holds one category (it has '{normal_dir}/'); pass at most one category "
-                f"name to name it, got {list(categories)}"
-            )
-        name = categories if isinstance(categories, str) else (categories or [None])[0]
-        name = name or os.path.basename(os.path.normpath(root))
-        folder, split_parent = single
-        return _read_folder_category(
-            folder, name, normal_dir, root=root, split_parent=split_parent, mask_dir=mask_dir,
-            require_masks=require_masks,
-        )  # fmt: skip
+        return _read_single_category(
+            root, single, categories, normal_dir, mask_dir=mask_dir, require_masks=require_masks
+        )
 
     chosen = _folder_categories(root, split, categories, normal_dir, mask_dir)
     records: list[Record] = []
@@ -700,6 +691,31 @@ def read_folder(
             )
         )
     return records
+
+
+def _read_single_category(
+    root: str,
+    located: tuple[str, str | None],
+    categories: Sequence[str] | str | None,
+    normal_dir: str,
+    *,
+    mask_dir: str | None,
+    require_masks: bool | None,
+) -> list[Record]:
+    """``read_folder`` of a root that is one category (``located``: its folder and split parent);
+    named by the one ``categories`` entry if given, else by the root folder's name."""
+    if categories is not None and not isinstance(categories, str) and len(categories) != 1:
+        raise ValueError(
+            f"{root} holds one category (it has '{normal_dir}/'); pass at most one category "
+            f"name to name it, got {list(categories)}"
+        )
+    name = categories if isinstance(categories, str) else (categories or [None])[0]
+    name = name or os.path.basename(os.path.normpath(root))
+    folder, split_parent = located
+    return _read_folder_category(
+        folder, name, normal_dir, root=root, split_parent=split_parent, mask_dir=mask_dir,
+        require_masks=require_masks,
+    )  # fmt: skip
 
 
 def _folder_categories(

@@ -342,7 +342,44 @@ def pretrain(opts: dict, *, log=print) -> tuple[object, dict]:
     val = validation_set(opts, pool_val)
     log(f"pool {pool.shape} + val {pool_val.shape} rendered in {time.time() - start:.1f} s")
     backbone, probes = build(opts)
+    history = _train(backbone, probes, pool, opts, log=log, start=start)
+    record = {
+        "options": opts,
+        "val": evaluate_val(backbone, probes, val, opts),
+        "history": history,
+        "seconds": round(time.time() - start, 1),
+        "jax": jax.__version__,
+        "numpy": np.__version__,
+    }
+    return backbone, record
+
+
+def _train(backbone, probes, pool: np.ndarray, opts: dict, *, log, start: float) -> list[dict]:
+    """Trains ``backbone`` and ``probes`` in place; the mean losses of each logging window."""
     steps = int(opts["steps"])
+    both = nnx.List([backbone, probes])
+    optimizer = nnx.Optimizer(both, _optimizer(opts), wrt=nnx.Param)
+    step = _train_step(opts)
+    rng = np.random.default_rng(np.random.SeedSequence((int(opts["seed"]), 1)))
+    history = []
+    running = []
+    crop_steps = int(round(steps * float(opts["crop_fraction"])))
+    for i in range(steps):
+        batch = _training_batch(rng, pool, opts, cropped=i < crop_steps)
+        running.append(step(both, optimizer, batch))
+        if (i + 1) % int(opts["log_every"]) == 0 or i + 1 == steps:
+            mean = _mean_losses(running)
+            running = []
+            history.append({"step": i + 1, **mean})
+            log(json.dumps({"step": i + 1, **{k: round(v, 4) for k, v in mean.items()},
+                            "seconds": round(time.time() - start, 1)}))  # fmt: skip
+    return history
+
+
+def _optimizer(opts: dict) -> optax.GradientTransformation:
+    """AdamW on a warmup-cosine schedule (down to 1 % of ``lr``), gradients clipped to norm 1."""
+    steps = int(opts["steps"])
+    # The clamps keep the warmup shorter than the schedule, also for the tests' few-step runs.
     schedule = optax.warmup_cosine_decay_schedule(
         0.0,
         float(opts["lr"]),
@@ -350,12 +387,14 @@ def pretrain(opts: dict, *, log=print) -> tuple[object, dict]:
         max(steps, 2),
         float(opts["lr"]) * 0.01,
     )
-    tx = optax.chain(
+    return optax.chain(
         optax.clip_by_global_norm(1.0),
         optax.adamw(schedule, weight_decay=float(opts["weight_decay"])),
     )
-    both = nnx.List([backbone, probes])
-    optimizer = nnx.Optimizer(both, tx, wrt=nnx.Param)
+
+
+def _train_step(opts: dict):
+    """The jitted step: ``(both, optimizer, batch) -> (loss, parts)``, updating in place."""
 
     @nnx.jit
     def step(both, optimizer, batch):
@@ -366,50 +405,31 @@ def pretrain(opts: dict, *, log=print) -> tuple[object, dict]:
         optimizer.update(both, grads)
         return loss, parts
 
-    rng = np.random.default_rng(np.random.SeedSequence((seed, 1)))
-    history = []
-    running = []
-    crop_steps = int(round(steps * float(opts["crop_fraction"])))
-    crop = int(opts["crop"])
-    for i in range(steps):
-        if i < crop_steps:  # twice the images at a quarter of the pixels: ~2x cheaper steps
-            batch = make_batch(
-                rng,
-                pool,
-                2 * int(opts["batch"]),
-                float(opts["p_corrupt"]),
-                int(opts["patch_size"]),
-                crop=crop,
-            )
-        else:
-            batch = make_batch(
-                rng, pool, int(opts["batch"]), float(opts["p_corrupt"]), int(opts["patch_size"])
-            )
-        loss, parts = step(both, optimizer, batch)
-        running.append((loss, parts))
-        if (i + 1) % int(opts["log_every"]) == 0 or i + 1 == steps:
-            mean = {k: float(np.mean([float(p[k]) for _, p in running])) for k in running[0][1]}
-            mean["loss"] = float(np.mean([float(v) for v, _ in running]))
-            running = []
-            history.append({"step": i + 1, **mean})
-            log(
-                json.dumps(
-                    {
-                        "step": i + 1,
-                        **{k: round(v, 4) for k, v in mean.items()},
-                        "seconds": round(time.time() - start, 1),
-                    }
-                )
-            )
-    record = {
-        "options": opts,
-        "val": evaluate_val(backbone, probes, val, opts),
-        "history": history,
-        "seconds": round(time.time() - start, 1),
-        "jax": jax.__version__,
-        "numpy": np.__version__,
-    }
-    return backbone, record
+    return step
+
+
+def _training_batch(rng: np.random.Generator, pool: np.ndarray, opts: dict, *, cropped: bool):
+    """One step's batch; ``cropped``: twice the images at a quarter of the pixels (~2x cheaper
+    steps, the first ``crop_fraction`` of training)."""
+    if cropped:
+        return make_batch(
+            rng,
+            pool,
+            2 * int(opts["batch"]),
+            float(opts["p_corrupt"]),
+            int(opts["patch_size"]),
+            crop=int(opts["crop"]),
+        )
+    return make_batch(
+        rng, pool, int(opts["batch"]), float(opts["p_corrupt"]), int(opts["patch_size"])
+    )
+
+
+def _mean_losses(running: list) -> dict[str, float]:
+    """The mean of each loss part over a logging window's steps, then the total's (``loss``)."""
+    mean = {k: float(np.mean([float(p[k]) for _, p in running])) for k in running[0][1]}
+    mean["loss"] = float(np.mean([float(v) for v, _ in running]))
+    return mean
 
 
 def save(backbone, out: str, record: dict, command: str) -> str:
