@@ -1,5 +1,6 @@
-"""Test-wide setup, set before jax is imported: 8 fake CPU devices, float32 matmuls, one persistent
-compilation cache for the whole session, and the ``torch`` marker's skip.
+"""Test-wide setup, set before jax is imported: 8 fake CPU devices and quick compilation
+(tests/xla_env.py), float32 matmuls, one persistent compilation cache for the whole session, and
+the ``torch`` marker's skip.
 
 The cache is a directory in the environment (``JAX_COMPILATION_CACHE_DIR``, every program stored),
 so this process, the pytest-xdist workers and every command a test starts share it: a program that
@@ -14,8 +15,9 @@ import tempfile
 
 import pytest
 from extras import CONVERT_EXTRA, convert_extra_installed
+from xla_env import xla_flags
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("XLA_FLAGS", xla_flags(devices=8))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 _SESSION_CACHE = None  # the directory this process made (and removes), if it made one

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import jax
 import pytest
+from xla_env import xla_flags
 
 from zsad_jax import compile_cache
 
@@ -20,7 +21,7 @@ def _run(args, tmp_path, timeout=900, **env):
         # Not the session's cache (tests/conftest.py): these commands find theirs through ours.
         **{k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"},
         "JAX_PLATFORMS": "cpu",
-        "XLA_FLAGS": "",  # one CPU device, not the tests' 8 fake ones
+        "XLA_FLAGS": xla_flags(),  # one CPU device, not the tests' 8 fake ones
         "ZSAD_JAX_CACHE_DIR": str(tmp_path / "jax_cache"),
         "ZSAD_TEXT_CACHE": str(tmp_path / "text_cache"),
         **env,

@@ -39,6 +39,7 @@ from toys import (
     toy_bench,
     toy_config,
 )
+from xla_env import xla_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "tests" / "toys.py")
@@ -91,7 +92,7 @@ def tools(tmp_path_factory) -> dict[str, Path]:
 def _env(tools: dict[str, Path], devices: int, audit: Path | None) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        XLA_FLAGS=xla_flags(devices),
         JAX_PLATFORMS="cpu",
         PYTHONPATH=os.pathsep.join([str(tools["hook"]), str(ROOT / "tests"), str(ROOT)]),
         # tests/conftest.py's float32 matmul precision, so commands compute like this process.

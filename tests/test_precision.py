@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from xla_env import xla_flags
 
 from zsad_jax import config_check, methods
 from zsad_jax.data import decode, readers, synthetic, transforms
@@ -143,7 +144,7 @@ def test_tiny_maps_in_bfloat16_stay_within_the_measured_bound_of_float32(name, h
 
 @pytest.mark.slow
 def test_precision_bench_runs_at_its_smallest_size(tmp_path):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags()}  # one device
     env.pop("JAX_COMPILATION_CACHE_DIR", None)
     proc = subprocess.run(
         [

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
+from xla_env import xla_flags
 
 from zsad_jax import cli
 from zsad_jax import reproduce as rep
@@ -120,7 +121,7 @@ def trees(tmp_path_factory):
 def _env() -> dict[str, str]:
     """The command's environment; the session's compilation cache comes with it (conftest.py)."""
     env = dict(os.environ)
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"  # as tests/conftest.py
+    env["XLA_FLAGS"] = xla_flags(devices=8)  # as tests/conftest.py
     env["JAX_PLATFORMS"] = "cpu"
     env["JAX_DEFAULT_MATMUL_PRECISION"] = "float32"
     env["PYTHONPATH"] = str(ROOT)

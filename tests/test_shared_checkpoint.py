@@ -21,6 +21,7 @@ import pytest
 from flax import nnx
 from PIL import Image
 from toys import CATEGORIES, ToyDetector, toy_config
+from xla_env import xla_flags
 
 from zsad_jax import checkpoint as ckpt_lib
 from zsad_jax import train as train_lib
@@ -36,8 +37,7 @@ from toys import ToyDetector as Probe
 
 
 def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env["JAX_PLATFORMS"] = "cpu"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags()}  # one device
     env["PYTHONPATH"] = os.pathsep.join([str(REPO / "tests"), str(REPO)])
     return env
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from toys import ToyModel, loop_config, saved, train_toy
+from xla_env import xla_flags
 
 from zsad_jax import checkpoint as ckpt_lib
 from zsad_jax import methods, run_log
@@ -31,7 +32,7 @@ CONFIG = str(ROOT / "tests" / "toys.py")
 def _env(devices: int) -> dict[str, str]:
     """The commands' environment; the session's compilation cache comes with it (conftest.py)."""
     env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["XLA_FLAGS"] = xla_flags(devices)
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests"), str(ROOT)])
     # tests/conftest.py's float32 matmul precision, so commands compute like this process.

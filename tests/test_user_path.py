@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from xla_env import xla_flags
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
@@ -63,9 +64,8 @@ def as_typed(argv: list[str]) -> list[str]:
 
 def user_env() -> dict[str, str]:
     """A user's environment: one CPU device (not the test suite's 8), the repo importable as an
-    installed package would be."""
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env["JAX_PLATFORMS"] = "cpu"
+    installed package would be; the tests' quick compilation (tests/xla_env.py)."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags()}
     env["PYTHONPATH"] = str(REPO)
     return env
 

@@ -1,0 +1,18 @@
+"""The tests' XLA options in one place: tests/conftest.py sets them for the test processes, and
+the commands that tests start get the same through ``xla_flags``, so every process compiles alike.
+"""
+
+from __future__ import annotations
+
+# Speed only. These tests are dominated by compiling many small programs, and LLVM at -O0 halves
+# that (tests/test_acd_clip.py + test_dlvp_clip.py + test_af_clip.py: 214 -> 137 CPU s on 2 cores,
+# 2026-12-01). Results differ from the default -O2 by float rounding only (neither level allows
+# fast-math), but they do differ: a test that compares two processes' results bit for bit needs
+# both to compile with the same options, hence one helper for every command a test starts.
+CPU_COMPILE_OPTIONS = ("--xla_backend_optimization_level=0",)
+
+
+def xla_flags(devices: int = 1) -> str:
+    """``XLA_FLAGS`` for a process of the tests: ``devices`` fake CPU devices, the options above."""
+    fake = [f"--xla_force_host_platform_device_count={devices}"] if devices > 1 else []
+    return " ".join([*fake, *CPU_COMPILE_OPTIONS])
