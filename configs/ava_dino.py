@@ -27,7 +27,9 @@ bilinear ``align_corners=True``. Loss ``0.25 [focal + dice](AACM) + 0.5 [focal +
 + 0.25 CE(global) + 0.1 routing``; AdamW lr 1e-4, betas (0.9, 0.999), wd 1e-2 (all trained
 weights), linear warm-up over 3 % of the steps from 0 then constant, batch 16, 10 epochs, no
 augmentation. Test: pixel score = cross-modal map's anomalous channel (no smoothing); image score
-= its maximum; masks bilinear-resized then ``> 0.5`` (MVTec) or ``> 0`` (VisA).
+= its maximum (``model.image_score_weight = 0.0``, ``model.smoothing_sigma = 0.0``; not official:
+w > 0 scores ``w * softmax(global_logits)[1] + (1 - w) * max``, s > 0 smooths the pixel map);
+masks bilinear-resized then ``> 0.5`` (MVTec) or ``> 0`` (VisA).
 
 Trainable parameters: 27,131,904 by default = 16 visual bottleneck adapters x 1,572,864 +
 2 prompt-adapter ``fc1`` x 589,824 + ``text_projection`` 786,432. The official module declares
@@ -131,6 +133,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     m.aacm_scale = 10.0
     m.patch_std_eps = 1e-6
     m.text_interleave_quirk = True
+    # Not official, test-time only: weight of the global head in the image score (0 = test.py's
+    # max of the map) and a Gaussian sigma for the pixel map (0 = test.py's unsmoothed map).
+    m.image_score_weight = 0.0
+    m.smoothing_sigma = 0.0
     m.prompt_adapter_fc2 = False
     m.visa_class_name_quirk = True
     m.loss = ml_collections.ConfigDict(

@@ -24,9 +24,10 @@ import numpy as np
 import pytest
 from extras import optional
 from flax import nnx
+from scipy import ndimage as scipy_ndimage
 
 from configs.ava_dino import get_config
-from zsad_jax import methods, text_cache
+from zsad_jax import config_check, methods, text_cache
 from zsad_jax.encoders import clip
 from zsad_jax.methods import ava_dino
 from zsad_jax.methods.ava_dino import text_columns
@@ -352,6 +353,61 @@ def test_variants_and_bad_fields():
         methods.build(bad, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="unknown variant"):
         get_config("tiny,foo")
+
+
+def test_image_score_weight_blends_the_global_head_into_the_max():
+    """``model.image_score_weight`` w: 0 is exactly the map's maximum (the official score), 1
+    exactly the global head's softmax(.)[1], in between the blend; [0, 1] is enforced."""
+    config = get_config("tiny")
+    assert config.model.image_score_weight == 0.0
+    config.model.image_score_weight = 0.25
+    model = _build_from(config)
+    batch = _batch()
+    out = model(batch)
+    map_max = np.max(out["anomaly_map"], axis=(1, 2))
+    global_prob = np.asarray(jax.nn.softmax(out["global_logits"], axis=-1)[:, 1])
+    assert not np.allclose(map_max, global_prob)  # the three rules below are distinguishable
+    np.testing.assert_allclose(out["pred_score"], 0.25 * global_prob + 0.75 * map_max, atol=1e-7)
+    for weight, expected in ((0.0, map_max), (1.0, global_prob)):
+        model.image_score_weight = weight
+        np.testing.assert_array_equal(model(batch)["pred_score"], expected)
+    # A stored config written before the switch has no key: the official maximum.
+    del config.model.image_score_weight
+    assert ava_dino._image_score_weight(config.model) == 0.0
+    for bad in (-0.1, 1.5):
+        config = get_config("tiny")
+        config.model.image_score_weight = bad
+        assert config_check.problems(config) == [
+            f"config.model.image_score_weight={bad}: must be {config_check.FRACTION}"
+        ]
+        with pytest.raises(ValueError, match="model.image_score_weight"):
+            methods.build(config, rngs=nnx.Rngs(0))
+
+
+def test_smoothing_sigma_smooths_the_test_map_after_the_image_score():
+    """``model.smoothing_sigma`` s > 0: the test-time map is scipy's gaussian_filter of the
+    cross-modal map, the image score still the unsmoothed maximum; training sees no smoothing."""
+    config = get_config("tiny")
+    assert config.model.smoothing_sigma == 0.0
+    config.model.smoothing_sigma = 2.0
+    model = _build_from(config)
+    batch = _batch()
+    out = model(batch)
+    raw = np.asarray(out["cross_modal"][..., 1])
+    expected = np.stack([scipy_ndimage.gaussian_filter(m, 2.0) for m in raw])
+    np.testing.assert_allclose(out["anomaly_map"], expected, atol=1e-6)
+    np.testing.assert_array_equal(out["pred_score"], np.max(raw, axis=(1, 2)))
+    np.testing.assert_array_equal(model(batch, train=True)["anomaly_map"], raw)
+    config.model.smoothing_sigma = -1.0
+    assert config_check.problems(config) == [
+        f"config.model.smoothing_sigma=-1.0: must be {config_check.NON_NEGATIVE} (0 = no smoothing)"
+    ]
+
+
+def _build_from(config):
+    model = methods.build(config, rngs=nnx.Rngs(0))
+    model.set_classes(CLASSES)
+    return model
 
 
 def _count_text_batches(monkeypatch) -> list[int]:

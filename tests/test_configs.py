@@ -348,6 +348,8 @@ RECIPE = [
     _recipe("ava_dino", "model.map_scale", 100.0, "§2.4 100 p'T, 100 cls'T"),
     _recipe("ava_dino", "model.aacm_scale", 10.0, "§2.4 sigmoid(10 p'cls')"),
     _recipe("ava_dino", "model.text_interleave_quirk", True, "§2.4 view(B,768,2) quirk"),
+    _recipe("ava_dino", "model.image_score_weight", 0.0, "§2.6 image score = max of map"),
+    _recipe("ava_dino", "model.smoothing_sigma", 0.0, "§2.6 no Gaussian smoothing"),
     _recipe("ava_dino", "model.visa_class_name_quirk", True, "§2.1 class = path.split('/')[-4]"),
     _recipe("ava_dino", "model.visa_class_name_quirk", False, "paper: real names", arg="paper"),
     _recipe("ava_dino", "model.loss.aacm", 0.25, "§2.5 0.25 [focal+dice](AACM)"),

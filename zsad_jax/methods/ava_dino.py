@@ -31,6 +31,11 @@ reproduces that; False uses the paper's columns ``adj0`` (normal) and ``adj1`` (
 
 Test-time scores (``test.py``): pixel score = cross-modal map's anomalous channel at the input
 resolution (no smoothing); image score = its maximum (the global head is unused at test time).
+Not in the official code, both test-time only (training and its loss are unchanged):
+``model.image_score_weight`` w (default 0.0 = the official maximum) blends in the CE-trained
+global head, ``w * softmax(global_logits)[1] + (1 - w) * max(map)`` (ACD-CLIP's form of the rule);
+``model.smoothing_sigma`` s (default 0.0 = none) smooths the pixel map with a Gaussian of s pixels
+(scipy's ``gaussian_filter``) after the image score has taken the unsmoothed map's maximum.
 """
 
 from __future__ import annotations
@@ -45,7 +50,7 @@ import numpy as np
 from flax import nnx
 
 from zsad_jax import losses, text_cache
-from zsad_jax.layers import resize_bilinear
+from zsad_jax.layers import gaussian_filter, resize_bilinear
 from zsad_jax.methods.backbone import TokenizerSource, build_backbone
 from zsad_jax.methods.base import AnomalyModel
 from zsad_jax.nn import Buffer, l2_normalize, resolve_compute_dtype, torch_linear, trainable
@@ -150,6 +155,17 @@ def _check_config(config) -> None:
         )
 
 
+def _image_score_weight(m) -> float:
+    # Stored configs written before the switch have no key: the official maximum.
+    weight = float(m.get("image_score_weight", 0.0))
+    if not 0.0 <= weight <= 1.0:
+        raise ValueError(
+            f"{_CONFIG}: model.image_score_weight={weight} must be in [0, 1] "
+            "(pred_score = w * softmax(global_logits)[1] + (1 - w) * max(map); 0 = official)"
+        )
+    return weight
+
+
 def _check_image_size(image_size: int, patch_size: int) -> None:
     if image_size % patch_size:
         raise ValueError(
@@ -204,6 +220,9 @@ class AvaDino(AnomalyModel):
         self.aacm_scale = float(m.aacm_scale)
         self.patch_std_eps = float(m.patch_std_eps)
         self.interleave = bool(m.text_interleave_quirk)
+        self.image_score_weight = _image_score_weight(m)
+        # Stored configs written before the switch have no key: no smoothing (the official map).
+        self.smoothing_sigma = float(m.get("smoothing_sigma", 0.0))
         self.loss_weights = _loss_weights(m.loss)
         self.image_size = int(config.data.image_size)
         _check_image_size(self.image_size, dino.patch_size)
@@ -407,10 +426,11 @@ class AvaDino(AnomalyModel):
 
         Returns:
           anomaly_map (B, H, W): anomalous channel of the cross-modal map; pred_score (B,): its
-          maximum (``test.py``); and the ``heads`` outputs the loss uses. ``train`` changes
-          nothing (no test-time post-processing in the official code).
+          maximum (``test.py``), blended with the global head's anomalous probability when
+          ``model.image_score_weight`` > 0; and the ``heads`` outputs the loss uses. ``train``
+          only turns off ``model.smoothing_sigma`` (no test-time post-processing in the official
+          code, whose defaults leave both off).
         """
-        del train
         if self.class_text.shape[0] == 0:
             raise ValueError(f"{_HERE}: call set_classes(names) before the model")
         images = batch["image"]
@@ -419,8 +439,22 @@ class AvaDino(AnomalyModel):
         text = self.class_text[...][batch["class_id"]]
         out = self.heads(cls_tokens, patch_tokens, text, grid, images.shape[1:3])
         anomaly_map = out["cross_modal"][..., 1]
-        out.update(anomaly_map=anomaly_map, pred_score=jnp.max(anomaly_map, axis=(1, 2)))
+        pred_score = self.image_score(out, anomaly_map)
+        if not train and self.smoothing_sigma > 0:
+            # After the image score: on the validation split the maximum of a smoothed map ranked
+            # images worse, while smoothed maps localised better (issue 13).
+            anomaly_map = gaussian_filter(anomaly_map, self.smoothing_sigma)
+        out.update(anomaly_map=anomaly_map, pred_score=pred_score)
         return out
+
+    def image_score(self, out: dict[str, jax.Array], anomaly_map: jax.Array) -> jax.Array:
+        """``w * softmax(global_logits)[1] + (1 - w) * max(map)``; w = 0 is exactly the max."""
+        map_max = jnp.max(anomaly_map, axis=(1, 2))
+        w = self.image_score_weight
+        if w == 0.0:
+            return map_max
+        global_prob = jax.nn.softmax(out["global_logits"], axis=-1)[:, 1]
+        return w * global_prob + (1.0 - w) * map_max
 
     def loss(
         self, outputs: dict[str, jax.Array], batch: dict[str, jax.Array]
