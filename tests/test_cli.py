@@ -114,3 +114,34 @@ def test_config_file_and_checkpoint_together_are_refused(tmp_path):
         cli.build_config(config_file="configs/demo.py", overrides=[], checkpoint=str(tmp_path))
     with pytest.raises(cli.CommandLineError, match="no such config file"):
         cli.build_config(config_file="configs/nope.py", overrides=[])
+
+
+@pytest.mark.parametrize(
+    "key, text, expected",
+    [
+        ("model.smoothing_sigma", "4", 4.0),  # AVA-DINO's test-time keys, added on 2026-12-01
+        ("model.image_score_weight", "0.5", 0.5),
+        ("data.test_mask_dir", "my_masks", "my_masks"),
+    ],
+)
+def test_overrides_work_on_a_stored_config_that_predates_the_key(key, text, expected):
+    stored = _stored_demo()
+    section, leaf = key.rsplit(".", 1)
+    del stored[section][leaf]
+    with pytest.raises(cli.CommandLineError, match="no such config key"):
+        cli.apply_overrides(ml_collections.ConfigDict(stored.to_dict()), [(key, text)])
+    cli.add_keys_it_predates(stored)
+    assert cli.apply_overrides(stored, [(key, text)])[section][leaf] == expected
+
+
+def test_keys_a_stored_config_predates_keep_what_it_did():
+    stored = _stored_demo()
+    for leaf in ("smoothing_sigma", "image_score_weight", "visa_class_name_quirk"):
+        del stored.model[leaf]
+    cli.add_keys_it_predates(stored)
+    model = stored.model
+    assert (model.smoothing_sigma, model.image_score_weight) == (0.0, 0.0)  # the official scores
+    assert model.visa_class_name_quirk is False  # the real class names, as before the switch
+    custom = ml_collections.ConfigDict({"method": "toys:ToyDetector", "model": {}})
+    cli.add_keys_it_predates(custom)  # user code is not imported to ask it
+    assert custom.model.to_dict() == {}

@@ -39,7 +39,7 @@ from typing import Any
 import ml_collections
 
 from zsad_jax import checkpoint as ckpt_lib
-from zsad_jax import compile_cache, config_check
+from zsad_jax import compile_cache, config_check, methods
 from zsad_jax.data import protocol, sources
 
 CONFIG_PREFIX = "--config."
@@ -221,14 +221,20 @@ def follow_dataset_changes(
     return notes
 
 
-def _add_optional_data_keys(config: ml_collections.ConfigDict) -> None:
-    """Gives a stored config the optional ``data`` keys it predates (their "not set" values), so
-    that ``--config.data.test_mask_dir=...`` also works on a checkpoint written before them."""
-    data = config.get("data")
-    if data is not None:
-        for key, value in sources.optional_data_keys().items():
-            if key not in data:
-                data[key] = value
+def add_keys_it_predates(config: ml_collections.ConfigDict) -> None:
+    """Gives a stored config the keys it predates, with the values that keep what it did: the
+    optional ``data`` keys ("not set") and its method's added ``model`` keys, so that
+    ``--config.data.test_mask_dir=...`` or ``--config.model.smoothing_sigma=4`` also work on a
+    checkpoint written before them."""
+    added = {
+        "data": sources.optional_data_keys(),
+        "model": methods.added_model_keys(str(config.get("method", ""))),
+    }
+    for section, keys in added.items():
+        fields = config.get(section)
+        for key, value in keys.items() if fields is not None else ():
+            if key not in fields:
+                fields[key] = value
 
 
 def build_config(
@@ -253,7 +259,7 @@ def build_config(
         )
     if checkpoint:
         config = ckpt_lib.config_from_meta(ckpt_lib.read_meta(checkpoint, step))
-        _add_optional_data_keys(config)
+        add_keys_it_predates(config)
     elif config_file:
         config = load_config_file(config_file)
     else:

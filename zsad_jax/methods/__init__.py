@@ -61,6 +61,16 @@ def method_class(name: str) -> type[AnomalyModel]:
     return getattr(importlib.import_module(module), cls)
 
 
+def added_model_keys(name: str) -> dict[str, Any]:
+    """The ``model`` keys the registry method ``name`` gained after checkpoints of it were written,
+    each with the value that keeps what those checkpoints did (its module's ``ADDED_MODEL_KEYS``).
+    None for ``module:Class`` methods: importing a stored config's code here would run it before
+    ``--allow_custom_code`` is checked."""
+    if name not in METHODS:
+        return {}
+    return dict(getattr(importlib.import_module(METHODS[name][0]), "ADDED_MODEL_KEYS", {}))
+
+
 def build(config, *, rngs: nnx.Rngs | None = None, load_weights: bool = True) -> AnomalyModel:
     """Builds ``config.method`` from the whole ml_collections config (``rngs`` default: from
     ``config.seed``, so training and ``load_for_inference`` draw the same random-init parts).

@@ -90,6 +90,9 @@ from zsad_jax.prompts import acd_clip_sentences
 
 _HERE = "zsad_jax/methods/acd_clip.py"
 _CONFIG = "configs/acd_clip.py"
+# Keys added after checkpoints were written, with the value that does what they did then (the
+# commands fill them into a stored config: zsad_jax.cli).
+ADDED_MODEL_KEYS = {"remat": False}
 _HIGHEST = jax.lax.Precision.HIGHEST
 N_GROUPS_CHOICES = (2, 3, 4, 6)
 
@@ -275,7 +278,7 @@ class AcdClip(AnomalyModel):
         )
         self.patch_size = vision.patch_size
         _check_image_options(config, vision.patch_size)
-        self.remat = bool(m.get("remat", False))
+        self.remat = bool(m.get("remat", ADDED_MODEL_KEYS["remat"]))
         self.logit_scale = float(m.seg_logit_scale)
         self.blur_kernel = int(m.blur_kernel)
         self.blur_sigma = float(m.blur_sigma)

@@ -155,9 +155,17 @@ def _check_config(config) -> None:
         )
 
 
+# Keys added after checkpoints were written: a stored config without one does what it did then
+# (the commands fill them in, zsad_jax.cli, so that --config.model.KEY=VALUE works on it too).
+ADDED_MODEL_KEYS = {
+    "image_score_weight": 0.0,
+    "smoothing_sigma": 0.0,
+    "visa_class_name_quirk": False,  # the real names, as before the switch
+}
+
+
 def _image_score_weight(m) -> float:
-    # Stored configs written before the switch have no key: the official maximum.
-    weight = float(m.get("image_score_weight", 0.0))
+    weight = float(m.get("image_score_weight", ADDED_MODEL_KEYS["image_score_weight"]))
     if not 0.0 <= weight <= 1.0:
         raise ValueError(
             f"{_CONFIG}: model.image_score_weight={weight} must be in [0, 1] "
@@ -221,8 +229,7 @@ class AvaDino(AnomalyModel):
         self.patch_std_eps = float(m.patch_std_eps)
         self.interleave = bool(m.text_interleave_quirk)
         self.image_score_weight = _image_score_weight(m)
-        # Stored configs written before the switch have no key: no smoothing (the official map).
-        self.smoothing_sigma = float(m.get("smoothing_sigma", 0.0))
+        self.smoothing_sigma = float(m.get("smoothing_sigma", ADDED_MODEL_KEYS["smoothing_sigma"]))
         self.loss_weights = _loss_weights(m.loss)
         self.image_size = int(config.data.image_size)
         _check_image_size(self.image_size, dino.patch_size)

@@ -59,6 +59,9 @@ from zsad_jax.nn import Buffer, Trainable, resolve_compute_dtype, torch_linear, 
 from zsad_jax.prompts import OBJECT_AGNOSTIC_PLACEHOLDER, object_agnostic_prompts
 
 _HERE = "zsad_jax/methods/dlvp_clip.py"
+# Keys added after checkpoints were written, with the value that does what they did then (the
+# commands fill them into a stored config: zsad_jax.cli).
+ADDED_MODEL_KEYS = {"remat": False, "hfd_init": "torch"}
 HFD_KINDS = ("haar", "sobel")
 HFD_SPACES = ("projected", "residual")
 # "torch": every HFD linear as a fresh nn.Linear; "zero": ``low`` and ``high`` start at zero, so
@@ -231,7 +234,7 @@ class DlvpClip(AnomalyModel):
     def _set_options(self, m, depth: int) -> None:
         """The checked ``config.model`` values the forward reads (graph-static attributes)."""
         self.layers = tuple(int(i) for i in m.layers)
-        self.remat = bool(m.get("remat", False))
+        self.remat = bool(m.get("remat", ADDED_MODEL_KEYS["remat"]))
         self.use_slfs = bool(m.use_slfs)
         self.use_mlop = bool(m.use_mlop)
         self.use_hfd = bool(m.use_hfd)
@@ -282,7 +285,7 @@ class DlvpClip(AnomalyModel):
         """One HFD per tapped layer (``use_hfd``)."""
         if not self.use_hfd:
             return None
-        init = str(m.get("hfd_init", "torch"))
+        init = str(m.get("hfd_init", ADDED_MODEL_KEYS["hfd_init"]))
         return nnx.List(
             [
                 HighLowFrequencyDecomposition(width, kind=m.hfd_kind, init=init, rngs=rngs)
