@@ -58,6 +58,20 @@ Findings (2-core AMD EPYC Zen 3 VM, AVX2, jax 0.10.2, torch 2.13 CPU, shared wit
   ``--xla_cpu_experimental_ynn_fusion_type=-dot`` or ``individual_dot`` nothing beyond noise.
   The defaults are kept (fast math changes numerics; oneDNN is not clearly better); pass
   ``XLA_FLAGS`` to this script to try them.
+* Re-measured 2026-12-01 on the machine the project now runs on (2-core Intel Sapphire Rapids VM,
+  AVX-512 and AMX, heavily shared; ``--quick --rows=clip518 --repeats=5``, one process per
+  ``XLA_FLAGS``), ours/torch of the median process CPU time: defaults 0.78-0.83 (three runs),
+  ``--xla_cpu_use_onednn=true`` 0.80 and 0.83, ``--xla_cpu_prefer_vector_width=512`` 0.81 and 0.85,
+  ``--xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY`` 0.81,
+  ``--xla_cpu_enable_concurrency_optimized_scheduler=true`` 0.80,
+  ``--xla_cpu_experimental_ynn_fusion_type=dot,eltwise,reduce`` 0.99 (worse): none beyond noise.
+  Here ours is faster than transformers' model, which is not the fastest torch: open_clip's block
+  (what the official ACD-CLIP runs, ``bench/official.py``) takes 311 ms at 1370 tokens, batch 2,
+  ours 416 ms; the attention core alone 58 vs 147 ms. Two CPU query slabs (685 rows at 1370
+  tokens) instead of 256-row ones make the core 19% faster and the tower, same process,
+  interleaved, 0.93x wall / 0.95x CPU at 518 px batch 2 (24 blocks), 0.94x / 0.96x at batch 1
+  (8 blocks; one run under heavy load gave 1.01x), 1.01x / 1.00x at 336 px (neutral), outputs
+  bitwise equal: ``attention.CPU_QUERY_BLOCK = 688`` with at least two slabs.
 * Layout choices that XLA:CPU runs well: one fused q/k/v projection (D x 3D GEMM), a row-major
   (B, T, D) float32 residual stream so every projection is a plain 2-D GEMM, heads moved to the
   front once per block for the per-head loop, LayerNorm/bias/activation fused by XLA into GEMM
@@ -110,10 +124,14 @@ def _clip_pair(image: int, layers: int, attention_block: int | None):
 
     images = np.random.default_rng(0).standard_normal((1, image, image, 3)).astype(np.float32)
     default_block = attention.CPU_QUERY_BLOCK
-    if attention_block is not None:  # read when tracing, i.e. during this first (compiling) call
+    path = "auto"
+    if attention_block == "dense":
+        path = "dense"
+    elif attention_block is not None:  # read when tracing, i.e. during this first compiling call
         attention.CPU_QUERY_BLOCK = attention_block
     try:
-        ours(state, images).block_until_ready()
+        with attention.use_implementation(path):
+            ours(state, images).block_until_ready()
     finally:
         attention.CPU_QUERY_BLOCK = default_block
 
@@ -179,6 +197,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--dense", action="store_true", help="also time the dense attention core")
+    parser.add_argument(
+        "--query-block", type=int, default=0, help="also CLIP@518 with this CPU query block"
+    )
+    parser.add_argument(
+        "--rows", default="", help="rows to run, comma-separated: clip336, clip518, dense, dinov3"
+    )
     args = parser.parse_args(argv)
     layers = 4 if args.quick else 24
     repeats = args.repeats or (3 if args.quick else 5)
@@ -195,24 +219,35 @@ def main(argv: list[str] | None = None) -> None:
     )
 
     rows = [
-        ("CLIP ViT-L/14 vision @336", lambda: _clip_pair(336, layers, None)),
-        ("CLIP ViT-L/14 vision @518", lambda: _clip_pair(518, layers, None)),
+        ("clip336", "CLIP ViT-L/14 vision @336", lambda: _clip_pair(336, layers, None)),
+        ("clip518", "CLIP ViT-L/14 vision @518", lambda: _clip_pair(518, layers, None)),
     ]
     if args.dense:
-        rows.append(("CLIP @518, dense attention", lambda: _clip_pair(518, layers, 10**9)))
-    try:
-        import zsad_jax.encoders.dinov3  # noqa: F401
-
-        rows.append(("DINOv3 ViT-L/16 @512", lambda: _dinov3_pair(512, layers)))
-    except ImportError:
-        print("DINOv3 row skipped: zsad_jax.encoders.dinov3 is not available", flush=True)
+        rows.append(
+            ("dense", "CLIP @518, dense attention", lambda: _clip_pair(518, layers, "dense"))
+        )
+    if args.query_block:
+        rows.append(
+            (
+                "clip518",
+                f"CLIP @518, {args.query_block}-row blocks",
+                lambda: _clip_pair(518, layers, args.query_block),
+            )
+        )
+    rows.append(("dinov3", "DINOv3 ViT-L/16 @512", lambda: _dinov3_pair(512, layers)))
+    if args.rows:
+        wanted = args.rows.split(",")
+        unknown = sorted(set(wanted) - {key for key, _, _ in rows})
+        if unknown:
+            parser.error(f"--rows: unknown {unknown}; choose from clip336, clip518, dense, dinov3")
+        rows = [row for row in rows if row[0] in wanted]
 
     header = (
         f"{'model':28s} {'ours med':>9s} {'min':>7s} {'torch med':>9s} {'min':>7s} "
         f"{'ours/torch':>10s} {'cpu ours':>9s} {'cpu torch':>9s} {'cpu ratio':>9s}"
     )
     results = []
-    for name, make in rows:
+    for _, name, make in rows:
         run_ours, run_torch = make()
         run_torch()  # warm-up (allocator, thread pool)
         times: dict[str, list[tuple[float, float]]] = {}

@@ -98,3 +98,23 @@ def test_enable_compilation_cache_stores_compiled_programs(tmp_path):
     cache = tmp_path / "jax_cache"
     assert out.strip() == str(cache)
     assert any(cache.iterdir())
+
+
+def test_release_compiler_memory_trims_once_after_each_compilation(tmp_path):
+    """In a fresh process (the listener is process-wide): installed twice, it trims once per
+    compiled program."""
+    code = (
+        "import jax, jax.numpy as jnp\n"
+        "from zsad_jax import compile_cache\n"
+        "calls = []\n"
+        "compile_cache._malloc_trim = lambda: calls.append\n"
+        "x = jnp.ones((64, 64))\n"
+        "print(compile_cache.release_compiler_memory(min_compile_seconds=0),\n"
+        "      compile_cache.release_compiler_memory(min_compile_seconds=0))\n"
+        "f = jax.jit(lambda x: jnp.sin(x) @ x.T)\n"
+        "f(x).block_until_ready()\n"
+        "f(x).block_until_ready()  # compiled already\n"
+        "print(calls)\n"
+    )
+    out, _ = _run(["-c", code], tmp_path)
+    assert out.split("\n")[:2] == ["True True", "[0]"]

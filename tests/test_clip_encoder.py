@@ -376,3 +376,47 @@ def test_bad_inputs_say_what_to_do(pair):
         ours.text(np.zeros((1, 21), np.int32))
     with pytest.raises(ValueError, match="context must be"):
         ours.text(_ids(), context=np.zeros((3, 5, 64), np.float32))
+
+
+def _saved_shapes(f, *args) -> list[str]:
+    """The shapes of what ``jax.vjp(f)`` keeps for the backward pass, e.g. ``"f32[2,24,128]"``
+    (jax's public ``print_saved_residuals``, one residual per line)."""
+    import contextlib
+    import io
+
+    from jax.ad_checkpoint import print_saved_residuals
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        print_saved_residuals(f, *args)
+    return [line.split()[0] for line in out.getvalue().splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("act", ["gelu", "quick_gelu"])
+def test_block_backward_keeps_only_the_inputs_of_layernorm_and_activation(act, monkeypatch):
+    """Through a frozen block, LayerNorm and the activation keep their input only (one (B, T, D)
+    array per LayerNorm, one (B, T, 4D) for the MLP; autodiff kept three of each) and the
+    gradient is plain autodiff's to float32 rounding (the same operations; XLA may fuse the
+    recomputed ones differently)."""
+    from zsad_jax.encoders import clip as clip_lib
+
+    b, t, d, hidden = 2, 24, 32, 128
+    block = clip_lib.ResidualAttentionBlock(
+        d, 2, hidden, act, 1e-5, dtype=jnp.float32, rngs=nnx.Rngs(0)
+    )
+    x = jax.random.normal(jax.random.key(1), (b, t, d))
+
+    def loss(x):
+        return jnp.sum(jnp.sin(block(x)))
+
+    mlp, stream = f"f32[{b},{t},{hidden}]", f"f32[{b},{t},{d}]"
+    saved = _saved_shapes(loss, x)
+    assert saved.count(mlp) == 1
+    assert saved.count(stream) <= 3  # the two LayerNorm inputs and sin's
+    new = jax.jit(jax.grad(loss))(x)
+    monkeypatch.setattr(clip_lib, "_recomputed_in_backward", lambda fn: fn)
+    monkeypatch.setattr(clip_lib, "_keeping_input_only", lambda module, x: module(x))
+    old = _saved_shapes(loss, x)
+    assert old.count(mlp) >= 2 and old.count(stream) >= 6  # what plain autodiff keeps
+    reference = np.asarray(jax.jit(jax.grad(loss))(x))
+    assert np.abs(np.asarray(new) - reference).max() <= TOL * np.abs(reference).max()

@@ -435,6 +435,7 @@ class Command:
             # orbax logs every save at INFO; keep the terminal for progress bars and errors.
             absl_logging.set_verbosity(absl_logging.WARNING)
         compile_cache.enable_compilation_cache()  # a second run of a command does not recompile
+        compile_cache.release_compiler_memory()  # the compiler's freed memory is not the peak's
         try:
             self._main(argv, self.overrides)
         except CommandLineError as e:

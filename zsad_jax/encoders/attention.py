@@ -5,9 +5,10 @@ paths, chosen at trace time (``plan``) and, per platform, at lowering time
 (``jax.lax.platform_dependent``, so an exported or AOT-lowered function picks the right one for the
 platform it is compiled for):
 
-* ``blocked`` (CPU): one head and one ~256-row query block at a time (``jax.lax.map``), so each
-  (rows, T) logits slab stays in cache. The textbook form writes 16 x 1370^2 float32 logits (120 MB
-  per block at 518 px) and streams them through memory several times; ``jax.nn.
+* ``blocked`` (CPU): one head and one query block (at least two per sequence, at most
+  ``CPU_QUERY_BLOCK`` rows) at a time (``jax.lax.map``), so each (rows, T) logits slab stays
+  small. The textbook form writes 16 x 1370^2 float32 logits (120 MB per block at 518 px) and
+  streams them through memory several times; ``jax.nn.
   dot_product_attention``'s XLA path does the same and is 4-5x slower here (``bench/encoders.py``).
   Its backward (``jax.custom_vjp``) recomputes the probabilities block by block from each row's
   logsumexp instead of keeping them: its gradient's temporaries 54 instead of 544 MiB per ViT-L
@@ -56,8 +57,14 @@ from collections.abc import Callable, Iterator
 import jax
 import jax.numpy as jnp
 
-# Query rows per slab on CPU: ~256 keeps a (256, T) float32 slab around 1.4 MB at T = 1370.
-CPU_QUERY_BLOCK = 256
+# Query rows per slab on CPU, at most, and at least two slabs. Fewer, larger slabs run faster:
+# each iteration of the loop is a round of XLA:CPU's per-op thread synchronisation. Attention core
+# at T = 1370 / 1029 / 577 (batch 2, 16 heads x 64; 2-core Sapphire Rapids VM): 2 slabs 118 / 74 /
+# 33 ms, slabs of <= 256 rows (6 / 5 / 3) 145 / 88 / 34 ms, one dense slab 274 / 170 / 42 ms;
+# the CLIP ViT-L vision tower at 518 px, batch 2: 0.93x the time of 256-row slabs.
+CPU_QUERY_BLOCK = 688
+# Sequences up to this length (and up to the query block) run as one dense slab.
+CPU_DENSE_TOKENS = 256
 # The Pallas TPU kernel works on whole blocks of this many rows (its lane width).
 TPU_BLOCK = 128
 # cuDNN's flash attention: bfloat16/float16 inputs, head_dim a multiple of 8 up to this (256 on
@@ -206,9 +213,9 @@ def _dense_attention(q, k, v, mask=None, return_probs=False):
 def _blocked_attention(q, k, v, query_block: int = CPU_QUERY_BLOCK):
     """Same result as ``_dense_attention`` without a mask, one (head, query block) at a time."""
     b, t, h, d = q.shape
-    if t <= query_block:  # one slab anyway: the loop would only add overhead
+    if t <= min(query_block, CPU_DENSE_TOKENS):  # short: the loop would only add overhead
         return _dense_attention(q, k, v)
-    n_blocks = math.ceil(t / query_block)
+    n_blocks = max(2, math.ceil(t / query_block))
     rows = math.ceil(t / n_blocks)  # even blocks: at most n_blocks - 1 padded rows in total
     q = q * jnp.asarray(d**-0.5, q.dtype)
     # (heads, B, T, d): each head's operands contiguous for the per-head loop.
