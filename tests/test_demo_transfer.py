@@ -13,6 +13,7 @@ import os
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.ndimage
 
 from configs import demo
 from zsad_jax import train as train_lib
@@ -129,6 +130,23 @@ def test_colour_median_baseline_is_the_distance_to_the_median_colour():
     np.testing.assert_allclose(
         np.asarray(out["pred_score"]), (d / (1 + d)).max(axis=(1, 2)), rtol=1e-5
     )
+
+
+def test_baselines_get_the_configs_test_time_smoothing_after_their_image_score():
+    """The demo smooths its model's pixel map (model.smoothing_sigma): the baselines beside it are
+    smoothed alike, so a smoothed map is not compared with raw ones."""
+    images = jnp.asarray(np.random.default_rng(1).normal(size=(2, 24, 24, 3)), jnp.float32)
+    config = demo.get_config()
+    assert config.model.smoothing_sigma == 4.0
+    baseline = baselines.build_baseline("colour_median", config)
+    raw = baselines.ColourMedianDistance()({"image": images})
+    out = baseline({"image": images})
+    np.testing.assert_array_equal(np.asarray(out["pred_score"]), np.asarray(raw["pred_score"]))
+    smoothed = [scipy.ndimage.gaussian_filter(m, 4.0) for m in np.asarray(raw["anomaly_map"])]
+    np.testing.assert_allclose(np.asarray(out["anomaly_map"]), np.stack(smoothed), atol=1e-6)
+    tokens = baselines.build_baseline("random_token_median", config)
+    assert tokens.smoothing_sigma == 4.0
+    assert baselines.build_baseline("colour_median", demo.get_config("tiny")).smoothing_sigma == 0
 
 
 def test_token_baseline_uses_a_random_small_dinov3():

@@ -13,6 +13,10 @@ numbers sit beside a model's on the same images:
 ``backbone_token_median`` is the second with the config's own backbone (e.g. a pretrained one):
 what the frozen features give before any head is trained (not training-free when the backbone
 was pretrained; reported for reference). ``zsad_jax.transfer`` reports them beside a model.
+
+Built from a config (``build_baseline``), they get its test-time ``model.smoothing_sigma`` too
+(the map smoothed after the image score took its maximum, as AVA-DINO does): a model's smoothed
+maps are compared with smoothed baselines, not with raw ones.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from zsad_jax.layers import resize_bilinear
+from zsad_jax.layers import gaussian_filter, resize_bilinear
 from zsad_jax.methods.backbone import build_backbone
 from zsad_jax.methods.base import AnomalyModel
 
@@ -38,23 +42,34 @@ def _bounded(d: jax.Array) -> jax.Array:
     return d / (1.0 + d)
 
 
+def _outputs(anomaly_map: jax.Array, smoothing_sigma: float) -> dict[str, jax.Array]:
+    """Image score = the map's maximum; then the map smoothed with ``smoothing_sigma`` (0: none)."""
+    score = jnp.max(anomaly_map, axis=(1, 2))
+    if smoothing_sigma > 0:
+        anomaly_map = gaussian_filter(anomaly_map, smoothing_sigma)
+    return {"anomaly_map": anomaly_map, "pred_score": score}
+
+
 class ColourMedianDistance(AnomalyModel):
     """Per-pixel distance to the image's median colour (no weights)."""
+
+    def __init__(self, smoothing_sigma: float = 0.0):
+        self.smoothing_sigma = float(smoothing_sigma)
 
     def __call__(self, batch, *, train: bool = False):
         del train
         x = batch["image"].astype(jnp.float32)
         median = jnp.median(x, axis=(1, 2), keepdims=True)
-        anomaly_map = _bounded(jnp.linalg.norm(x - median, axis=-1))
-        return {"anomaly_map": anomaly_map, "pred_score": jnp.max(anomaly_map, axis=(1, 2))}
+        return _outputs(_bounded(jnp.linalg.norm(x - median, axis=-1)), self.smoothing_sigma)
 
 
 class TokenMedianDistance(AnomalyModel):
     """Distance of each patch token to the image's median token, over tapped DINOv3 blocks."""
 
-    def __init__(self, backbone: nnx.Module, layers: Sequence[int]):
+    def __init__(self, backbone: nnx.Module, layers: Sequence[int], smoothing_sigma: float = 0.0):
         self.backbone = backbone
         self.layers = tuple(int(i) for i in layers)
+        self.smoothing_sigma = float(smoothing_sigma)
 
     def __call__(self, batch, *, train: bool = False):
         del train
@@ -69,8 +84,7 @@ class TokenMedianDistance(AnomalyModel):
             d = jnp.linalg.norm(tokens - median, axis=-1)
             d = d.reshape(images.shape[0], *grid, 1)
             maps.append(resize_bilinear(d, images.shape[1:3], align_corners=True)[..., 0])
-        anomaly_map = _bounded(jnp.mean(jnp.stack(maps), axis=0))
-        return {"anomaly_map": anomaly_map, "pred_score": jnp.max(anomaly_map, axis=(1, 2))}
+        return _outputs(_bounded(jnp.mean(jnp.stack(maps), axis=0)), self.smoothing_sigma)
 
 
 def random_backbone_config(config: Any) -> ml_collections.ConfigDict:
@@ -81,17 +95,18 @@ def random_backbone_config(config: Any) -> ml_collections.ConfigDict:
 
 
 def build_baseline(name: str, config: Any) -> AnomalyModel:
-    """One of ``BASELINES`` for ``config`` (its layers, seed and, for ``backbone_token_median``,
-    its backbone)."""
+    """One of ``BASELINES`` for ``config`` (its layers, seed, test-time smoothing and, for
+    ``backbone_token_median``, its backbone)."""
+    sigma = float(config.model.get("smoothing_sigma", 0.0))
     if name == "colour_median":
-        return ColourMedianDistance()
+        return ColourMedianDistance(sigma)
     if name == "random_token_median":
         rngs = nnx.Rngs(int(config.seed))
         encoder = build_backbone(random_backbone_config(config), rngs=rngs)
         depth = encoder.config.num_layers
         layers = [i for i in config.model.layers if 1 <= int(i) <= depth] or [depth]
-        return TokenMedianDistance(encoder, layers)
+        return TokenMedianDistance(encoder, layers, sigma)
     if name == "backbone_token_median":
         encoder = build_backbone(config.model.backbone, rngs=nnx.Rngs(int(config.seed)))
-        return TokenMedianDistance(encoder, config.model.layers)
+        return TokenMedianDistance(encoder, config.model.layers, sigma)
     raise ValueError(f"unknown baseline {name!r}; known: {list(BASELINES)}")
