@@ -127,9 +127,11 @@ def measure(method: str, variant: str, batch: int, repeats: int, train: bool) ->
     from flax import nnx
     from train_step import TrainStep, fake_batch  # bench/train_step.py: the one train-step setup
 
-    from zsad_jax import inference, methods
+    from zsad_jax import compile_cache, inference, methods
     from zsad_jax import sharding as shard_lib
 
+    # As every command does (zsad_jax.cli), so that the peaks below are the commands' peaks.
+    compile_cache.release_compiler_memory()
     out: dict = {"method": method, "variant": variant or "full", "batch": batch}
     config = _config(method, variant, batch)
     out["image_size"] = int(config.data.image_size)
