@@ -232,7 +232,9 @@ def add_keys_it_predates(config: ml_collections.ConfigDict) -> None:
     }
     for section, keys in added.items():
         fields = config.get(section)
-        for key, value in keys.items() if fields is not None else ():
+        if fields is None:
+            continue
+        for key, value in keys.items():
             if key not in fields:
                 fields[key] = value
 

@@ -64,7 +64,7 @@ def method_class(name: str) -> type[AnomalyModel]:
 def added_model_keys(name: str) -> dict[str, Any]:
     """The ``model`` keys the registry method ``name`` gained after checkpoints of it were written,
     each with the value that keeps what those checkpoints did (its module's ``ADDED_MODEL_KEYS``).
-    None for ``module:Class`` methods: importing a stored config's code here would run it before
+    Nothing for ``module:Class`` methods: importing a stored config's code here would run it before
     ``--allow_custom_code`` is checked."""
     if name not in METHODS:
         return {}
