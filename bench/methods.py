@@ -131,6 +131,7 @@ def measure(method: str, variant: str, batch: int, repeats: int, train: bool) ->
     from zsad_jax import sharding as shard_lib
 
     # As every command does (zsad_jax.cli), so that the peaks below are the commands' peaks.
+    compile_cache.schedule_for_memory()
     compile_cache.release_compiler_memory()
     out: dict = {"method": method, "variant": variant or "full", "batch": batch}
     config = _config(method, variant, batch)

@@ -10,7 +10,7 @@ import json
 import ml_collections
 import pytest
 
-from zsad_jax import cli, config_check
+from zsad_jax import cli, compile_cache, config_check
 
 
 def _stored_demo() -> ml_collections.ConfigDict:
@@ -145,3 +145,17 @@ def test_keys_a_stored_config_predates_keep_what_it_did():
     custom = ml_collections.ConfigDict({"method": "toys:ToyDetector", "model": {}})
     cli.add_keys_it_predates(custom)  # user code is not imported to ask it
     assert custom.model.to_dict() == {}
+
+
+def test_every_command_schedules_for_memory_before_anything_compiles(monkeypatch):
+    """``schedule_for_memory`` only works before the first computation: it comes first."""
+    calls = []
+    for name in ("schedule_for_memory", "enable_compilation_cache", "release_compiler_memory"):
+        monkeypatch.setattr(compile_cache, name, lambda name=name: calls.append(name))
+    cli.Command(lambda: None, lambda argv, overrides: calls.append("main"))._run(["command"])
+    assert calls == [
+        "schedule_for_memory",
+        "enable_compilation_cache",
+        "release_compiler_memory",
+        "main",
+    ]

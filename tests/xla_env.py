@@ -4,12 +4,16 @@ the commands that tests start get the same through ``xla_flags``, so every proce
 
 from __future__ import annotations
 
+from zsad_jax.compile_cache import MEMORY_SCHEDULE_FLAG
+
 # Speed only. These tests are dominated by compiling many small programs, and LLVM at -O0 halves
 # that (tests/test_acd_clip.py + test_dlvp_clip.py + test_af_clip.py: 214 -> 137 CPU s on 2 cores,
 # 2026-12-01). Results differ from the default -O2 by float rounding only (neither level allows
 # fast-math), but they do differ: a test that compares two processes' results bit for bit needs
 # both to compile with the same options, hence one helper for every command a test starts.
-CPU_COMPILE_OPTIONS = ("--xla_backend_optimization_level=0",)
+# The commands' own CPU scheduling (zsad_jax.compile_cache.schedule_for_memory) for the test
+# processes too, so that in-process programs and the commands' are compiled alike.
+CPU_COMPILE_OPTIONS = ("--xla_backend_optimization_level=0", MEMORY_SCHEDULE_FLAG)
 
 
 def xla_flags(devices: int = 1) -> str:

@@ -436,6 +436,7 @@ class Command:
         if not flags.FLAGS["verbosity"].present:
             # orbax logs every save at INFO; keep the terminal for progress bars and errors.
             absl_logging.set_verbosity(absl_logging.WARNING)
+        compile_cache.schedule_for_memory()  # fewer buffers alive at once (before any array)
         compile_cache.enable_compilation_cache()  # a second run of a command does not recompile
         compile_cache.release_compiler_memory()  # the compiler's freed memory is not the peak's
         try:
