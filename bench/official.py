@@ -33,8 +33,9 @@ The official side's process imports torch and the transcription only (zsad_jax's
 transcription names at import are stubbed: it never calls them), so its RSS holds no JAX.
 
 Prints one JSON line per step and a summary. ``--step=train_ours --method=af_clip`` (or
-ava_dino) runs our train step of another method alone; its official side is not transcribed here
-(tests/official/ holds only those methods' heads).
+ava_dino) runs our train step of another method alone. ``--step=train_official_ava_dino`` is
+AVA-DINO's official train step (see ``_official_ava_dino_models``: its backbones in transformers
+with random weights, its heads and loss from tests/official/); AF-CLIP's official side is not built.
 
 Findings (2026-12-01; 2-core Sapphire Rapids VM shared with other jobs, jax 0.10.2, torch 2.13,
 full size 518 px, batch 2, float32, random weights; outputs equal: same loss 2.1725459 on both
@@ -62,6 +63,11 @@ sides, maps within 1.2e-7):
 * Our train step alone (``--step=train_ours --method=...``), concurrency schedule -> memory
   schedule: AF-CLIP peak 4,628 -> 4,646 MiB (temporaries 2,013 -> 1,980), AVA-DINO 3,362 ->
   3,375 MiB (448 -> 459): neutral for the methods that do not differentiate through the backbone.
+* AVA-DINO's official train step (``--step=train_official_ava_dino --train-steps=2``, batch 2,
+  512 px): 3,284 MiB after building (DINOv3 303.1 M + CLIP 428.7 M parameters held, 28.3 M
+  trained), **peak 4,529-4,567 MiB** (two runs), 49-51 s per step (420 ensemble sentences per image per step);
+  ours (``--step=train_ours --method=ava_dino``, the same sizes): peak 3,375 MiB, **0.74-0.75x**, ~7 s
+  per step with the class text prepared once (``set_classes``).
 """
 
 from __future__ import annotations
@@ -383,11 +389,148 @@ def step_train_official(args) -> dict:
     return out
 
 
+# AVA-DINO's official train step, for its memory and time (``--step=train_official
+# --method=ava_dino``): ``train.py`` holds the DINOv3 ViT-L/16 and the whole CLIP ViT-L/14-336 (both
+# towers, ``create_model(..., img_size=512)``) for the whole run and, per step, encodes each
+# image's 245 + 175 ensemble sentences under ``no_grad`` (``tools/utils.ava_dino_forward``), runs
+# DINOv3 image by image under ``inference_mode`` with hooks on blocks 6/12/18/24 and the final norm,
+# then the heads, the loss, ``backward`` and AdamW. Here transformers' DINOv3ViTModel and CLIPModel
+# of those architectures hold random weights (their values change neither memory nor time), the
+# sentences are random token ids of CLIP's 77-token context, and the heads and loss are the parity
+# tests' transcription (tests/official/ava_dino.py).
+AVA_DINO_LAYERS = (6, 12, 18, 24)
+AVA_DINO_SENTENCES = (7 * 35, 5 * 35)  # normal, abnormal states x the 35 templates
+DINOV3_VITL16 = dict(
+    hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
+    patch_size=16, num_register_tokens=4, layer_norm_eps=1e-5, rope_theta=100.0,
+    use_gated_mlp=False, hidden_act="gelu", query_bias=True, key_bias=False, value_bias=True,
+    proj_bias=True, mlp_bias=True,
+)  # fmt: skip
+
+
+def _official_ava_dino_models():
+    import torch
+    import transformers
+
+    dino = transformers.DINOv3ViTModel(transformers.DINOv3ViTConfig(**DINOV3_VITL16))
+    clip = transformers.CLIPModel(
+        transformers.CLIPConfig(
+            text_config=dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                             intermediate_size=3072, hidden_act="gelu"),
+            vision_config=dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                               intermediate_size=4096, patch_size=14, image_size=504,
+                               hidden_act="gelu"),
+            projection_dim=768,
+        )
+    )  # fmt: skip
+    for p in (*dino.parameters(), *clip.parameters()):
+        p.requires_grad_(False)
+    g = torch.Generator().manual_seed(0)
+
+    def weight(d_out, d_in):
+        w = torch.empty(d_out, d_in)
+        torch.nn.init.kaiming_uniform_(w, a=5**0.5, generator=g)  # torch Linear's default
+        return torch.nn.Parameter(w)
+
+    def adapters():
+        return [(weight(768, 1024), weight(1024, 768)) for _ in AVA_DINO_LAYERS]
+
+    w = {"pa0": weight(768, 768), "pa1": weight(768, 768), "P": weight(1024, 768)}
+    w.update(cls_n=adapters(), cls_a=adapters(), patch_n=adapters(), patch_a=adapters())
+    unused_fc2 = [weight(768, 768), weight(768, 768)]  # the prompt adapters' fc2, trained too
+    params = [w["pa0"], w["pa1"], w["P"], *unused_fc2]
+    params += [t for k in ("cls_n", "cls_a", "patch_n", "patch_a") for pair in w[k] for t in pair]
+    return dino.eval(), clip.eval(), w, params
+
+
+def _official_ava_dino_step(dino, clip, w, params, size: int):
+    import torch
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from official.ava_dino import torch_official_heads, torch_official_loss
+
+    optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-2)
+    g = torch.Generator().manual_seed(1)
+
+    def sentences(n):
+        ids = torch.zeros(n, 77, dtype=torch.long)
+        ids[:, 0] = 49406  # start of text
+        ids[:, 1:12] = torch.randint(1, 49405, (n, 11), generator=g)
+        ids[:, 12] = 49407  # end of text: the highest id, where CLIP pools
+        return ids
+
+    def class_text():
+        with torch.no_grad():
+            states = [
+                clip.get_text_features(input_ids=sentences(n)).pooler_output  # projected
+                for n in AVA_DINO_SENTENCES
+            ]
+            states = [torch.nn.functional.normalize(t, dim=-1).mean(0) for t in states]
+            return torch.stack([torch.nn.functional.normalize(t, dim=0) for t in states], dim=1)
+
+    def features(pixels):
+        cls, patches = [[] for _ in AVA_DINO_LAYERS], [[] for _ in AVA_DINO_LAYERS]
+        with torch.inference_mode():
+            for image in pixels:
+                hidden = dino(image[None], output_hidden_states=True).hidden_states
+                for i, layer in enumerate(AVA_DINO_LAYERS):
+                    tokens = dino.norm(hidden[layer])
+                    p = tokens[:, 5:]  # after CLS and the 4 registers; std unbiased, as torch's
+                    p = (p - p.mean(1, keepdim=True)) / (p.std(1, keepdim=True) + 1e-6)
+                    patches[i].append(p)
+                    cls[i].append(tokens[:, 0])
+        return [torch.cat(c).clone() for c in cls], [torch.cat(p).clone() for p in patches]
+
+    def step(pixels, labels, mask):
+        text = torch.stack([class_text() for _ in range(len(pixels))])  # per image, as train.py
+        cls, patches = features(pixels)
+        grid = (size // 16, size // 16)
+        out = torch_official_heads(cls, patches, text, w, interleave=True, grid=grid, size=size)
+        loss, _ = torch_official_loss(
+            out["aacm"], out["cross_modal"], out["global_logits"], out["w_n"], out["w_a"],
+            mask, labels,
+        )  # fmt: skip
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        return loss.item()
+
+    return step
+
+
+def step_train_official_ava_dino(args) -> dict:
+    import torch
+
+    out = {"step": "train_official", "method": "ava_dino", "torch_threads": torch.get_num_threads()}
+    out["rss_imports_mib"] = _rss_mib("VmRSS")
+    dino, clip, w, params = _official_ava_dino_models()
+    out["rss_built_mib"] = _rss_mib("VmRSS")
+    out["params"] = {
+        "dinov3": sum(p.numel() for p in dino.parameters()),
+        "clip": sum(p.numel() for p in clip.parameters()),
+        "trained": sum(p.numel() for p in params),
+    }
+    size = 512
+    step = _official_ava_dino_step(dino, clip, w, params, size)
+    g = torch.Generator().manual_seed(2)
+    pixels = torch.randn(args.batch, 3, size, size, generator=g)
+    mask = torch.zeros(args.batch, 1, size, size)
+    mask[0, :, 100:180, 200:300] = 1
+    labels = (mask.amax(dim=(1, 2, 3)) > 0).long()
+    times = [_timed(lambda: out.setdefault("loss", step(pixels, labels, mask)))]
+    for _ in range(args.train_steps - 1):
+        times.append(_timed(lambda: step(pixels, labels, mask)))
+    out["first_step_s"], out["later_steps_s"] = round(times[0], 2), [round(t, 2) for t in times[1:]]
+    out["peak_rss_mib"] = _rss_mib("VmHWM")
+    return out
+
+
 STEPS = {
     "export": step_export,
     "infer": step_infer,
     "train_ours": step_train_ours,
     "train_official": step_train_official,
+    "train_official_ava_dino": step_train_official_ava_dino,
 }
 OUR_STEPS = ("infer", "train_ours")  # the steps that run our side as the commands do
 
