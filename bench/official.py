@@ -65,9 +65,9 @@ sides, maps within 1.2e-7):
   3,375 MiB (448 -> 459): neutral for the methods that do not differentiate through the backbone.
 * AVA-DINO's official train step (``--step=train_official_ava_dino --train-steps=2``, batch 2,
   512 px): 3,284 MiB after building (DINOv3 303.1 M + CLIP 428.7 M parameters held, 28.3 M
-  trained), **peak 4,529-4,567 MiB** (two runs), 49-51 s per step (420 ensemble sentences per image per step);
-  ours (``--step=train_ours --method=ava_dino``, the same sizes): peak 3,375 MiB, **0.74-0.75x**, ~7 s
-  per step with the class text prepared once (``set_classes``).
+  trained), **peak 4,529-4,567 MiB** (two runs), 49-51 s per step (420 ensemble sentences per
+  image per step); ours (``--step=train_ours --method=ava_dino``, the same sizes): peak 3,375
+  MiB, **0.74-0.75x**, ~7 s per step with the class text prepared once (``set_classes``).
 """
 
 from __future__ import annotations
