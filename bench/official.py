@@ -389,8 +389,8 @@ def step_train_official(args) -> dict:
     return out
 
 
-# AVA-DINO's official train step, for its memory and time (``--step=train_official
-# --method=ava_dino``): ``train.py`` holds the DINOv3 ViT-L/16 and the whole CLIP ViT-L/14-336 (both
+# AVA-DINO's official train step, for its memory and time (``--step=train_official_ava_dino``):
+# ``train.py`` holds the DINOv3 ViT-L/16 and the whole CLIP ViT-L/14-336 (both
 # towers, ``create_model(..., img_size=512)``) for the whole run and, per step, encodes each
 # image's 245 + 175 ensemble sentences under ``no_grad`` (``tools/utils.ava_dino_forward``), runs
 # DINOv3 image by image under ``inference_mode`` with hooks on blocks 6/12/18/24 and the final norm,
