@@ -77,7 +77,7 @@ from zsad_jax.methods.acd_heads import (
     norm_match,
 )
 from zsad_jax.methods.backbone import TokenizerSource, build_backbone
-from zsad_jax.methods.base import AnomalyModel
+from zsad_jax.methods.base import AnomalyModel, blended_image_score, checked_score_weight
 from zsad_jax.nn import (
     Buffer,
     Trainable,
@@ -232,12 +232,7 @@ def _check_image_options(config, patch_size: int) -> None:
             f"{_CONFIG}: data.image_size={image_size} is not a multiple of the backbone patch "
             f"size {patch_size}"
         )
-    weight = float(config.model.image_score_weight)
-    if not 0.0 <= weight <= 1.0:
-        raise ValueError(
-            f"{_CONFIG}: model.image_score_weight={weight} must be in [0, 1] "
-            "(pred_score = w * p_image + (1 - w) * max(map))"
-        )
+    checked_score_weight(config.model.image_score_weight, _CONFIG, official=0.9)
 
 
 def _per_group(n: int, make) -> nnx.List:
@@ -586,7 +581,7 @@ class AcdClip(AnomalyModel):
         images = batch["image"]
         if "class_id" not in batch:
             raise ValueError(f"{_HERE}: batch['class_id'] (B,) is needed to pick the prompts")
-        b, height, width, _ = images.shape
+        _, height, width, _ = images.shape
         grid = (height // self.patch_size, width // self.patch_size)
         if train:
             text = self.encode_class_text(batch["class_id"])
@@ -598,8 +593,7 @@ class AcdClip(AnomalyModel):
         probs = self.map_probabilities(group_logits, grid, (height, width), blur=not train)
         anomaly_map = probs[..., 1]
         image_prob = jax.nn.softmax(image_logits, axis=-1)[:, 1]
-        w = self.image_score_weight
-        score = w * image_prob + (1.0 - w) * jnp.max(anomaly_map.reshape(b, -1), axis=-1)
+        score = blended_image_score(image_prob, anomaly_map, self.image_score_weight)
         return {
             "anomaly_map": anomaly_map,
             "pred_score": score,

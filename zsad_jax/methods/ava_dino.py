@@ -52,7 +52,7 @@ from flax import nnx
 from zsad_jax import losses, text_cache
 from zsad_jax.layers import gaussian_filter, resize_bilinear
 from zsad_jax.methods.backbone import TokenizerSource, build_backbone
-from zsad_jax.methods.base import AnomalyModel
+from zsad_jax.methods.base import AnomalyModel, blended_image_score, checked_score_weight
 from zsad_jax.nn import Buffer, l2_normalize, resolve_compute_dtype, torch_linear, trainable
 from zsad_jax.prompts import ensemble_sentences
 
@@ -165,13 +165,8 @@ ADDED_MODEL_KEYS = {
 
 
 def _image_score_weight(m) -> float:
-    weight = float(m.get("image_score_weight", ADDED_MODEL_KEYS["image_score_weight"]))
-    if not 0.0 <= weight <= 1.0:
-        raise ValueError(
-            f"{_CONFIG}: model.image_score_weight={weight} must be in [0, 1] "
-            "(pred_score = w * softmax(global_logits)[1] + (1 - w) * max(map); 0 = official)"
-        )
-    return weight
+    weight = m.get("image_score_weight", ADDED_MODEL_KEYS["image_score_weight"])
+    return checked_score_weight(weight, _CONFIG, official=0.0)
 
 
 def _check_image_size(image_size: int, patch_size: int) -> None:
@@ -456,12 +451,8 @@ class AvaDino(AnomalyModel):
 
     def image_score(self, out: dict[str, jax.Array], anomaly_map: jax.Array) -> jax.Array:
         """``w * softmax(global_logits)[1] + (1 - w) * max(map)``; w = 0 is exactly the max."""
-        map_max = jnp.max(anomaly_map, axis=(1, 2))
-        w = self.image_score_weight
-        if w == 0.0:
-            return map_max
         global_prob = jax.nn.softmax(out["global_logits"], axis=-1)[:, 1]
-        return w * global_prob + (1.0 - w) * map_max
+        return blended_image_score(global_prob, anomaly_map, self.image_score_weight)
 
     def loss(
         self, outputs: dict[str, jax.Array], batch: dict[str, jax.Array]

@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 
@@ -49,3 +50,25 @@ class AnomalyModel(nnx.Module):
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         """Returns the scalar training loss (float32) and its named parts for logging."""
         raise NotImplementedError
+
+
+# The image-score rule ACD-CLIP's official code uses and AVA-DINO offers as a switch.
+
+
+def checked_score_weight(value, config_file: str, official: float) -> float:
+    """``model.image_score_weight`` as a float in [0, 1], or a one-line error naming the file."""
+    weight = float(value)
+    if not 0.0 <= weight <= 1.0:
+        raise ValueError(
+            f"{config_file}: model.image_score_weight={weight} must be in [0, 1] "
+            f"(pred_score = w * p_image + (1 - w) * max(map); official: {official:g})"
+        )
+    return weight
+
+
+def blended_image_score(image_prob: jax.Array, anomaly_map: jax.Array, weight: float) -> jax.Array:
+    """``w * image_prob + (1 - w) * max(anomaly_map)`` per image; w = 0 is exactly the maximum."""
+    map_max = jnp.max(anomaly_map, axis=(1, 2))
+    if weight == 0.0:
+        return map_max
+    return weight * image_prob + (1.0 - weight) * map_max
