@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from zsad_jax.names import did_you_mean, known_datasets
+
 # Where the converted backbones are expected unless a config says otherwise (convert with
 # `python -m convert.clip --src ... --out weights/clip-vit-l14-336`).
 WEIGHTS_DIR = "weights"
@@ -33,6 +35,13 @@ def parse_arg(arg: str | None) -> dict[str, str | bool]:
     return out
 
 
+def dataset_name(value) -> str:
+    """A dataset variant's value as read: any case, as ``read_dataset`` takes it (``VisA`` is
+    ``visa``); a ``package.module:callable`` as written."""
+    value = str(value)
+    return value if ":" in value else value.lower()
+
+
 def backbone(kind: str, checkpoint: str | None, preset: str) -> ml_collections.ConfigDict:
     """``kind`` "clip" | "dinov3"; ``checkpoint`` a converted directory; ``preset`` the architecture
     used when building without weights (``summary``, ``eval_shape``) or with random weights
@@ -45,8 +54,8 @@ def backbone(kind: str, checkpoint: str | None, preset: str) -> ml_collections.C
 def base_config(method: str, arg: str | None = None) -> ml_collections.ConfigDict:
     """All sections with neutral defaults; method configs override what their recipe says."""
     variant = parse_arg(arg)
-    train_set = str(variant.get("train_set", "mvtec_ad"))
-    test_set = str(variant.get("test_set", ZERO_SHOT_PAIRS.get(train_set, train_set)))
+    train_set = dataset_name(variant.get("train_set", "mvtec_ad"))
+    test_set = dataset_name(variant.get("test_set", ZERO_SHOT_PAIRS.get(train_set, train_set)))
     c = ml_collections.ConfigDict()
     c.method = method
     # Method fields; ``model.remat`` asks the method to rematerialise its backbone blocks in the
@@ -167,25 +176,6 @@ DATASET = "<dataset>"
 DATASET_VARIANTS = {"train_set": DATASET, "test_set": DATASET}
 
 
-def known_datasets() -> tuple[str, ...]:
-    """The dataset names ``zsad_jax.data.protocol.read_dataset`` knows (its ``READERS`` keys).
-
-    Imported on use: ``zsad_jax.data.protocol`` pulls in numpy and PIL, which a config naming no
-    dataset does not need.
-    """
-    from zsad_jax.data.protocol import READERS
-
-    return tuple(sorted(READERS))
-
-
-def did_you_mean(word: str, candidates) -> str:
-    """``" (did you mean 'tiny'?)"`` for the closest of ``candidates`` (difflib), else ``""``."""
-    import difflib
-
-    close = difflib.get_close_matches(str(word), [str(c) for c in candidates], n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
 def describe_variants(known) -> str:
     """``"train_set=..., test_set=..., tiny, n_groups=2|3|4|6"`` for a ``known`` mapping."""
     parts = []
@@ -250,6 +240,7 @@ def parse_variants(arg: str | None, known, config_file: str) -> dict[str, str | 
             )
         if kind is DATASET:
             datasets = known_datasets()
+            value = dataset_name(value)
             if value not in datasets and not (name == "train_set" and ":" in value):
                 extra = " (or a package.module:callable)" if name == "train_set" else ""
                 raise ValueError(

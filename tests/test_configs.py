@@ -226,6 +226,16 @@ def test_dataset_variants_list_the_known_datasets():
     assert f"known datasets: {', '.join(sorted(READERS))}" in message
 
 
+def test_dataset_variants_take_any_case_as_the_readers_do():
+    # read_dataset lower-cases the name, and so does --config.data.train_set=VisA
+    # (config_check); the variant must not refuse what the key accepts.
+    assert (
+        _config("af_clip", "train_set=VisA").to_dict()
+        == _config("af_clip", "train_set=visa").to_dict()
+    )
+    assert "(did you mean 'visa'?)" in _refusal("af_clip", "train_set=VISSA")
+
+
 @pytest.mark.parametrize(
     "name, arg, expected",
     [

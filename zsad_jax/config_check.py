@@ -55,6 +55,11 @@ import re
 from pathlib import Path
 from typing import Any
 
+from zsad_jax import optim as optim_lib
+from zsad_jax.data import transforms
+from zsad_jax.encoders.presets import PRESETS
+from zsad_jax.methods import METHODS
+from zsad_jax.names import did_you_mean, known_datasets
 from zsad_jax.nn import COMPUTE_DTYPES
 
 _MISSING = object()
@@ -214,8 +219,6 @@ def _check_optim(config: Any, out: list[str]) -> None:
     optim = _section(config, "optim")
     if optim is None:
         return
-    from zsad_jax import optim as optim_lib  # jax/optax: only when checking
-
     c = _Checker(optim, "config.optim", out)
     c.choice("name", optim_lib.NAMES)
     c.choice("schedule", optim_lib.SCHEDULES)
@@ -260,8 +263,6 @@ def _check_data(config: Any, out: list[str]) -> None:
     data = _section(config, "data")
     if data is None:
         return
-    from zsad_jax.data import transforms  # numpy/PIL: only when checking
-
     c = _Checker(data, "config.data", out)
     batch = c.integer("batch_size", ge=1)
     _check_batch_divisible(config, batch, out)
@@ -277,7 +278,7 @@ def _check_data(config: Any, out: list[str]) -> None:
     tfds_dir = c.get("tfds_dir")
     if tfds_dir is not _MISSING and tfds_dir:
         return  # TFDS config names, not reader names
-    datasets = _known_datasets()
+    datasets = known_datasets()
     train_set = c.get("train_set")
     if train_set is not _MISSING:
         is_spec = isinstance(train_set, str) and ":" in train_set
@@ -286,7 +287,7 @@ def _check_data(config: Any, out: list[str]) -> None:
                 "train_set",
                 train_set,
                 f"must be a known dataset ({', '.join(datasets)}) or a package.module:callable"
-                f"{_did_you_mean(train_set, datasets)}",
+                f"{did_you_mean(train_set, datasets)}",
             )
     eval_enabled = _value(_section(config, "eval"), "enabled")
     test_set = c.get("test_set")
@@ -296,7 +297,7 @@ def _check_data(config: Any, out: list[str]) -> None:
                 "test_set",
                 test_set,
                 f"must be a known dataset ({', '.join(datasets)})"
-                f"{_did_you_mean(test_set, datasets)}",
+                f"{did_you_mean(test_set, datasets)}",
             )
 
 
@@ -349,14 +350,12 @@ def _check_top(config: Any, out: list[str]) -> None:
     c = _Checker(config, "config", out)
     method = c.get("method")
     if method is not _MISSING:
-        from zsad_jax.methods import METHODS  # flax: only when checking
-
         if not isinstance(method, str) or (method not in METHODS and ":" not in method):
             c.problem(
                 "method",
                 method,
                 f"must be one of {', '.join(sorted(METHODS))} or a package.module:Class"
-                f"{_did_you_mean(method, METHODS)}",
+                f"{did_you_mean(method, METHODS)}",
             )
     c.choice("compute_dtype", COMPUTE_DTYPES)
     c.integer("seed", ge=0)
@@ -387,8 +386,6 @@ def _check_model(config: Any, out: list[str]) -> None:
 
 
 def _check_encoder(encoder: Any, where: str, out: list[str]) -> None:
-    from zsad_jax.encoders.presets import PRESETS  # flax: only when checking
-
     c = _Checker(encoder, where, out)
     kind = c.get("kind")
     if kind is _MISSING:
@@ -402,7 +399,7 @@ def _check_encoder(encoder: Any, where: str, out: list[str]) -> None:
             "preset",
             preset,
             f"must be a {kind} preset: one of {', '.join(sorted(PRESETS[kind]))}"
-            f"{_did_you_mean(preset, PRESETS[kind])}",
+            f"{did_you_mean(preset, PRESETS[kind])}",
         )
 
 
@@ -410,24 +407,9 @@ def _check_encoder(encoder: Any, where: str, out: list[str]) -> None:
 # Helpers.
 
 
-def _known_datasets() -> tuple[str, ...]:
-    from zsad_jax.data.protocol import READERS
-
-    return tuple(sorted(READERS))
-
-
 def _is_dataset(value: Any, datasets: tuple[str, ...]) -> bool:
     # read_dataset lower-cases the name.
     return isinstance(value, str) and value.lower() in datasets
-
-
-def _did_you_mean(word: Any, candidates: Any) -> str:
-    import difflib
-
-    if not isinstance(word, str):
-        return ""
-    close = difflib.get_close_matches(word.lower(), [str(c) for c in candidates], n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def patch_size(encoder: Any) -> int | None:
@@ -445,8 +427,6 @@ def patch_size(encoder: Any) -> int | None:
             except (OSError, ValueError):
                 return None
     if arch is None:
-        from zsad_jax.encoders.presets import PRESETS
-
         presets = PRESETS.get(kind) if isinstance(kind, str) else None
         if not presets or preset not in presets:
             return None
