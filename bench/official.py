@@ -35,7 +35,11 @@ transcription names at import are stubbed: it never calls them), so its RSS hold
 Prints one JSON line per step and a summary. ``--step=train_ours --method=af_clip`` (or
 ava_dino) runs our train step of another method alone. ``--step=train_official_ava_dino`` is
 AVA-DINO's official train step (see ``_official_ava_dino_models``: its backbones in transformers
-with random weights, its heads and loss from tests/official/); AF-CLIP's official side is not built.
+with random weights, its heads and loss from tests/official/); ``--step=train_official_af_clip``
+is AF-CLIP's (``_official_af_clip_models`` / ``_official_af_clip_step``: the whole CLIP in
+transformers with random weights, the state text encoded once per step with gradients, the
+adaptor, aggregation and loss from tests/official/af_clip.py; image size, taps, windows, context
+length and the random batch those of ``--step=train_ours --method=af_clip``).
 
 Findings (2026-12-01; 2-core Sapphire Rapids VM shared with other jobs, jax 0.10.2, torch 2.13,
 full size 518 px, batch 2, float32, random weights; outputs equal: same loss 2.1725459 on both
@@ -68,6 +72,15 @@ sides, maps within 1.2e-7):
   trained), **peak 4,529-4,567 MiB** (two runs), 49-51 s per step (420 ensemble sentences per
   image per step); ours (``--step=train_ours --method=ava_dino``, the same sizes): peak 3,375
   MiB, **0.74-0.75x**, ~7 s per step with the class text prepared once (``set_classes``).
+* AF-CLIP's official train step (``--step=train_official_af_clip --train-steps=3``, batch 2, 518
+  px, taps 6/12/18/24, windows 1/3/5, our side's random batch): 2,023 MiB after building (CLIP
+  428.8 M parameters held, 2,109,440 trained), **peak 5,163-5,249 MiB** (two runs), 16.6-17.8 s
+  per later step; ours (``--step=train_ours --method=af_clip``, the same sizes): 2,073-2,127 MiB
+  built, peak 4,599-4,609 MiB (XLA temporaries 1,980 MiB), **0.88-0.89x**, 15.0-15.7 s per step.
+  The losses differ (0.451 vs 0.855): the two sides hold different random weights. What the
+  official keeps for its backward (saved-tensor hooks, parameters excluded): 2,210 MiB for the
+  adaptor, ``ln_post`` and ``proj`` over the 12 token sets (mostly each set's 16 x 1370 x 1370
+  attention probabilities), 76 MiB for the text tower, at most 116 MiB for the alignment loss.
 """
 
 from __future__ import annotations
@@ -525,12 +538,222 @@ def step_train_official_ava_dino(args) -> dict:
     return out
 
 
+# AF-CLIP's official train step, for its memory and time (``--step=train_official_af_clip``):
+# ``main.py`` holds the whole OpenAI CLIP ViT-L/14@336 (``clip.load``, both towers, ``eval()``,
+# every parameter ``requires_grad_(False)``) and, from ``CLIP.insert``, the shared adaptor and the
+# 12 context vectors: the only parameters Adam (lr 1e-4, betas (0.5, 0.999)) steps. Per step
+# ``detect_forward_seg`` encodes the two state sentences once, with gradients
+# (``encode_state_prompt``: the context before SOS through the whole text tower, ``ln_final``, the
+# token at 12 + EOT, ``text_projection``), runs all 24 vision blocks over the batch keeping the
+# residual stream after the tapped blocks (no graph there: nothing in the tower requires grad),
+# aggregates each tap at the windows 1/3/5 and puts the 12 token sets through the adaptor,
+# ``ln_post`` and ``proj`` with gradients; then main.py's loss, ``backward`` and ``Adam.step``.
+# Here transformers' CLIPModel of that architecture (QuickGELU, as the OpenAI code runs) holds
+# random weights, its blocks run one by one as the OpenAI ``Transformer`` does; the adaptor, the
+# aggregation and the loss are the parity tests' transcription (tests/official/af_clip.py). The
+# sizes are our config's (configs/af_clip.py, which pins them to main.py's): image size, taps,
+# windows and sigma, context length, adaptor heads, with the batch of ``--batch`` and the random
+# batch of our side (``bench/train_step.fake_batch``: the same pixels and masks). Not modelled:
+# ``clip.load``'s transient second copy of the weights while loading, over before training.
+AF_CLIP_ADAM = dict(lr=1e-4, betas=(0.5, 0.999))  # main.py: no weight decay, no schedule
+AF_CLIP_TEMPERATURE = 0.07
+# transformers CLIPConfig fields of each CLIP preset our config can name (zsad_jax/encoders/
+# presets.py); both text towers take a 77-token context, SOS and EOT the vocabulary's last ids.
+AF_CLIP_CLIP = {
+    "vit_l14_336": dict(
+        text_config=dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                         intermediate_size=3072, vocab_size=49408),
+        vision_config=dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                           intermediate_size=4096, patch_size=14),
+        projection_dim=768,
+    ),
+    "tiny": dict(
+        text_config=dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                         intermediate_size=64, vocab_size=514),
+        vision_config=dict(hidden_size=48, num_hidden_layers=3, num_attention_heads=4,
+                           intermediate_size=96, patch_size=4),
+        projection_dim=24,
+    ),
+}  # fmt: skip
+AF_CLIP_STATE_WORDS = 3  # 'without defect.' / 'with defect.': ~3 BPE tokens (ids: random)
+
+
+def _official_af_clip_clip(preset: str, image_size: int):
+    """The frozen CLIP ``clip.load`` returns, at ``image_size`` (the positional grid of that size:
+    the official code overwrites its 24 x 24 grid with the resized one on the first call)."""
+    import transformers
+
+    fields = AF_CLIP_CLIP[preset]
+    vocab = fields["text_config"]["vocab_size"]
+    text = dict(fields["text_config"], max_position_embeddings=CONTEXT, hidden_act="quick_gelu")
+    text.update(bos_token_id=vocab - 2, eos_token_id=vocab - 1, pad_token_id=0)
+    vision = dict(fields["vision_config"], image_size=image_size, hidden_act="quick_gelu")
+    clip = transformers.CLIPModel(
+        transformers.CLIPConfig(
+            text_config=text, vision_config=vision, projection_dim=fields["projection_dim"]
+        )
+    )
+    for p in clip.parameters():
+        p.requires_grad_(False)
+    return clip.eval()
+
+
+def _official_af_clip_state_ids(vocab: int):
+    """(2, 77) ids of the normal / abnormal sentences: SOS, random word ids, EOT, padding."""
+    import torch
+
+    g = torch.Generator().manual_seed(3)
+    ids = torch.zeros(2, CONTEXT, dtype=torch.long)
+    ids[:, 0] = vocab - 2
+    ids[:, 1 : 1 + AF_CLIP_STATE_WORDS] = torch.randint(
+        1, vocab - 2, (2, AF_CLIP_STATE_WORDS), generator=g
+    )
+    ids[:, 1 + AF_CLIP_STATE_WORDS] = vocab - 1  # EOT: the highest id, where the text is pooled
+    return ids
+
+
+def _official_af_clip_models(config):
+    """(clip, adaptor, context, state ids): what ``main.py`` holds after ``CLIP.insert``."""
+    import torch
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from official.af_clip import TorchAdaptor
+
+    m = config.model
+    torch.manual_seed(int(config.seed))  # transformers' init draws from torch's global generator
+    clip = _official_af_clip_clip(m.backbone.preset, int(config.data.image_size))
+    width = clip.config.vision_config.hidden_size
+    adaptor = TorchAdaptor(width, m.adaptor.heads, m.adaptor.head_dim)  # torch's default init
+    context = torch.nn.Parameter(
+        torch.empty(1, m.prompt_length, clip.config.text_config.hidden_size)
+    )
+    torch.nn.init.normal_(context, std=0.01)
+    return clip, adaptor, context, _official_af_clip_state_ids(clip.config.text_config.vocab_size)
+
+
+def _official_af_clip_text(clip, ids, context):
+    """``encode_state_prompt``: (2, joint dim), with gradients through the frozen text tower."""
+    import torch
+
+    text = clip.text_model
+    x = torch.cat([context.repeat(2, 1, 1), text.embeddings.token_embedding(ids)], dim=1)
+    x = x[:, : ids.shape[1]] + text.embeddings.position_embedding.weight
+    causal = torch.full((1, 1, x.shape[1], x.shape[1]), float("-inf")).triu_(1)
+    for layer in text.encoder.layers:
+        x = layer(x, causal)
+    x = text.final_layer_norm(x)
+    return clip.text_projection(x[torch.arange(2), context.shape[1] + ids.argmax(dim=-1)])
+
+
+def _official_af_clip_taps(clip, pixels, layers):
+    """``encode_image``: the residual stream after each tapped block (1-indexed); all blocks run."""
+    vision = clip.vision_model
+    x = vision.pre_layrnorm(vision.embeddings(pixels))
+    taps = []
+    for i, layer in enumerate(vision.encoder.layers):
+        x = layer(x, None)
+        if i + 1 in layers:
+            taps.append(x)
+    return taps
+
+
+def _official_af_clip_forward(clip, adaptor, context, ids, pixels, m):
+    """``detect_forward_seg``: (CLS abnormal probability (B,), map (B, 1, h, w), the 12 projected
+    token sets)."""
+    import math
+
+    import torch
+    from official.af_clip import torch_aggregate
+
+    F = torch.nn.functional
+    text = F.normalize(_official_af_clip_text(clip, ids, context), dim=-1)
+    taps = _official_af_clip_taps(clip, pixels, tuple(m.feature_layers))
+    token_sets = [
+        torch_aggregate(x, r, float(m.aggregation_sigma)) for x in taps for r in m.aggregation_sizes
+    ]
+    post, proj = clip.vision_model.post_layernorm, clip.visual_projection
+    projected = [proj(post(adaptor(x))) for x in token_sets]
+    scores = 0
+    for x in projected:
+        scores = scores + F.normalize(x, dim=-1) @ text.T / AF_CLIP_TEMPERATURE
+    prob = torch.softmax(scores, dim=-1)
+    b, n = prob.shape[:2]
+    h = math.isqrt(n - 1)
+    return prob[:, 0, 1], prob[:, 1:, 1].reshape(b, 1, h, h), projected
+
+
+def _official_af_clip_step(clip, adaptor, context, ids, m):
+    """``main.py``'s loop body: forward, loss, ``zero_grad``, ``backward``, Adam."""
+    import torch
+    from official.af_clip import torch_official_loss
+
+    optimizer = torch.optim.Adam([context, *adaptor.parameters()], **AF_CLIP_ADAM)
+
+    def step(pixels, labels, gts):
+        cls_prob, amap, projected = _official_af_clip_forward(
+            clip, adaptor, context, ids, pixels, m
+        )
+        loss = torch_official_loss(cls_prob, amap, projected, labels, gts)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        return loss.item()
+
+    return step
+
+
+def _official_af_clip_batch(config, batch: int):
+    """Our side's random batch (``fake_batch``, NumPy only) as main.py's tensors."""
+    import torch
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from train_step import fake_batch
+
+    local = fake_batch(config, batch)
+    pixels = torch.from_numpy(local["image"].transpose(0, 3, 1, 2).copy())
+    labels = torch.from_numpy(local["gt_label"]).float()
+    return pixels, labels, torch.from_numpy(local["gt_mask"])[:, None]
+
+
+def step_train_official_af_clip(args) -> dict:
+    import importlib
+
+    import torch
+
+    out = {"step": "train_official", "method": "af_clip", "torch_threads": torch.get_num_threads()}
+    out["rss_imports_mib"] = _rss_mib("VmRSS")
+    config = importlib.import_module("configs.af_clip").get_config(args.variant or None)
+    clip, adaptor, context, ids = _official_af_clip_models(config)
+    step = _official_af_clip_step(clip, adaptor, context, ids, config.model)
+    out["rss_built_mib"] = _rss_mib("VmRSS")
+    out["params"] = {
+        "clip": sum(p.numel() for p in clip.parameters()),
+        "trained": context.numel() + sum(p.numel() for p in adaptor.parameters()),
+    }
+    m = config.model
+    out["sizes"] = {
+        "image": int(config.data.image_size),
+        "batch": args.batch,
+        "layers": list(m.feature_layers),
+        "windows": list(m.aggregation_sizes),
+    }
+    pixels, labels, gts = _official_af_clip_batch(config, args.batch)
+    times = [_timed(lambda: out.setdefault("loss", step(pixels, labels, gts)))]
+    for _ in range(args.train_steps - 1):
+        times.append(_timed(lambda: step(pixels, labels, gts)))
+    out["first_step_s"], out["later_steps_s"] = round(times[0], 2), [round(t, 2) for t in times[1:]]
+    out["peak_rss_mib"] = _rss_mib("VmHWM")
+    out["jax_imported"] = "jax" in sys.modules  # the official process must hold no JAX
+    return out
+
+
 STEPS = {
     "export": step_export,
     "infer": step_infer,
     "train_ours": step_train_ours,
     "train_official": step_train_official,
     "train_official_ava_dino": step_train_official_ava_dino,
+    "train_official_af_clip": step_train_official_af_clip,
 }
 OUR_STEPS = ("infer", "train_ours")  # the steps that run our side as the commands do
 
@@ -562,7 +785,7 @@ def _write_batch(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--variant", default="", help="configs/acd_clip.py variant ('' = full)")
+    parser.add_argument("--variant", default="", help="the method config's variant ('' = full)")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3, help="interleaved inference repeats")
     parser.add_argument("--train-steps", type=int, default=2)

@@ -2,6 +2,7 @@
 persistent compilation cache follows ZSAD_JAX_CACHE_DIR."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -162,3 +163,22 @@ def test_release_compiler_memory_trims_once_after_each_compilation(tmp_path):
     )
     out, _ = _run(["-c", code], tmp_path)
     assert out.split("\n")[:2] == ["True True", "[0]"]
+
+
+@pytest.mark.torch
+def test_official_af_clip_train_step_runs_at_tiny_size_without_jax(tmp_path):
+    """bench/official.py's AF-CLIP official step (``--step=train_official_af_clip``) at the tiny
+    config's sizes: a finite loss over two steps, the adaptor + context as the trained parameters,
+    and no JAX in its process."""
+    _, rows = _run(
+        ["bench/official.py", "--step=train_official_af_clip", "--variant=tiny", "--train-steps=2"],
+        tmp_path,
+    )
+    (row,) = rows
+    assert row["sizes"] == {"image": 32, "batch": 2, "layers": [1, 2, 3], "windows": [1, 3, 5]}
+    width, inner, context = 48, 2 * 8, 4 * 32  # configs/af_clip.py tiny: adaptor 2 x 8, 4 x 32
+    assert (
+        row["params"]["trained"] == context + 2 * width + 3 * width * inner + inner * width + width
+    )
+    assert math.isfinite(row["loss"]) and len(row["later_steps_s"]) == 1
+    assert row["peak_rss_mib"] >= row["rss_built_mib"] and not row["jax_imported"]
