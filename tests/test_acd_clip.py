@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import toys
 from extras import optional
 from flax import nnx
 
@@ -65,38 +66,14 @@ def setup():
     # Larger blend weights than the 0.2 init, so the adapters matter in the checks.
     for blend in list(model.image_blend) + list(model.text_blend):
         blend.weight[...] = jnp.linspace(0.1, 0.9, blend.weight.shape[0])
-    graphdef, params, rest = nnx.split(model, Trainable, ...)
-
-    @jax.jit
-    def forward(params, rest, batch):
-        return nnx.merge(graphdef, params, rest)(batch)
-
-    @jax.jit
-    def loss_and_grad(params, rest, batch):
-        def loss_fn(p):
-            m = nnx.merge(graphdef, p, rest)
-            out = m(batch, train=True)
-            loss, parts = m.loss(out, batch)
-            return loss, (parts, out)
-
-        return jax.value_and_grad(loss_fn, has_aux=True)(params)
+    graphdef, params, rest, forward, loss_and_grad = toys.jitted_method(model)
 
     @jax.jit
     def embed(params, rest, images):
         return nnx.merge(graphdef, params, rest).backbone.vision.embed(images)
 
     rng = np.random.default_rng(0)
-    images = rng.normal(size=(B, SIZE, SIZE, 3)).astype(np.float32)
-    cells = rng.random((B, GRID, GRID)) < 0.3
-    cells[0] = False
-    masks = np.kron(cells, np.ones((4, 4))).astype(np.float32)
-    batch = {
-        "image": jnp.asarray(images),
-        "gt_mask": jnp.asarray(masks),
-        "gt_label": jnp.asarray(cells.reshape(B, -1).any(-1).astype(np.int32)),
-        "has_mask": jnp.ones((B,), bool),
-        "class_id": jnp.asarray([0, 2], jnp.int32),
-    }
+    batch = toys.cell_batch(rng, B, SIZE, cell=SIZE // GRID, normal=1, class_id=[0, 2])
     return dict(
         model=model,
         params=params,

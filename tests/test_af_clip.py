@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.ndimage
+import toys
 from extras import optional
 from flax import nnx
 
@@ -43,19 +44,7 @@ def setup():
     model = methods.build(config, rngs=nnx.Rngs(0))
     # Larger context vectors than the N(0, 0.01) init, so the text side matters in the checks.
     model.state_prompt_embedding[...] = model.state_prompt_embedding[...] * 50.0
-    graphdef, params, rest = nnx.split(model, Trainable, ...)
-
-    @jax.jit
-    def forward(params, rest, batch, memory):
-        return nnx.merge(graphdef, params, rest)(batch, memory=memory)
-
-    @jax.jit
-    def loss_and_grad(params, rest, batch):
-        def loss_fn(p):
-            m = nnx.merge(graphdef, p, rest)
-            return m.loss(m(batch, train=True), batch)
-
-        return jax.value_and_grad(loss_fn, has_aux=True)(params)
+    graphdef, params, rest, forward, loss_and_grad = toys.jitted_method(model)
 
     @jax.jit
     def memory_of(params, rest, images):
@@ -66,19 +55,9 @@ def setup():
         m = nnx.merge(graphdef, params, rest)
         return m._layer_tokens(images, m.feature_layers)
 
-    rng = np.random.default_rng(0)
-    images = rng.normal(size=(B, SIZE, SIZE, 3)).astype(np.float32)
     # Anomalous regions made of whole 4 x 4 patch cells: the 8 x 8 targets have no 0.5 ties.
-    cells = rng.random((B, 8, 8)) < 0.3
-    cells[:2] = False
-    masks = np.kron(cells, np.ones((4, 4))).astype(np.float32)
-    batch = {
-        "image": jnp.asarray(images),
-        "gt_mask": jnp.asarray(masks),
-        "gt_label": jnp.asarray(cells.reshape(B, -1).any(-1).astype(np.int32)),
-        "has_mask": jnp.ones((B,), bool),
-        "class_id": jnp.zeros((B,), jnp.int32),
-    }
+    rng = np.random.default_rng(0)
+    batch = toys.cell_batch(rng, B, SIZE, cell=4, normal=2, class_id=np.zeros(B))
     return dict(
         model=model,
         params=params,
@@ -95,7 +74,7 @@ def setup():
 
 
 def test_outputs_shapes_and_ranges(setup):
-    out = setup["forward"](setup["params"], setup["rest"], setup["batch"], None)
+    out = setup["forward"](setup["params"], setup["rest"], setup["batch"], memory=None)
     assert out["anomaly_map"].shape == (B, SIZE, SIZE)
     assert out["pred_score"].shape == (B,)
     assert out["patch_map"].shape == (B, 8, 8)
@@ -124,7 +103,7 @@ def test_only_trainable_state_gets_gradients(setup):
     assert not nnx.state(model.backbone, Trainable)  # the backbone is never retyped
     assert jax.tree.leaves(backbone_params)
 
-    (_, parts), grads = setup["loss_and_grad"](setup["params"], setup["rest"], batch)
+    (_, (parts, _)), grads = setup["loss_and_grad"](setup["params"], setup["rest"], batch)
     for path, g in nnx.to_flat_state(grads):
         assert float(jnp.abs(g[...]).max()) > 0.0, f"no gradient for {path}"
     assert all(np.isfinite(float(v)) for v in parts.values())
@@ -163,7 +142,7 @@ def test_full_size_trainable_count_is_official():
 @pytest.mark.torch
 def test_forward_and_post_processing_match_torch(setup):
     model, batch = setup["model"], setup["batch"]
-    out = setup["forward"](setup["params"], setup["rest"], batch, None)
+    out = setup["forward"](setup["params"], setup["rest"], batch, memory=None)
     taps = setup["taps_of"](setup["params"], setup["rest"], batch["image"])
     taps_t = [_t(taps[i]) for i in model.feature_layers]
     ids = torch.from_numpy(np.asarray(model.state_prompt_ids[...])).long()
@@ -251,7 +230,7 @@ def test_few_shot_memory_matches_torch_and_is_zero_on_memory_images(setup):
     references = batch["image"][:2]
     memory = setup["memory_of"](params, rest, references)
     assert memory.shape == (9, 2 * 64, model.backbone.vision.config.width)
-    out = setup["forward"](params, rest, batch, memory)
+    out = setup["forward"](params, rest, batch, memory=memory)
 
     # Queries 0 and 1 are the memory images: their memory score is 0 at every patch.
     assert float(jnp.abs(out["memory_map"][:2]).max()) <= 1e-6
@@ -277,7 +256,7 @@ def test_few_shot_memory_matches_torch_and_is_zero_on_memory_images(setup):
     np.testing.assert_allclose(out["memory_score"], mem_score, atol=1e-5)
 
     alpha = model.alpha
-    zero_shot = setup["forward"](params, rest, batch, None)
+    zero_shot = setup["forward"](params, rest, batch, memory=None)
     combined_score = (mem_score + alpha * np.asarray(zero_shot["image_prob"])) / (1 + alpha)
     np.testing.assert_allclose(out["pred_score"], combined_score, atol=1e-5)
     combined = (mem_map + alpha * np.asarray(zero_shot["patch_map"]))[:, None] / (1 + alpha)

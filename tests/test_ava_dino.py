@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import toys
 from extras import optional
 from flax import nnx
 from scipy import ndimage as scipy_ndimage
@@ -71,19 +72,7 @@ def _build(arg: str = "tiny"):
 @pytest.fixture(scope="module")
 def setup():
     model = _build()
-    graphdef, params, rest = nnx.split(model, Trainable, ...)
-
-    @jax.jit
-    def forward(params, rest, batch):
-        return nnx.merge(graphdef, params, rest)(batch)
-
-    @jax.jit
-    def loss_and_grad(params, rest, batch):
-        def loss_fn(p):
-            m = nnx.merge(graphdef, p, rest)
-            return m.loss(m(batch, train=True), batch)
-
-        return jax.value_and_grad(loss_fn, has_aux=True)(params)
+    graphdef, params, rest, forward, loss_and_grad = toys.jitted_method(model)
 
     @jax.jit
     def features(params, rest, images):
@@ -140,7 +129,7 @@ def test_only_trainable_state_gets_gradients(setup):
         assert jax.tree.leaves(nnx.state(encoder, nnx.Param))
     assert isinstance(model.class_text, Buffer)
 
-    (_, parts), grads = setup["loss_and_grad"](setup["params"], setup["rest"], batch)
+    (_, (parts, _)), grads = setup["loss_and_grad"](setup["params"], setup["rest"], batch)
     flat = nnx.to_flat_state(grads)
     assert len(flat) == len(expected)
     for path, g in flat:

@@ -300,3 +300,48 @@ def get_config(arg: str = "loop") -> ml_collections.ConfigDict:
     if kind == "loop":
         return loop_config()
     return detector_command_config(kind, bench)
+
+
+# ----------------------------------------------------------------------------------------------
+# A built method split once, its forward and training loss jitted (the method tests' setups).
+
+
+def jitted_method(model):
+    """``(graphdef, params, rest, forward, loss_and_grad)`` of a built method: its Trainable state
+    and the rest (``nnx.split`` once); ``forward(params, rest, batch, **kw)`` is ``model(batch,
+    **kw)``, ``loss_and_grad(params, rest, batch)`` gives ``((loss, (parts, outputs)), grads)`` of
+    the training forward; both jitted with the graphdef static."""
+    graphdef, params, rest = nnx.split(model, Trainable, ...)
+
+    @jax.jit
+    def forward(params, rest, batch, **kwargs):
+        return nnx.merge(graphdef, params, rest)(batch, **kwargs)
+
+    @jax.jit
+    def loss_and_grad(params, rest, batch):
+        def loss_fn(p):
+            m = nnx.merge(graphdef, p, rest)
+            out = m(batch, train=True)
+            loss, parts = m.loss(out, batch)
+            return loss, (parts, out)
+
+        return jax.value_and_grad(loss_fn, has_aux=True)(params)
+
+    return graphdef, params, rest, forward, loss_and_grad
+
+
+def cell_batch(rng, n: int, size: int, *, cell: int, normal: int, class_id) -> dict:
+    """``n`` normal-distributed images whose anomalous regions are whole ``cell`` x ``cell`` patch
+    cells (~30 % of them; none in the first ``normal`` images), so patch-level targets have no
+    0.5 ties; ``class_id`` per image."""
+    images = rng.normal(size=(n, size, size, 3)).astype(np.float32)
+    cells = rng.random((n, size // cell, size // cell)) < 0.3
+    cells[:normal] = False
+    masks = np.kron(cells, np.ones((cell, cell))).astype(np.float32)
+    return {
+        "image": jnp.asarray(images),
+        "gt_mask": jnp.asarray(masks),
+        "gt_label": jnp.asarray(cells.reshape(n, -1).any(-1).astype(np.int32)),
+        "has_mask": jnp.ones((n,), bool),
+        "class_id": jnp.asarray(class_id, jnp.int32),
+    }
