@@ -5,18 +5,22 @@ and root along, and the one-line refusals. In-process; tests/test_user_path.py t
 
 from __future__ import annotations
 
-import json
-
 import ml_collections
 import pytest
 
-from zsad_jax import cli, compile_cache, config_check
+from zsad_jax import checkpoint as ckpt_lib
+from zsad_jax import cli, compile_cache, config_check, report
 
 
-def _stored_demo() -> ml_collections.ConfigDict:
-    """The demo config as a checkpoint stores it and evaluate reads it back (JSON round trip)."""
+def _stored_demo(*, with_types: bool = True) -> ml_collections.ConfigDict:
+    """The demo config as a checkpoint stores it (JSON, and the None fields' types in
+    ``config_types``) and evaluate reads it back; ``with_types=False``: a checkpoint from before
+    ``config_types``."""
     config = cli.load_config_file("configs/demo.py")
-    return ml_collections.ConfigDict(json.loads(config.to_json_best_effort()))
+    meta = {"config": report.config_json(config)}
+    if with_types:
+        meta["config_types"] = ckpt_lib.none_field_types(config)
+    return ckpt_lib.config_from_meta(meta)
 
 
 @pytest.mark.parametrize(
@@ -47,12 +51,25 @@ def test_overrides_on_a_config_file_take_the_fields_types(key, text, expected):
         ("data.tfds_dir", "gs://bucket/tfds", "gs://bucket/tfds"),  # an untyped None
         ("optim.grad_clip", "1.5", 1.5),
         ("optim.lr", "0.5", 0.5),
+        ("data.test_require_masks", "false", False),  # a typed None: config_types keeps "bool"
+        ("data.test_require_masks", "True", True),
     ],
 )
 def test_overrides_on_a_stored_config_work_although_json_lost_the_types(key, text, expected):
     config = cli.apply_overrides(_stored_demo(), [(key, text)])
     section, leaf = key.rsplit(".", 1)
     assert config[section][leaf] == expected
+    assert type(config[section][leaf]) is type(expected)
+
+
+def test_a_stored_configs_typed_none_fields_refuse_what_their_type_does_not_take():
+    with pytest.raises(cli.CommandLineError, match="expected True or False"):
+        cli.apply_overrides(_stored_demo(), [("data.test_require_masks", "maybe")])
+    # A checkpoint from before config_types: the value is read as a literal, as before.
+    old = cli.apply_overrides(
+        _stored_demo(with_types=False), [("data.test_require_masks", "False")]
+    )
+    assert old.data.test_require_masks is False
 
 
 @pytest.mark.parametrize(

@@ -265,3 +265,17 @@ def test_unwritable_workdir_is_one_line(journey):
                 "--workdir=a_file/eval"], journey["root"], ok=False)  # fmt: skip
     line = _error_line(proc)
     assert "--workdir=a_file/eval" in line and "writable" in line
+
+
+@pytest.mark.slow
+def test_a_stored_configs_boolean_override_is_read_as_a_boolean(journey):
+    # The checkpoint's JSON config keeps None, not "bool" (meta config_types restores it): without
+    # the type, "false" was the string "false", i.e. true, and "maybe" passed.
+    argv, _ = _journey_command(journey, "zsad_jax.evaluate", "test_set=folder")
+    argv = [a for a in as_typed(argv) if not a.startswith("--workdir=")]
+    argv += ["--workdir=runs/demo/eval_bool"]
+    proc = run([*argv, "--config.data.test_require_masks=maybe"], journey["root"], ok=False)
+    assert "--config.data.test_require_masks=maybe: expected True or False" in _error_line(proc)
+    run([*argv, "--config.data.test_require_masks=false"], journey["root"])
+    stored = json.loads((journey["root"] / "runs/demo/eval_bool/config.json").read_text())
+    assert stored["data"]["test_require_masks"] is False

@@ -226,6 +226,7 @@ META_SCHEMA: dict[str, tuple[type, ...]] = {
     "result": (dict,),
     "key_impls": (dict,),
     "config_changes": (list,),
+    "config_types": (dict,),
 }
 META_REQUIRED = ("format", "step", "config")
 
@@ -280,8 +281,50 @@ def read_meta(checkpoint_dir: str | os.PathLike, step: int | None = None) -> dic
     return validate_meta(meta, path)
 
 
+# The types a stored config's None fields may declare (``FieldReference(None, field_type=...)``).
+_FIELD_TYPES = {t.__name__: t for t in (bool, int, float, str)}
+
+
+def none_field_types(config: ml_collections.ConfigDict) -> dict[str, str]:
+    """``{"data.test_require_masks": "bool", ...}``: the declared type of every None field.
+
+    JSON keeps a None but not its type, and without the type a command-line override of such a
+    field in a stored config cannot be read as what it is (``--config.data.test_require_masks=
+    false`` would become the string "false", which is true); ``meta["config_types"]`` keeps them.
+    """
+    out: dict[str, str] = {}
+
+    def walk(section: ml_collections.ConfigDict, prefix: str) -> None:
+        for key in section.keys():
+            value = section[key]
+            if isinstance(value, ml_collections.ConfigDict):
+                walk(value, f"{prefix}{key}.")
+            elif value is None:
+                declared = section.get_type(key)
+                if declared in _FIELD_TYPES.values():
+                    out[f"{prefix}{key}"] = declared.__name__
+
+    walk(config, "")
+    return out
+
+
 def config_from_meta(meta: Mapping[str, Any]) -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(json.loads(meta["config"]))
+    """The stored config, its None fields typed again from ``meta["config_types"]`` (checkpoints
+    written before that key have untyped None fields)."""
+    config = ml_collections.ConfigDict(json.loads(meta["config"]))
+    for dotted, name in meta.get("config_types", {}).items():
+        *parents, leaf = dotted.split(".")
+        section = config
+        for part in parents:
+            section = section.get(part) if isinstance(section, ml_collections.ConfigDict) else None
+        if (
+            isinstance(section, ml_collections.ConfigDict)
+            and leaf in section
+            and section[leaf] is None
+            and name in _FIELD_TYPES
+        ):
+            section[leaf] = ml_collections.FieldReference(None, field_type=_FIELD_TYPES[name])
+    return config
 
 
 def save_threshold(

@@ -664,6 +664,7 @@ class _TrainRun:
         self.counters = _Counters()
         self.step = 0
         self.config_json = report.config_json(config)
+        self.config_types = ckpt_lib.none_field_types(config)
         self.config_changes: list[dict[str, Any]] = []
 
     def resume(self, allow_config_change: bool) -> dict[str, Any] | None:
@@ -711,6 +712,7 @@ class _TrainRun:
             "data_state": _encode_state(self.train_data.get_state()),
             "counters": dataclasses.asdict(self.counters),
             "config": self.config_json,
+            "config_types": self.config_types,
             "threshold": None,
             "seconds": time.time() - self.start_time,
             **({"config_changes": self.config_changes} if self.config_changes else {}),
