@@ -255,3 +255,26 @@ def test_repeated_evaluations_of_one_model_structure_reuse_the_compiled_forward(
     assert inference._forward._cache_size() == compiled + 1
     # Same function, each call with its own weights.
     assert not np.allclose(first["pred_score"], again["pred_score"])
+
+
+@pytest.mark.parametrize(
+    "num_vis, counts, quota",
+    [
+        (2, (3, 5), (1, 1)),  # good/ read first must not take both overlays
+        (8, (3, 5), (3, 5)),  # fewer anomalous than slots: normal ones fill the rest
+        (8, (20, 5), (6, 2)),  # a quarter normal
+        (8, (20, 0), (8, 0)),  # no normal images: all anomalous
+        (8, (0, 20), (0, 8)),  # no anomalous images: all normal
+        (1, (3, 5), (1, 0)),  # one overlay: an anomalous one
+        (8, None, (6, 2)),  # labels not known ahead (TFDS): a quarter normal
+        (1, None, (1, 1)),  # ... one overlay: the first image met
+        (0, (3, 5), (0, 0)),
+    ],
+)
+def test_overlays_per_category_take_both_labels(num_vis, counts, quota):
+    assert eval_lib._vis_quota(num_vis, counts) == quota
+    picked = [0, 0]
+    chosen = [
+        label for label in [0] * 10 + [1] * 10 if eval_lib._vis_pick(num_vis, quota, picked, label)
+    ]
+    assert len(chosen) <= num_vis and chosen.count(1) <= quota[0] and chosen.count(0) <= quota[1]

@@ -162,6 +162,9 @@ def test_evaluate_on_own_data_by_overrides_alone(journey):
     assert (counts["num_images"], counts["num_anomalous"]) == (6, 2)
     assert counts["num_pixel_images"] == 6  # the masks in masks/scratch/ were found
     assert "test_categories" in proc.stderr  # the reset is said, not silent
+    # The demo's two overlays: one anomalous and one normal, although good/ is read first.
+    names = sorted(p.name for p in (root / _flag(argv, "workdir") / "vis" / "my_data").iterdir())
+    assert [("normal" in n) for n in names].count(True) == 1 and len(names) == 2, names
 
 
 @pytest.mark.slow

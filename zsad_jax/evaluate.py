@@ -115,16 +115,37 @@ def _expected_counts(source: Any) -> dict[str, int] | None:
     return counts
 
 
-def _vis_pick(num_vis: int, cat: _Category, label: int, picked: dict[str, list[int]]) -> bool:
-    """Up to ``num_vis`` images per category, anomalous ones first come first served, but at least
-    a quarter normal ones when the category has any."""
-    chosen = picked.setdefault(cat.name, [0, 0])  # [anomalous, normal]
-    if sum(chosen) >= num_vis:
-        return False
+def _label_counts(source: Any) -> dict[str, tuple[int, int]] | None:
+    """``{category: (anomalous, normal)}`` of a source that lists its records, else None."""
+    records = getattr(source, "records", None)
+    if records is None:
+        return None
+    counts: dict[str, list[int]] = {}
+    for record in records:
+        counts.setdefault(record.category, [0, 0])[0 if record.gt_label else 1] += 1
+    return {name: (a, n) for name, (a, n) in counts.items()}
+
+
+def _vis_quota(num_vis: int, counts: tuple[int, int] | None) -> tuple[int, int]:
+    """(anomalous, normal) overlays of one category: ``num_vis`` in all, at least a quarter normal
+    when it has normal images, the rest anomalous; what one label cannot fill goes to the other.
+    Labels not known ahead (a TFDS source): a quarter normal, the rest anomalous (one overlay: the
+    first image met)."""
     normal_quota = max(1, num_vis // 4) if num_vis > 1 else 0
-    if label and chosen[0] >= num_vis - normal_quota:
+    if counts is None:
+        return (num_vis - normal_quota, normal_quota) if num_vis > 1 else (num_vis, num_vis)
+    anomalous, normal = counts
+    chosen_anomalous = min(anomalous, num_vis - min(normal_quota, normal))
+    return chosen_anomalous, min(normal, num_vis - chosen_anomalous)
+
+
+def _vis_pick(num_vis: int, quota: tuple[int, int], picked: list[int], label: int) -> bool:
+    """Whether this image (``label``) gets an overlay: first come first served within its label's
+    ``quota`` and ``num_vis`` in all; ``picked`` counts [anomalous, normal] so far."""
+    index = 0 if label else 1
+    if sum(picked) >= num_vis or picked[index] >= quota[index]:
         return False
-    chosen[0 if label else 1] += 1
+    picked[index] += 1
     return True
 
 
@@ -364,6 +385,7 @@ class _Collector:
     ):
         self.class_names = list(source.class_names)
         self.expected = _expected_counts(source) or {}
+        self.label_counts = _label_counts(source) or {}
         self.map_dtype, self.aupro_method = map_dtype, aupro_method
         self.vis_dir, self.num_vis, self.transform_name = vis_dir, num_vis, transform_name
         self.keep_outputs, self.vis_threshold = keep_outputs, vis_threshold
@@ -440,7 +462,11 @@ class _Collector:
                 has_mask=has_mask, path=source.describe(index), category=cat.name,
             )  # fmt: skip
         # Decided on every process alike: all of them take part in gathering the panels' images.
-        return self.vis_dir is not None and _vis_pick(self.num_vis, cat, label, self._vis_picked)
+        if self.vis_dir is None:
+            return False
+        quota = _vis_quota(self.num_vis, self.label_counts.get(cat.name))
+        picked = self._vis_picked.setdefault(cat.name, [0, 0])
+        return _vis_pick(self.num_vis, quota, picked, label)
 
     def _draw(self, source: Any, local_images: np.ndarray, rows, outputs, picks: list[int]):
         """Panels of the picked rows, drawn by process 0; only their images are gathered."""
