@@ -57,7 +57,7 @@ def _summary(records):
 # --- 1a/1b: mask folders beside good/ are masks, not defect types --------------------------------
 
 
-@pytest.mark.parametrize("mask_folder", readers.MASK_DIR_NAMES)
+@pytest.mark.parametrize("mask_folder", [*readers.MASK_DIR_NAMES, "Masks", "GT"])
 def test_mask_folder_beside_good_is_not_a_defect_and_its_masks_are_found(tmp_path, mask_folder):
     root = tmp_path / "part"
     _img(root / "good/n1.png")
@@ -175,6 +175,27 @@ def test_flat_and_split_layout_mixed_is_refused_with_the_tree(tmp_path):
     with pytest.raises(ValueError, match=r"train has its own 'good/' folder") as info:
         read_dataset("folder", str(root))
     assert "expected layout:" in str(info.value) and "masks/<defect>/" in str(info.value)
+
+
+def test_flat_masks_in_a_capitalised_mask_folder_are_masks_not_a_defect_type(tmp_path):
+    # Masks/ with its masks lying flat was read as a defect type: the masks became anomalous test
+    # images and the pixel metrics NaN.
+    root = tmp_path / "part"
+    _img(root / "good/n1.png")
+    s1 = _img(root / "scratch/s1.png")
+    m_s1 = _mask(root / "Masks/s1.png")
+    records = read_dataset("folder", str(root))
+    assert [(r.path, r.defect_type, r.mask_path) for r in records if r.gt_label] == [
+        (s1, "scratch", m_s1)
+    ]
+    assert len(records) == 2
+
+
+def test_a_normal_folder_in_another_case_is_named_in_the_advice(tmp_path):
+    _img(tmp_path / "part/Good/n1.png")
+    _img(tmp_path / "part/scratch/s1.png")
+    with pytest.raises(ValueError, match=r"normal_dir=Good\n"):
+        read_dataset("folder", str(tmp_path / "part"))
 
 
 def test_no_normal_folder_and_nested_defect_folders_are_refused_with_the_tree(tmp_path):

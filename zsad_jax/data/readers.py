@@ -14,8 +14,8 @@ Layouts (checked against the public preprocessing scripts of AnomalyCLIP/AdaCLIP
   ``{"train"|"test": {cls: [{img_path, mask_path, cls_name, specie_name, anomaly}]}}``, paths
   relative to root, ``mask_path`` empty for normal images and for image-level-only sets.
 - Folder (users' own data): ``{root}/good/*`` normal, every other subfolder a defect type, except
-  the mask folders ``MASK_DIR_NAMES`` (``ground_truth``, ``masks``, ``mask``, ``gt``) and the folder
-  ``mask_dir`` names. Masks: ``{mask folder}/{defect}/{stem}*`` (or ``{mask folder}/{stem}*``), the
+  the mask folders ``MASK_DIR_NAMES`` (``ground_truth``, ``masks``, ``mask``, ``gt``; any case) and
+  the folder ``mask_dir`` names. Masks: ``{mask folder}/{defect}/{stem}*`` (or ``{mask folder}/{stem}*``), the
   mask folder beside ``good/``, beside the split folder (MVTec style: ``{root}/test/{good,defect}``
   with ``{root}/ground_truth/{defect}``) or given as ``mask_dir``. Several categories:
   ``{root}/{cls}/good/...`` or ``{root}/{cls}/{split}/good/...``. See ``read_folder`` for when
@@ -80,6 +80,12 @@ def option_advice(option: str, value: str) -> str:
 
 def _is_image(name: str) -> bool:
     return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def is_mask_dir(name: str) -> bool:
+    """A mask folder's name (``MASK_DIR_NAMES``, any case: ``Masks/`` is one too), never a defect
+    type or a category."""
+    return name.lower() in MASK_DIR_NAMES
 
 
 def _subdirs(path: str) -> list[str]:
@@ -486,9 +492,9 @@ def _folder_mask(search_dirs: Sequence[str], stem: str, cache: dict[str, list[st
 
 def _mask_roots(folder: str, split_parent: str | None, mask_dir: str | None) -> list[str]:
     """The existing mask folders of one category, in search order, without duplicates."""
-    candidates = [os.path.join(folder, n) for n in MASK_DIR_NAMES]
+    candidates = _mask_dirs_in(folder)
     if split_parent is not None:  # MVTec style: ground_truth/ beside test/, not inside it
-        candidates += [os.path.join(split_parent, n) for n in MASK_DIR_NAMES]
+        candidates += _mask_dirs_in(split_parent)
     if mask_dir:
         candidates.append(mask_dir)
     found: dict[str, str] = {}
@@ -498,13 +504,22 @@ def _mask_roots(folder: str, split_parent: str | None, mask_dir: str | None) -> 
     return list(found.values())
 
 
+def _mask_dirs_in(folder: str) -> list[str]:
+    """``folder``'s mask folders, in ``MASK_DIR_NAMES`` order (any case)."""
+    found = [d for d in _subdirs(folder) if is_mask_dir(d)] if os.path.isdir(folder) else []
+    return [
+        os.path.join(folder, d)
+        for d in sorted(found, key=lambda d: MASK_DIR_NAMES.index(d.lower()))
+    ]
+
+
 def _defect_dirs(folder: str, normal_dir: str, mask_roots: Sequence[str], root: str) -> list[str]:
     """The defect-type subfolders of a category folder; refuses folders that are not one."""
     excluded = {os.path.realpath(r) for r in mask_roots}
     defects = []
     for name in _subdirs(folder):
         path = os.path.join(folder, name)
-        if name == normal_dir or name in MASK_DIR_NAMES or os.path.realpath(path) in excluded:
+        if name == normal_dir or is_mask_dir(name) or os.path.realpath(path) in excluded:
             continue
         if os.path.isdir(os.path.join(path, normal_dir)):
             raise ValueError(
@@ -731,17 +746,20 @@ def _folder_categories(
     candidates = [
         c
         for c in _subdirs(root)
-        if c not in MASK_DIR_NAMES and os.path.realpath(os.path.join(root, c)) not in excluded
+        if not is_mask_dir(c) and os.path.realpath(os.path.join(root, c)) not in excluded
     ]
     available = [
         c for c in candidates if _locate_category(os.path.join(root, c), split, normal_dir)
     ]
     if not available:
+        # ``Good/`` for ``good/``: name the exact option value to type.
+        spelled = [c for c in _subdirs(root) if c.lower() == normal_dir.lower()]
+        name = spelled[0] if spelled else "NAME"
         raise ValueError(
             f"no images found in folder dataset {root}: expected {root}/{normal_dir}/ (one "
             f"category) or {root}/<category>/{normal_dir}/ (several); subfolders there: "
             f"{_subdirs(root)}; if your normal images are in another folder, set "
-            f"{option_advice('normal_dir', 'NAME')}\n" + layout
+            f"{option_advice('normal_dir', name)}\n" + layout
         )
     splits = [c for c in available if c in _SPLIT_NAMES]
     if splits:
