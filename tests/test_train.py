@@ -236,8 +236,10 @@ def test_stop_and_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
     assert saved(tmp_path / "full", "mutable")["dropout.rngs.count"] == 6
 
 
-def test_sigterm_saves_the_current_step_and_the_rerun_finishes_bitwise_equal(tmp_path):
-    """A real SIGTERM to this process during step 3 (the handler the command installs)."""
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_saves_the_current_step_and_the_rerun_finishes_bitwise_equal(tmp_path, signum):
+    """A real SIGTERM (or a first Ctrl-C, SIGINT) to this process during step 3 (the handlers the
+    command installs)."""
     config = loop_config()
     config.model.dropout = 0.3
     config.optim.steps = 6
@@ -246,13 +248,14 @@ def test_sigterm_saves_the_current_step_and_the_rerun_finishes_bitwise_equal(tmp
 
     def terminate_at_step_3(step, metrics):
         if step == 3:
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signum)
 
-    previous = signal.getsignal(signal.SIGTERM)
+    previous = signal.getsignal(signum)
     stopped = train_toy(config, tmp_path / "killed", step_callback=terminate_at_step_3)
-    assert signal.getsignal(signal.SIGTERM) is previous  # handler removed after the run
+    assert signal.getsignal(signum) is previous  # handler removed after the run
     # Step 4 was already dispatched when step 3's metrics arrived: it is the one saved.
     assert stopped["preempted"] and stopped["steps"] == 4
+    assert stopped.get("interrupted", False) == (signum == signal.SIGINT)
     assert ckpt_lib.resolve_step_dir(tmp_path / "killed").name == "4"
     rest = []
     train_toy(config, tmp_path / "killed", history=rest)

@@ -6,7 +6,8 @@ r"""Trains a method's heads on a frozen backbone: ``python -m zsad_jax.train``.
 
 Re-running the same command resumes from the latest checkpoint in ``WORKDIR/checkpoints`` and
 continues exactly (bitwise on CPU: weights, optimiser state, RNG streams, step and data position
-are restored); SIGTERM saves the current step and exits with status 143. Metrics go to a tqdm bar,
+are restored); SIGTERM saves the current step and exits with status 143, a first Ctrl-C the same
+with status 130 (a second one stops at once). Metrics go to a tqdm bar,
 ``WORKDIR/metrics.jsonl`` and TensorBoard files; the last printed line is JSON with the final
 metrics (held-out evaluation unless ``config.eval.enabled`` is False).
 
@@ -50,6 +51,7 @@ from zsad_jax.data.decode import DataError
 from zsad_jax.state import TrainSplit, mutable_arrays, split_for_training
 
 PREEMPTED_EXIT_CODE = 128 + signal.SIGTERM
+INTERRUPTED_EXIT_CODE = 128 + signal.SIGINT  # Ctrl-C, after the save
 
 
 class TrainingDiverged(RuntimeError):
@@ -441,19 +443,32 @@ def _check_resumable(
 
 
 class _Preemption:
-    """SIGTERM -> save at the end of the current step. One process: a Python signal handler.
-    Several processes: JAX's preemption sync service picks a step every host reaches (orbax)."""
+    """SIGTERM, or a first Ctrl-C (SIGINT), -> save at the end of the current step and stop; a
+    second Ctrl-C stops at once (KeyboardInterrupt, nothing saved). One process: Python signal
+    handlers. Several processes: JAX's preemption sync service picks a step every host reaches
+    (orbax), for SIGTERM only."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self, checkpointer: ckpt_lib.TrainCheckpointer):
         self.requested = False
+        self.signal: int | None = None  # the signal that asked for the stop
         self._checkpointer = checkpointer
-        self._old = None
+        self._old: dict[int, Any] = {}
         if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
-            self._old = signal.signal(signal.SIGTERM, self._handle)
+            self._old = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
 
     def _handle(self, signum, frame):
-        del signum, frame
-        self.requested = True
+        del frame
+        if signum == signal.SIGINT and self.requested:
+            raise KeyboardInterrupt  # Ctrl-C again: the user does not want to wait for the save
+        self.requested, self.signal = True, signum
+        if signum == signal.SIGINT:
+            print(
+                "\nnote: Ctrl-C: saving a checkpoint at the end of this step, then stopping "
+                "(Ctrl-C again stops at once, without saving)",
+                file=sys.stderr,
+            )
 
     def reached(self, step: int) -> bool:
         if jax.process_count() > 1:
@@ -461,9 +476,9 @@ class _Preemption:
         return self.requested
 
     def close(self):
-        if self._old is not None:
-            signal.signal(signal.SIGTERM, self._old)
-            self._old = None
+        for signum, old in self._old.items():
+            signal.signal(signum, old)
+        self._old = {}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -780,6 +795,8 @@ class _TrainRun:
         if preempted:
             result = _result(self.step, self.start_time, handle.last_loss, self.counters, {})
             result["preempted"] = True
+            if preemption.signal == signal.SIGINT:
+                result["interrupted"] = True  # Ctrl-C rather than SIGTERM
         return _with_skipped(result, self.train_data)
 
     def _steps(self, step_fn, handle, writer, preemption, evaluator, stop_at_step) -> bool:
@@ -909,14 +926,15 @@ def main(argv: Sequence[str], overrides: Sequence[tuple[str, str]]) -> None:
     if jax.process_index() == 0:
         if result.get("preempted"):
             print(
-                f"preempted at step {result['steps']}: checkpoint saved in "
+                f"{'interrupted' if result.get('interrupted') else 'preempted'} at step "
+                f"{result['steps']}: checkpoint saved in "
                 f"{Path(f.workdir) / ckpt_lib.CHECKPOINT_SUBDIR}; "
                 "re-run the same command to resume",
                 file=sys.stderr,
             )
         print(json.dumps(result), flush=True)
     if result.get("preempted"):
-        sys.exit(PREEMPTED_EXIT_CODE)
+        sys.exit(INTERRUPTED_EXIT_CODE if result.get("interrupted") else PREEMPTED_EXIT_CODE)
 
 
 if __name__ == "__main__":
