@@ -99,8 +99,11 @@ def test_empty_category_and_missing_root_are_clear(tmp_path):
     os.makedirs(tmp_path / "empty/test/good")
     with pytest.raises(ValueError, match=r"category 'empty' has no images"):
         read_dataset("mvtec_ad", str(tmp_path))
-    with pytest.raises(FileNotFoundError, match="mvtec_ad root not found"):
+    with pytest.raises(FileNotFoundError, match="mvtec_ad root not found") as missing:
         read_dataset("mvtec_ad", str(tmp_path / "nope"))
+    # The expected tree names the real root, placeholders in <>, nothing left unformatted.
+    assert f"expected {tmp_path / 'nope'}/<category>/test/good/*.png and " in str(missing.value)
+    assert "{" not in str(missing.value)
     with pytest.raises(FileNotFoundError, match=r"\['bottle'\].*no 'validation' folder"):
         read_dataset("mvtec_ad", str(tmp_path), "validation", ["bottle"])
 

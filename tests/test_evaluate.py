@@ -205,6 +205,7 @@ def test_command_writes_every_result_file_and_ends_with_json(bench, tmp_path):
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
+    assert f"results in {out}: metrics.json/.csv/.md, vis/" in proc.stderr
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     doc = json.load(open(out / "metrics.json"))
     for metric in eval_lib.METRIC_NAMES:

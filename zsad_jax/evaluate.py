@@ -776,6 +776,11 @@ def run(
         report.write_atomic(workdir / "run.json", json.dumps(report.json_ready(record), indent=1))
         if store_threshold and info["checkpoint"] and math.isfinite(result["threshold"]):
             ckpt_lib.save_threshold(info["checkpoint"], result["threshold"])
+            print(
+                f"note: threshold {result['threshold']:.6g} stored in {info['checkpoint']} (was "
+                f"{stored_threshold}); predict decides with it from now on",
+                file=sys.stderr,
+            )
     shard_lib.sync("zsad_jax.evaluate: results written")
     return result
 
@@ -862,7 +867,8 @@ def main(argv: Sequence[str], overrides: Sequence[tuple[str, str]]) -> None:
         allow_custom_code=f.allow_custom_code,
     )
     if jax.process_index() == 0:
-        print(f"results in {f.workdir}: metrics.json/.csv/.md, vis/", file=sys.stderr)
+        panels = ", vis/" if int(config.eval.get("num_vis", 0) or 0) > 0 else ""
+        print(f"results in {f.workdir}: metrics.json/.csv/.md{panels}", file=sys.stderr)
     # Every process ends with the same line (the result is shared): any host's log has it.
     print(summary_line(result), flush=True)
 

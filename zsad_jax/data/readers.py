@@ -15,9 +15,10 @@ Layouts (checked against the public preprocessing scripts of AnomalyCLIP/AdaCLIP
   relative to root, ``mask_path`` empty for normal images and for image-level-only sets.
 - Folder (users' own data): ``{root}/good/*`` normal, every other subfolder a defect type, except
   the mask folders ``MASK_DIR_NAMES`` (``ground_truth``, ``masks``, ``mask``, ``gt``; any case) and
-  the folder ``mask_dir`` names. Masks: ``{mask folder}/{defect}/{stem}*`` (or ``{mask folder}/{stem}*``), the
-  mask folder beside ``good/``, beside the split folder (MVTec style: ``{root}/test/{good,defect}``
-  with ``{root}/ground_truth/{defect}``) or given as ``mask_dir``. Several categories:
+  the folder ``mask_dir`` names. Masks: ``{mask folder}/{defect}/{stem}*`` (or ``{mask
+  folder}/{stem}*``), the mask folder beside ``good/``, beside the split folder (MVTec style:
+  ``{root}/test/{good,defect}`` with ``{root}/ground_truth/{defect}``) or given as ``mask_dir``.
+  Several categories:
   ``{root}/{cls}/good/...`` or ``{root}/{cls}/{split}/good/...``. See ``read_folder`` for when
   masks are required.
 
@@ -216,7 +217,8 @@ class _MvtecTree:
     @property
     def layout(self) -> str:
         """The expected tree, quoted by every message about a layout problem."""
-        return f"expected {{root}}/{{category}}/{self.split}/{{{self.normal_dir}|defect}}/*.png"
+        where = f"{self.root}/<category>/{self.split}"
+        return f"expected {where}/{self.normal_dir}/*.png and {where}/<defect>/*.png"
 
 
 def _mvtec_categories(tree: _MvtecTree, categories: Sequence[str] | None) -> list[str]:
