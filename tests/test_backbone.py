@@ -7,8 +7,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from configs.ava_dino import get_config
+from zsad_jax import checkpoint as ckpt_lib
+from zsad_jax import train as train_lib
+from zsad_jax.data import synthetic
 from zsad_jax.encoders import checkpoint, clip, presets
 from zsad_jax.methods import backbone
+
+CATEGORIES = ("wood", "pill")
 
 
 def _cfg(kind="clip", checkpoint_dir=None, preset="tiny", random_init=False):
@@ -85,3 +91,38 @@ def test_byte_tokenizer_fits_random_text_towers():
     assert tok.decode(ids[0]).strip() == "a photo of a damaged bottle ."  # "." is its own word
     tiny = backbone.build_backbone(_cfg(random_init=True), rngs=nnx.Rngs(0))
     assert tiny.text.config.vocab_size == tok.vocab_size
+
+
+def _convert_tiny_dinov3(out, seed: int) -> None:
+    """What ``convert.dinov3`` writes to ``out``: a random tiny DINOv3, weights from ``seed``."""
+    cfg = _cfg("dinov3", random_init=True)
+    model = backbone.build_backbone(cfg, rngs=nnx.Rngs(seed))
+    arrays = {k: np.asarray(v) for k, v in checkpoint.flat_state(model).items()}
+    checkpoint.save(out, "dinov3", model.config.to_dict(), arrays, source=f"seed {seed}")
+
+
+@pytest.mark.slow
+def test_other_weights_in_the_backbone_folder_are_refused_not_used(tmp_path):
+    """A checkpoint records the sha256 of each frozen encoder's weights (meta ``encoders``): the
+    same folder re-converted from another source made evaluate run silently on other features."""
+    weights = tmp_path / "weights" / "dinov3-tiny"
+    _convert_tiny_dinov3(weights, seed=3)
+    config = get_config("tiny")
+    config.model.backbone.update(checkpoint=str(weights), random_init=False)
+    bench = synthetic.generate(str(tmp_path / "bench"), image_size=48, n_train_good=0,
+                               n_test_good=2, n_test_defect=2, categories=CATEGORIES)  # fmt: skip
+    config.data.update(train_root=bench, test_root=bench, categories=CATEGORIES[:1],
+                       test_categories=CATEGORIES[1:], batch_size=8)  # fmt: skip
+    config.optim.steps = 1
+    config.eval.enabled = False
+    train_lib.train(config, tmp_path / "run", progress=False)
+    meta = ckpt_lib.read_meta(tmp_path / "run")
+    assert meta["encoders"] == {"model.backbone": checkpoint.weights_digest(weights)}
+    ckpt_lib.load_for_inference(tmp_path / "run")  # the same weights: loads
+
+    _convert_tiny_dinov3(weights, seed=4)  # other weights, same architecture, same folder
+    with pytest.raises(ValueError, match=r"trained on other backbone weights than .*dinov3-tiny"):
+        ckpt_lib.load_for_inference(tmp_path / "run")
+    config.optim.steps = 2  # resuming (a changed step count) meets the same refusal
+    with pytest.raises(ValueError, match="trained on other backbone weights"):
+        train_lib.train(config, tmp_path / "run", progress=False, allow_config_change=True)

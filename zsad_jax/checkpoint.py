@@ -34,6 +34,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from zsad_jax import methods
+from zsad_jax.encoders import checkpoint as encoder_io
 from zsad_jax.nn import Trainable
 from zsad_jax.state import data_to_keys, flat_arrays, is_key, keys_to_data, path_str
 
@@ -227,6 +228,7 @@ META_SCHEMA: dict[str, tuple[type, ...]] = {
     "key_impls": (dict,),
     "config_changes": (list,),
     "config_types": (dict,),
+    "encoders": (dict,),
 }
 META_REQUIRED = ("format", "step", "config")
 
@@ -306,6 +308,48 @@ def none_field_types(config: ml_collections.ConfigDict) -> dict[str, str]:
 
     walk(config, "")
     return out
+
+
+def _encoder_blocks(config: Any) -> dict[str, Any]:
+    """``{"model.backbone": block, ...}``: the frozen encoders read from converted weights."""
+    model = config.get("model") if hasattr(config, "get") else None
+    if not isinstance(model, ml_collections.ConfigDict):
+        return {}
+    return {
+        f"model.{name}": block
+        for name, block in model.items()
+        if isinstance(block, ml_collections.ConfigDict)
+        and {"kind", "checkpoint", "random_init"} <= set(block.keys())
+        and block.checkpoint
+        and not block.random_init
+    }
+
+
+def encoder_digests(config: Any) -> dict[str, str]:
+    """``{"model.backbone": "sha256:...", ...}`` of the converted weights each frozen encoder of
+    ``config`` reads (``meta["encoders"]``); an encoder whose folder holds no weights is left out
+    (building it fails with its own message)."""
+    out = {}
+    for key, block in _encoder_blocks(config).items():
+        if (Path(block.checkpoint) / encoder_io.WEIGHTS_FILE).is_file():
+            out[key] = encoder_io.weights_digest(block.checkpoint)
+    return out
+
+
+def check_encoders(meta: Mapping[str, Any], config: Any, where: str | os.PathLike) -> None:
+    """Refuses, in one line, a frozen encoder whose weights differ from those the checkpoint was
+    trained on (``meta["encoders"]``; checkpoints written before it are not checked): the trained
+    heads would run on other features and give other scores without a word."""
+    recorded = meta.get("encoders", {})
+    for key, digest in encoder_digests(config).items():
+        if key in recorded and recorded[key] != digest:
+            block = _encoder_blocks(config)[key]
+            raise ValueError(
+                f"{where}: trained on other {key.split('.')[-1]} weights than "
+                f"{block.checkpoint} holds now ({recorded[key][:19]}... then, {digest[:19]}... "
+                f"now); convert the same source into that folder again, or point "
+                f"--config.{key}.checkpoint at the weights it was trained on"
+            )
 
 
 def config_from_meta(meta: Mapping[str, Any]) -> ml_collections.ConfigDict:
@@ -400,6 +444,7 @@ def load_for_inference(
     config = config_from_meta(meta) if config is None else config
     if not allow_custom_code:
         refuse_custom_code(config, step_dir / "meta" / META_FILE)
+    check_encoders(meta, config, step_dir)
     model = methods.build(config, load_weights=True)
     trainable_state = nnx.state(model, Trainable)
     params = load_params(step_dir, flat_arrays(trainable_state))

@@ -680,6 +680,7 @@ class _TrainRun:
         self.step = 0
         self.config_json = report.config_json(config)
         self.config_types = ckpt_lib.none_field_types(config)
+        self.encoders = ckpt_lib.encoder_digests(config)  # hashed once per run start
         self.config_changes: list[dict[str, Any]] = []
 
     def resume(self, allow_config_change: bool) -> dict[str, Any] | None:
@@ -689,10 +690,11 @@ class _TrainRun:
         if latest is None:
             return None
         try:
+            step_dir = self.checkpointer.directory / str(latest)
             meta = _check_resumable(
-                self.workdir, self.checkpointer.directory / str(latest), self.config_json,
-                self.params, allow_config_change,
+                self.workdir, step_dir, self.config_json, self.params, allow_config_change,
             )  # fmt: skip
+            ckpt_lib.check_encoders(meta, self.config, self.workdir)
             self.params, self.opt_state, self.mutable, _ = self.checkpointer.restore(
                 latest, params=self.params, opt_state=self.opt_state, mutable=self.mutable
             )
@@ -728,6 +730,7 @@ class _TrainRun:
             "counters": dataclasses.asdict(self.counters),
             "config": self.config_json,
             "config_types": self.config_types,
+            "encoders": self.encoders,
             "threshold": None,
             "seconds": time.time() - self.start_time,
             **({"config_changes": self.config_changes} if self.config_changes else {}),

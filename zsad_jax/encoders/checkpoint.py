@@ -16,6 +16,8 @@ source.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import os
 import shutil
@@ -136,6 +138,22 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
             f"{cfg}: format {meta.get('format')!r}, expected {FORMAT!r}; re-convert it"
         )
     return meta
+
+
+def weights_digest(path: str | os.PathLike) -> str:
+    """``sha256:<hex>`` of a converted encoder's weights file: what a trained checkpoint records
+    of each frozen encoder, so that other weights put in that folder later are noticed."""
+    weights = Path(path) / WEIGHTS_FILE
+    stat = weights.stat()
+    return _file_digest(str(weights.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.cache
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    """Memoised per file version (size and mtime in the key): a process hashes each file once."""
+    del size, mtime_ns
+    with open(path, "rb") as f:
+        return f"sha256:{hashlib.file_digest(f, 'sha256').hexdigest()}"
 
 
 def load(path: str | os.PathLike, *, submodule: str | None = None, **overrides: Any) -> nnx.Module:
