@@ -1,6 +1,6 @@
 """Converts a PyTorch CLIP checkpoint into a zsad_jax encoder checkpoint (CPU).
 
-    python -m convert.clip --src SRC --out OUT [--dtype float32] [--bpe FILE]
+    python -m convert.clip --src SRC --out OUT [--dtype float32] [--bpe FILE] [--overwrite]
 
 SRC is either
   * a transformers CLIP directory (``config.json`` + ``model.safetensors`` or
@@ -11,6 +11,10 @@ SRC is either
     TorchScript ``ViT-L-14-336px.pt`` included): the architecture is inferred from the shapes as
     OpenAI's ``build_model`` does (64-wide heads, QuickGELU, epsilon 1e-5). A
     ``bpe_simple_vocab_16e6.txt.gz`` next to it, or given with ``--bpe``, is copied into OUT.
+
+The tokenizer files must read as a CLIP tokenizer whose ids (SOS and EOT included) all index the
+text tower's token embedding; an ``OUT`` that already holds a converted checkpoint is replaced only
+with ``--overwrite``, and one holding other files never is.
 
 ``--dtype`` is the compute dtype recorded in the converted config (weights are always stored as
 float32; a method can still override it at load time). Every source key is used or explicitly
@@ -35,7 +39,15 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
-from convert.common import NameTable, apply_name_table, load_torch_state, strip_prefix
+from convert.common import (
+    NameTable,
+    apply_name_table,
+    check_output_dir,
+    load_torch_state,
+    run_command,
+    strip_prefix,
+    wrong_family_message,
+)
 from zsad_jax.encoders import checkpoint
 from zsad_jax.encoders.clip import (
     ACTIVATIONS,
@@ -45,6 +57,7 @@ from zsad_jax.encoders.clip import (
     ClipTextConfig,
     ClipVisionConfig,
 )
+from zsad_jax.encoders.tokenizer import ClipTokenizer
 
 KIND = "clip"
 BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
@@ -291,7 +304,8 @@ def convert_state(
     else:
         sample = ", ".join(sorted(state)[:8])
         raise ValueError(
-            f"{source}: not a CLIP checkpoint this converter knows (no "
+            wrong_family_message(source, state, expected=KIND)
+            or f"{source}: not a CLIP checkpoint this converter knows (no "
             "'vision_model.embeddings.patch_embedding.weight' (transformers) or "
             f"'visual.conv1.weight' (OpenAI/open_clip)); first keys: {sample}"
         )
@@ -361,16 +375,50 @@ def read_source(src: str | Path, *, dtype: str = "float32"):
     return config, arrays, layout, tokenizer
 
 
+def check_tokenizer(files: list[Path], text_rows: int, *, source: str) -> None:
+    """Refuses tokenizer files that are not a CLIP tokenizer, or whose largest id (SOS and EOT
+    included) is past the text tower's ``text_rows`` embedding rows: otherwise conversion and
+    verification pass (verify uses random ids) and only training finds out, with NaN losses."""
+    names = {f.name: f for f in files}
+    openai = len(files) == 1 and files[0].name not in HF_TOKENIZER_FILES
+    if not openai and set(names) != set(HF_TOKENIZER_FILES):
+        lacking = [n for n in HF_TOKENIZER_FILES if n not in names]
+        raise FileNotFoundError(
+            f"{files[0].parent}: has {' + '.join(names)} but not {' + '.join(lacking)}; a CLIP "
+            "tokenizer needs both files: copy the missing one there from the same model"
+        )
+    try:
+        if openai:
+            tokenizer = ClipTokenizer.from_files(bpe_file=files[0])
+        else:
+            tokenizer = ClipTokenizer.from_files(*(names[n] for n in HF_TOKENIZER_FILES))
+    except (OSError, EOFError, UnicodeError, json.JSONDecodeError) as e:
+        raise ValueError(
+            f"{' + '.join(str(f) for f in files)}: not readable as CLIP tokenizer files "
+            f"({type(e).__name__}: {e})"
+        ) from None
+    tokenizer.check_fits(text_rows, where=f"the text tower of {source}")
+
+
 def convert(
-    src: str | Path, out: str | Path, *, dtype: str = "float32", bpe: str | Path | None = None
+    src: str | Path,
+    out: str | Path,
+    *,
+    dtype: str = "float32",
+    bpe: str | Path | None = None,
+    overwrite: bool = False,
 ) -> Path:
-    """Converts ``src`` into the checkpoint directory ``out``; returns ``out``."""
+    """Converts ``src`` into the checkpoint directory ``out``; returns ``out``. An ``out`` that
+    already holds a converted checkpoint is replaced only with ``overwrite``."""
+    check_output_dir(out, overwrite=overwrite)  # before the (long) read of a full-size model
+    if bpe is not None and not Path(bpe).is_file():
+        raise FileNotFoundError(f"--bpe {bpe}: no such file")
     config, arrays, layout, tokenizer = read_source(src, dtype=dtype)
     if bpe is not None:
-        if not Path(bpe).is_file():
-            raise FileNotFoundError(f"--bpe {bpe}: no such file")
         tokenizer = [Path(bpe)]
-    if not tokenizer:
+    if tokenizer:
+        check_tokenizer(tokenizer, config.text.vocab_size, source=str(src))
+    else:
         print(
             f"note: no tokenizer files next to {src} ({' + '.join(HF_TOKENIZER_FILES)} or "
             f"{BPE_FILE}); pass --bpe or copy them into {out} before tokenising text",
@@ -600,12 +648,15 @@ def main(argv: list[str] | None = None) -> int:
         help="compute dtype recorded in the config (weights stay float32)",
     )
     parser.add_argument("--bpe", default=None, help=f"OpenAI tokenizer file ({BPE_FILE})")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace a converted checkpoint already at --out"
+    )
     args = parser.parse_args(argv)
-    out = convert(args.src, args.out, dtype=args.dtype, bpe=args.bpe)
+    out = convert(args.src, args.out, dtype=args.dtype, bpe=args.bpe, overwrite=args.overwrite)
     meta = checkpoint.read_meta(out)
     print(json.dumps({"out": str(out), "source": meta["source"], "config": meta["config"]}))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main))

@@ -8,9 +8,10 @@ keys.
 
 from __future__ import annotations
 
+import json
 import os
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,105 @@ from convert import torchscript
 
 Transform = Callable[..., np.ndarray]
 NameTable = dict[str, tuple[str | tuple[str, ...], Transform | None]]
+
+# A key that only one encoder family has (any wrapper prefix before it): for the hint that names
+# the other converter when a checkpoint is given to the wrong one.
+_FAMILY_KEYS = {
+    "clip": ("vision_model.embeddings.patch_embedding.weight", "visual.conv1.weight"),
+    "dinov3": ("embeddings.patch_embeddings.weight", "patch_embed.proj.weight"),
+}
+_FAMILY_NAMES = {"clip": "CLIP", "dinov3": "DINOv3"}
+
+
+# ----------------------------------------------------------------------------------------------
+# The command line
+
+
+def run_command(
+    main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None
+) -> int:
+    """``main(argv)`` as ``python -m convert.X`` runs it: a refusal (a missing file, a checkpoint
+    of the wrong kind, an output that is already there) ends with one line ``error: ...`` and exit
+    status 1 (2 for a bad command line), as the zsad_jax commands do (``zsad_jax.cli``); anything
+    else, a bug, keeps its traceback. ``main`` itself raises, for callers and tests."""
+    try:
+        return main(argv)
+    except Exception as e:
+        # Imported here: zsad_jax.cli costs half a second, which a successful run does not need.
+        from zsad_jax import cli
+
+        if isinstance(e, cli.CommandLineError):
+            cli.fail(str(e), code=2)
+        if isinstance(e, (*cli.Command.EXPECTED_ERRORS, FileExistsError)):
+            cli.fail(str(e))
+        raise
+
+
+def check_output_dir(out: str | os.PathLike, *, overwrite: bool) -> None:
+    """Refuses an ``--out`` that would replace something: a converted checkpoint unless
+    ``overwrite`` (the converters replace the whole folder), and always a file or a folder of
+    other files, which the conversion would delete."""
+    out = Path(out)
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise FileExistsError(f"--out {out}: is a file, not a folder; choose another --out")
+    kind = _converted_kind(out)
+    if kind is not None:
+        if overwrite:
+            return
+        raise FileExistsError(
+            f"--out {out}: already holds a converted {kind} checkpoint; pass --overwrite to "
+            "replace it, or choose another --out"
+        )
+    held = sorted(p.name for p in out.iterdir())
+    if held:
+        raise FileExistsError(
+            f"--out {out}: a folder of other files ({', '.join(held[:5])}"
+            f"{', ...' if len(held) > 5 else ''}), not a converted checkpoint; the conversion "
+            "would delete them, so choose a new or empty --out"
+        )
+
+
+def _converted_kind(folder: Path) -> str | None:
+    """The encoder type of a converted checkpoint folder ("clip", "dinov3"), None if not one."""
+    from zsad_jax.encoders import checkpoint  # JAX: only the converters that write one need it
+
+    try:
+        meta = json.loads((folder / checkpoint.CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    # Any version of the format (read_meta asks to re-convert an old one into the same folder);
+    # not, say, a Hugging Face model folder's own config.json.
+    family = checkpoint.FORMAT.split("/")[0] + "/"
+    if not isinstance(meta, dict) or not str(meta.get("format", "")).startswith(family):
+        return None
+    return str(meta.get("type", "unknown"))
+
+
+def family_of(state: Iterable[str]) -> str | None:
+    """Which encoder family a state dict's keys show: "clip", "dinov3", or None."""
+    for family, markers in _FAMILY_KEYS.items():
+        if any(k == m or k.endswith("." + m) for k in state for m in markers):
+            return family
+    return None
+
+
+def wrong_family_message(src: str | os.PathLike, state: Iterable[str], expected: str) -> str | None:
+    """The refusal for a checkpoint of the other encoder family, naming its converter; None when
+    the keys show no other family."""
+    found = family_of(state)
+    if found is None or found == expected:
+        return None
+    return (
+        f"{src} is a {_FAMILY_NAMES[found]} checkpoint, not a {_FAMILY_NAMES[expected]} one: "
+        f"convert it with python -m convert.{found} (convert.verify compares a source with a "
+        "converted folder of the same kind)"
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading checkpoints
 
 
 def load_torch_state(src: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -44,7 +144,10 @@ def load_torch_state(src: str | os.PathLike) -> dict[str, np.ndarray]:
                 "transformers model directory or the checkpoint file itself"
             )
     if not path.is_file():
-        raise FileNotFoundError(f"{src}: no such checkpoint file")
+        raise FileNotFoundError(
+            f"{src}: no such file or folder; give --src the downloaded model folder or its "
+            "checkpoint file (.safetensors, .pt, .pth, .bin)"
+        )
     if path.suffix == ".safetensors":
         from safetensors.numpy import load_file
 
@@ -58,11 +161,7 @@ def load_torch_state(src: str | os.PathLike) -> dict[str, np.ndarray]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # weights_only refuses any pickled object but tensors and containers
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ValueError(
-            f"{path}: not a PyTorch state dict that torch.load(weights_only=True) reads ({first}); "
-            "use a .safetensors copy of these weights"
-        ) from None
+        raise ValueError(_unreadable_pickle_message(path, e)) from None
     for key in ("state_dict", "model", "module"):
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
             obj = obj[key]
@@ -74,6 +173,32 @@ def load_torch_state(src: str | os.PathLike) -> dict[str, np.ndarray]:
             v = v.detach()
             out[k] = (v.float() if v.is_floating_point() else v).numpy()
     return out
+
+
+def _unreadable_pickle_message(path: Path, error: Exception) -> str:
+    """One line for a file ``torch.load(weights_only=True)`` refuses. torch's own message is not
+    quoted: it suggests loading with ``weights_only=False``, which runs whatever the file holds."""
+    text = str(error)
+    named = re.search(r"GLOBAL ([\w.]+)", text)
+    if named:
+        return (
+            f"{path}: holds pickled Python objects, not only tensors (it refers to "
+            f"{named.group(1)}), and pickled objects can run code, so it is not loaded; convert "
+            "it to .safetensors in an environment where you trust the file, or use a "
+            ".safetensors copy of these weights"
+        )
+    # A truncated or foreign file: the reader's own detail, without torch's weights_only advice.
+    details = [
+        line.strip().removeprefix("WeightsUnpickler error:").strip()
+        for line in text.splitlines()
+        if line.strip() and not line.startswith(("Weights only load failed", "Check the doc"))
+    ]
+    details = [d for d in details if d and "weights_only" not in d]
+    reason = details[0] if details else type(error).__name__
+    return (
+        f"{path}: not a PyTorch checkpoint of tensors that loads without running code ({reason}); "
+        "is the file complete? A .safetensors copy of these weights also works"
+    )
 
 
 def _float32(array: np.ndarray) -> np.ndarray:

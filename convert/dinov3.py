@@ -1,6 +1,6 @@
 """Converts a PyTorch DINOv3 ViT checkpoint into a zsad_jax encoder checkpoint (CPU).
 
-    python -m convert.dinov3 --src SRC --out OUT
+    python -m convert.dinov3 --src SRC --out OUT [--overwrite]
 
 SRC is either
   * a transformers directory (``config.json`` + ``model.safetensors``, e.g. a download of
@@ -13,7 +13,9 @@ SRC is either
 Every source key is used or deliberately ignored (``mask_token``: masked-image training only; the
 RoPE period buffers, recomputed from ``rope_theta`` after checking them; ``local_cls_norm``: a
 training-only norm of the SAT-493M ViT-L); anything else raises with the key lists. Check the
-result against transformers with ``python -m convert.verify --src SRC --converted OUT``.
+result against transformers with ``python -m convert.verify --src SRC --converted OUT``. An ``OUT``
+that already holds a converted checkpoint is replaced only with ``--overwrite``, and one holding
+other files never is.
 """
 
 from __future__ import annotations
@@ -27,7 +29,15 @@ from typing import Any
 
 import numpy as np
 
-from convert.common import NameTable, apply_name_table, load_torch_state, strip_prefix
+from convert.common import (
+    NameTable,
+    apply_name_table,
+    check_output_dir,
+    load_torch_state,
+    run_command,
+    strip_prefix,
+    wrong_family_message,
+)
 from zsad_jax.encoders import checkpoint
 from zsad_jax.encoders.dinov3 import ACTIVATIONS, DinoV3, DinoV3Config
 
@@ -363,14 +373,17 @@ def read_source(src: str | Path) -> tuple[str, dict[str, np.ndarray], DinoV3Conf
         if not cfg_file.is_file():
             raise FileNotFoundError(
                 f"{src}: a transformers DINOv3 checkpoint needs its config.json beside it (the "
-                f"head count is not in the weights); expected {cfg_file}"
+                f"head count is not in the weights) and there is no {cfg_file}: copy the "
+                "config.json of the same Hugging Face model there, or give --src that model's "
+                "folder"
             )
         hf = json.loads(cfg_file.read_text())
         if hf.get("model_type", "dinov3_vit") != "dinov3_vit":
             raise ValueError(f"{cfg_file}: model_type {hf['model_type']!r}, expected 'dinov3_vit'")
         return "transformers", state, config_from_transformers(hf, source=str(cfg_file))
     raise ValueError(
-        f"{src}: neither an original DINOv3 ViT (blocks.N.*) nor a transformers DINOv3ViTModel "
+        wrong_family_message(src, state, expected=KIND)
+        or f"{src}: neither an original DINOv3 ViT (blocks.N.*) nor a transformers DINOv3ViTModel "
         f"(layer.N.* / model.layer.N.*) state dict; first keys: {sorted(state)[:8]}"
     )
 
@@ -404,8 +417,10 @@ def check_shapes(arrays: dict[str, np.ndarray], config: DinoV3Config, *, source:
         raise ValueError("\n".join(lines))
 
 
-def convert(src: str | Path, out: str | Path) -> Path:
-    """Converts ``src`` (see the module docstring) and writes the checkpoint directory ``out``."""
+def convert(src: str | Path, out: str | Path, *, overwrite: bool = False) -> Path:
+    """Converts ``src`` (see the module docstring) and writes the checkpoint directory ``out``;
+    an ``out`` that already holds a converted checkpoint is replaced only with ``overwrite``."""
+    check_output_dir(out, overwrite=overwrite)  # before the (long) read of a full-size model
     layout, state, config = read_source(src)
     if layout == "original":
         arrays = from_original(state, config, source=str(src))
@@ -484,12 +499,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--src", required=True, help="transformers directory or original .pth")
     parser.add_argument("--out", required=True, help="output checkpoint directory")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace a converted checkpoint already at --out"
+    )
     args = parser.parse_args(argv)
-    out = convert(args.src, args.out)
+    out = convert(args.src, args.out, overwrite=args.overwrite)
     config = checkpoint.read_meta(out)["config"]
     print(f"wrote {out}: dinov3 {json.dumps(config)}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main))

@@ -3,7 +3,9 @@
     python -m convert.verify --src SRC --converted OUT [--tolerance 1e-4]
 
 Prints one line per compared output with its max abs difference; the last line is JSON
-``{"max_abs_diff": <float>, "outputs_compared": <int>}``. Exit status 1 above the tolerance.
+``{"max_abs_diff": <float>, "outputs_compared": <int>}``. Exit status 1 above the tolerance, and
+for a refusal (a missing file, a source of another kind than the converted folder), which is one
+line ``error: ...``.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import argparse
 import json
 import sys
 
+from convert.common import run_command
 from zsad_jax.encoders import checkpoint
 
 
@@ -29,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     elif kind == "dinov3":
         from convert.dinov3 import compare
     else:
-        raise SystemExit(f"{args.converted}: no verifier for encoder type {kind!r}")
+        raise ValueError(f"{args.converted}: no verifier for encoder type {kind!r}")
 
     diffs = compare(args.src, args.converted, seed=args.seed)  # [(name, max_abs_diff), ...]
     width = max(len(name) for name, _ in diffs)
@@ -41,4 +44,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main))

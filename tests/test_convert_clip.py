@@ -8,6 +8,7 @@ coverage uses transformers on the meta device and ``nnx.eval_shape``, so nothing
 allocated.
 """
 
+import gzip
 import json
 import shutil
 
@@ -24,7 +25,9 @@ from transformers import CLIPConfig, CLIPModel  # noqa: E402
 
 from convert import clip as convert_clip  # noqa: E402
 from convert import verify  # noqa: E402
+from convert.common import run_command  # noqa: E402
 from zsad_jax.encoders import checkpoint  # noqa: E402
+from zsad_jax.encoders import tokenizer as tk  # noqa: E402
 from zsad_jax.encoders.clip import ClipConfig  # noqa: E402
 from zsad_jax.encoders.presets import clip_vit_l14_336  # noqa: E402
 
@@ -40,8 +43,6 @@ def hf_model():
 def hf_dir(hf_model, tmp_path_factory):
     path = tmp_path_factory.mktemp("hf_clip")
     hf_model.save_pretrained(path)
-    (path / "vocab.json").write_text("{}")
-    (path / "merges.txt").write_text("#version: 0.2\n")
     return path
 
 
@@ -74,7 +75,107 @@ def test_converted_config_and_tokenizer_files(converted):
     assert (config.text.width, config.text.layers, config.text.heads) == (128, 3, 2)
     assert (config.text.context_length, config.text.vocab_size) == (16, VOCAB)
     assert config.vision.act == config.text.act == "quick_gelu"
-    assert (converted / "vocab.json").is_file() and (converted / "merges.txt").is_file()
+
+
+# The smallest CLIP byte-level tokenizer: 512 byte symbols + SOS + EOT (ids 0..513), no merges.
+BYTE_VOCAB = tk.openai_vocab([])
+
+
+def _write_byte_tokenizer(folder) -> None:
+    (folder / "vocab.json").write_text(json.dumps(BYTE_VOCAB), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+
+
+def _with_text_rows(hf_dir, dst, rows: int):
+    """A copy of ``hf_dir`` whose text token embedding has ``rows`` rows (the test model's VOCAB
+    rows, then zeros), so that a real CLIP tokenizer fits it."""
+    shutil.copytree(hf_dir, dst)
+    state = load_file(dst / "model.safetensors")
+    key = "text_model.embeddings.token_embedding.weight"
+    state[key] = np.concatenate([state[key], np.zeros((rows - VOCAB, state[key].shape[1]))])
+    state = {k: np.array(v, np.float32, order="C") for k, v in state.items()}
+    save_file(state, dst / "model.safetensors")
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg["text_config"]["vocab_size"] = rows
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+def test_tokenizer_files_that_fit_are_copied_and_load(hf_dir, tmp_path):
+    src = _with_text_rows(hf_dir, tmp_path / "src", rows=len(BYTE_VOCAB))
+    _write_byte_tokenizer(src)
+    out = tmp_path / "out"
+    assert convert_clip.main(["--src", str(src), "--out", str(out)]) == 0
+    assert (out / "vocab.json").is_file() and (out / "merges.txt").is_file()
+    assert tk.ClipTokenizer.from_dir(out).eot_id == len(BYTE_VOCAB) - 1
+
+
+def test_tokenizer_with_ids_past_the_text_embedding_is_refused(hf_dir, tmp_path, capsys):
+    """The user's case: conversion and verify passed, then every training step was NaN."""
+    src = tmp_path / "src"
+    shutil.copytree(hf_dir, src)
+    _write_byte_tokenizer(src)  # ids up to 513 for a text tower of VOCAB (100) rows
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as stop:
+        run_command(convert_clip.main, ["--src", str(src), "--out", str(out)])
+    assert stop.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err
+    assert str(src / "vocab.json") in err and "513" in err and f"{VOCAB} token embedding" in err
+    assert not out.exists()
+
+
+def test_a_vocab_json_with_a_repeated_token_is_refused(hf_dir, tmp_path):
+    src = _with_text_rows(hf_dir, tmp_path / "src", rows=len(BYTE_VOCAB) + 1)
+    _write_byte_tokenizer(src)
+    tokens = list(BYTE_VOCAB)  # "a" a second time: every later id moves up by one
+    lines = [f"{json.dumps(t)}: {i}" for i, t in enumerate(tokens[:100] + ["a"] + tokens[100:])]
+    (src / "vocab.json").write_text("{" + ", ".join(lines) + "}", encoding="utf-8")
+    with pytest.raises(ValueError, match="'a' appears twice"):
+        convert_clip.convert(src, tmp_path / "out")
+
+
+def test_one_tokenizer_file_of_two_is_refused(hf_dir, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(hf_dir, src)
+    (src / "vocab.json").write_text(json.dumps(BYTE_VOCAB))
+    with pytest.raises(FileNotFoundError, match="but not merges.txt"):
+        convert_clip.convert(src, tmp_path / "out")
+
+
+def _fake_converted(folder, kind: str) -> None:
+    """A folder that reads as a converted ``kind`` checkpoint (what --out must not replace)."""
+    folder.mkdir(parents=True)
+    meta = {"format": checkpoint.FORMAT, "type": kind, "config": {}, "source": "test"}
+    (folder / checkpoint.CONFIG_FILE).write_text(json.dumps(meta))
+    save_file({"x": np.zeros(1, np.float32)}, folder / checkpoint.WEIGHTS_FILE)
+
+
+def test_out_holding_a_converted_checkpoint_needs_overwrite(hf_dir, tmp_path, capsys):
+    out = tmp_path / "weights" / "dinov3-vitl16"
+    _fake_converted(out, "dinov3")
+    before = (out / checkpoint.CONFIG_FILE).read_text()
+    with pytest.raises(SystemExit) as stop:
+        run_command(convert_clip.main, ["--src", str(hf_dir), "--out", str(out)])
+    assert stop.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: --out {out}: already holds a converted dinov3 checkpoint")
+    assert "--overwrite" in err and "another --out" in err and "\n" not in err
+    assert (out / checkpoint.CONFIG_FILE).read_text() == before
+
+    argv = ["--src", str(hf_dir), "--out", str(out), "--overwrite"]
+    assert convert_clip.main(argv) == 0
+    assert checkpoint.read_meta(out)["type"] == "clip"
+
+
+def test_out_holding_other_files_is_refused_even_with_overwrite(hf_dir, tmp_path):
+    out = tmp_path / "models"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    for extra in ([], ["--overwrite"]):
+        with pytest.raises(FileExistsError, match="notes.txt.*would delete them"):
+            convert_clip.main(["--src", str(hf_dir), "--out", str(out), *extra])
+    assert (out / "notes.txt").read_text() == "mine"
 
 
 def test_every_block_and_embedding_match_transformers(hf_dir, converted):
@@ -131,7 +232,6 @@ def test_openai_state_dict_gives_identical_arrays(hf_model, converted, tmp_path)
     openai = {k: torch.from_numpy(v) for k, v in hf_to_openai(numpy_state(hf_model)).items()}
     src = tmp_path / "ViT-tiny.pt"
     torch.save(openai, src)
-    (tmp_path / convert_clip.BPE_FILE).write_bytes(b"fake bpe")
     out = tmp_path / "from_openai"
     assert convert_clip.main(["--src", str(src), "--out", str(out)]) == 0
 
@@ -141,10 +241,31 @@ def test_openai_state_dict_gives_identical_arrays(hf_model, converted, tmp_path)
     for key in reference:
         np.testing.assert_array_equal(ours[key], reference[key], err_msg=key)
     assert checkpoint.read_meta(out)["config"] == checkpoint.read_meta(converted)["config"]
-    assert (out / convert_clip.BPE_FILE).read_bytes() == b"fake bpe"
     # The verifier maps the OpenAI layout back to transformers in memory.
     rows = convert_clip.compare(src, out, seed=6)
     assert max(d for _, d in rows) <= TOL, rows
+
+
+def test_openai_bpe_file_is_read_checked_and_copied(hf_model, tmp_path):
+    openai = hf_to_openai(numpy_state(hf_model))
+    rows = len(BYTE_VOCAB)  # a BPE file with no merges gives the byte-level ids 0..513
+    emb = openai["token_embedding.weight"]
+    openai["token_embedding.weight"] = np.concatenate([emb, np.zeros((rows - VOCAB, emb.shape[1]))])
+    openai["vocab_size"] = np.asarray(rows)
+    src = tmp_path / "ViT-tiny.pt"
+    torch.save({k: torch.from_numpy(np.asarray(v)) for k, v in openai.items()}, src)
+    with gzip.open(tmp_path / convert_clip.BPE_FILE, "wt", encoding="utf-8") as f:
+        f.write("bpe_simple_vocab_16e6.txt#version: 0.2\n")
+    out = tmp_path / "out"
+    assert convert_clip.main(["--src", str(src), "--out", str(out)]) == 0
+    assert tk.ClipTokenizer.from_dir(out).vocab_size == rows
+
+    not_gzip = tmp_path / "other" / convert_clip.BPE_FILE
+    not_gzip.parent.mkdir()
+    not_gzip.write_bytes(b"fake bpe")
+    with pytest.raises(ValueError, match="not readable as CLIP tokenizer files"):
+        convert_clip.convert(src, tmp_path / "out2", bpe=not_gzip)
+    assert not (tmp_path / "out2").exists()
 
 
 def test_verify_main_prints_json_and_fails_above_tolerance(hf_dir, converted, tmp_path, capsys):

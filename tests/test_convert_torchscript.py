@@ -167,10 +167,24 @@ def test_a_pickled_state_dict_that_calls_a_function_is_refused(tmp_path):
     marker = tmp_path / "ran"
     path = tmp_path / "evil.pt"
     torch.save({"w": _RunsCode(marker)}, path)
-    with pytest.raises(ValueError, match="weights_only=True") as refused:
+    with pytest.raises(ValueError, match="pickled Python objects.*system.*not loaded") as refused:
         common.load_torch_state(path)
-    assert str(refused.value).startswith(str(path)) and "\n" not in str(refused.value)
+    message = str(refused.value)
+    assert message.startswith(str(path)) and "\n" not in message
+    assert "convert it to .safetensors in an environment where you trust the file" in message
+    # torch's own message advises weights_only=False, the step that would run the file's code.
+    assert "weights_only" not in message and "likely succeed" not in message
     assert not marker.exists()
+
+
+def test_a_file_that_is_no_checkpoint_is_refused_without_torchs_advice(tmp_path):
+    path = tmp_path / "page.pt"
+    path.write_bytes(b"<html>a download page, not the weights</html>")
+    with pytest.raises(ValueError, match="is the file complete") as refused:
+        common.load_torch_state(path)
+    message = str(refused.value)
+    assert message.startswith(str(path)) and "\n" not in message
+    assert "weights_only" not in message and "likely succeed" not in message
 
 
 class _Storage:

@@ -313,6 +313,43 @@ def test_bad_files_and_inputs_raise_helpful_errors(tmp_path, files, ours):
         ours(["ok"], pad_id=ours.eot_id + 1)
 
 
+def _byte_tokenizer_files(folder) -> int:
+    """CLIP's byte-level vocabulary (no merges) as vocab.json + merges.txt; returns its size."""
+    vocab = tk.openai_vocab([])
+    (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+    return len(vocab)
+
+
+def test_a_converted_clip_refuses_a_tokenizer_past_its_text_embedding(tmp_path):
+    """An id past the embedding reads no row: every text feature and loss would be NaN."""
+    from zsad_jax.encoders import checkpoint
+
+    size = _byte_tokenizer_files(tmp_path)
+    for rows in (size - 1, size):
+        meta = {
+            "format": checkpoint.FORMAT,
+            "type": "clip",
+            "config": {"text": {"vocab_size": rows}},
+        }
+        (tmp_path / checkpoint.CONFIG_FILE).write_text(json.dumps(meta))
+        if rows < size:
+            with pytest.raises(ValueError) as refused:
+                tk.ClipTokenizer.from_dir(tmp_path)
+            message = str(refused.value)
+            assert str(tmp_path / "vocab.json") in message and "\n" not in message
+            assert f"largest token id is {size - 1}" in message and f"has {rows} token" in message
+        else:
+            assert tk.ClipTokenizer.from_dir(tmp_path).eot_id == rows - 1
+
+
+def test_a_vocab_json_with_a_repeated_token_is_refused(tmp_path):
+    _byte_tokenizer_files(tmp_path)
+    (tmp_path / "vocab.json").write_text('{"a": 0, "b": 1, "a": 2}', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"token 'a' appears twice \(ids 0 and 2\)"):
+        tk.read_hf_files(tmp_path / "vocab.json", tmp_path / "merges.txt")
+
+
 def test_runtime_imports_neither_torch_nor_transformers():
     code = (
         "import sys, zsad_jax.encoders.tokenizer, zsad_jax.prompts; "

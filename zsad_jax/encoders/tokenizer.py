@@ -267,12 +267,25 @@ def _parse_merges(lines, source: str, *, skip_first: bool) -> list[tuple[str, st
 def read_hf_files(vocab_file, merges_file) -> tuple[dict[str, int], list[tuple[str, str]]]:
     """Hugging Face ``vocab.json`` + ``merges.txt`` -> (vocab, merges in rank order)."""
     with open(vocab_file, encoding="utf-8") as f:
-        vocab = json.load(f)
+        # json.load keeps the last of two equal keys, which silently shifts every later id.
+        vocab = json.load(f, object_pairs_hook=lambda pairs: _unique_tokens(pairs, vocab_file))
     if not isinstance(vocab, dict):
         raise ValueError(f"{vocab_file}: expected a JSON object token -> id")
     with open(merges_file, encoding="utf-8") as f:
         merges = _parse_merges(f.read().split("\n"), str(merges_file), skip_first=False)
     return vocab, merges
+
+
+def _unique_tokens(pairs: list[tuple[str, object]], source) -> dict[str, object]:
+    tokens: dict[str, object] = {}
+    for token, value in pairs:
+        if token in tokens:
+            raise ValueError(
+                f"{source}: token {token!r} appears twice (ids {tokens[token]} and {value}); a "
+                "vocab.json maps each token once: use the file of the model's own tokenizer"
+            )
+        tokens[token] = value
+    return tokens
 
 
 def read_tokenizer_json(path) -> tuple[dict[str, int], list[tuple[str, str]]]:
@@ -299,6 +312,18 @@ def read_openai_bpe(path, *, num_merges: int = OPENAI_NUM_MERGES) -> list[tuple[
         lines = f.read().split("\n")
     # OpenAI keeps lines[1 : num_merges + 1]; blank lines are only ever at the end of the file.
     return _parse_merges(lines[: num_merges + 1], str(path), skip_first=True)[:num_merges]
+
+
+def _converted_text_rows(path: Path) -> int | None:
+    """The text tower's vocabulary size when ``path`` is a converted CLIP checkpoint folder (its
+    ``config.json``, read here without ``zsad_jax.encoders.checkpoint``, which imports JAX)."""
+    try:
+        meta = json.loads((path / "config.json").read_text())
+        if str(meta["format"]).startswith("zsad_jax") and meta["type"] == "clip":
+            return int(meta["config"]["text"]["vocab_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # not a converted CLIP folder (or a damaged one, which its loader reports)
+    return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -390,8 +415,17 @@ class ClipTokenizer:
     @classmethod
     def from_dir(cls, path: str | Path) -> ClipTokenizer:
         """From a directory holding ``vocab.json`` + ``merges.txt``, ``tokenizer.json`` or
-        ``bpe_simple_vocab_16e6.txt.gz`` (looked for in that order)."""
+        ``bpe_simple_vocab_16e6.txt.gz`` (looked for in that order). In a converted CLIP
+        checkpoint folder, the tokenizer must fit its text tower (:meth:`check_fits`)."""
         path = Path(path)
+        tokenizer = cls._from_files_in(path)
+        rows = _converted_text_rows(path)
+        if rows is not None:
+            tokenizer.check_fits(rows, where=f"the text tower of {path}")
+        return tokenizer
+
+    @classmethod
+    def _from_files_in(cls, path: Path) -> ClipTokenizer:
         if (path / HF_VOCAB_FILE).is_file() and (path / HF_MERGES_FILE).is_file():
             return cls.from_files(path / HF_VOCAB_FILE, path / HF_MERGES_FILE)
         if (path / HF_TOKENIZER_FILE).is_file():
@@ -404,6 +438,19 @@ class ClipTokenizer:
             f"(from OpenAI's clip package); copy them there (python -m convert.clip copies them, "
             f"give it --bpe for an OpenAI checkpoint)"
         )
+
+    def check_fits(self, rows: int, *, where: str) -> None:
+        """Refuses a tokenizer with an id (SOS and EOT included) past the ``rows`` rows of a text
+        tower's token embedding: such an id reads no row and every text feature, and so every
+        loss, is NaN."""
+        largest = max(self.decoder)
+        if largest >= rows:
+            raise ValueError(
+                f"CLIP tokenizer files {self.source}: the largest token id is {largest} "
+                f"({self.decoder[largest]!r}), but {where} has {rows} token embedding rows (ids "
+                f"0..{rows - 1}); these files are not this model's tokenizer: use the tokenizer "
+                "files that came with the weights"
+            )
 
     # -- encoding --------------------------------------------------------------------------
 
