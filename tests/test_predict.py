@@ -18,6 +18,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -176,10 +177,11 @@ class ZeroShotOnly(ToyDetector):
 
 
 def test_reference_folder_fills_the_memory_bank_and_methods_without_one_refuse(
-    toy_run, images, tmp_path
+    toy_run, images, tmp_path, capsys, monkeypatch
 ):
     reference = images["rgb"].parent / "sub"  # one normal image: gray.jpg
-    with pytest.warns(UserWarning, match="does not apply to few-shot scores"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a note for the user, not a Python warning
         result = predict_lib.run(
             [str(images["rgb"])],
             checkpoint=str(toy_run),
@@ -187,6 +189,8 @@ def test_reference_folder_fills_the_memory_bank_and_methods_without_one_refuse(
             out=tmp_path,
             reference=str(reference),
         )
+    (note,) = capsys.readouterr().err.splitlines()
+    assert note.startswith("note: --reference: ") and "does not apply to few-shot scores" in note
     assert result["predictions"][0]["pred_label"] is None
     model, config, _ = ckpt_lib.load_for_inference(toy_run, **TRUST)
     refs = predict_lib.preprocess(decode.load_image(str(images["gray"])), config)[None]
@@ -198,6 +202,12 @@ def test_reference_folder_fills_the_memory_bank_and_methods_without_one_refuse(
     plain = ZeroShotOnly(config, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="no few-shot memory bank"):
         predict_lib.build_reference_memory(plain, config, reference)
+    # Through run, the refusal alone: no note about a threshold that would not be used anyway.
+    monkeypatch.setattr(ToyDetector, "build_memory", None)
+    with pytest.raises(ValueError, match="no few-shot memory bank"):
+        predict_lib.run([str(images["rgb"])], checkpoint=str(toy_run), **TRUST,
+                        out=tmp_path / "zero", reference=str(reference))  # fmt: skip
+    assert capsys.readouterr().err == ""
 
 
 def test_export_deserialises_and_reproduces_the_model(toy_run, tmp_path):
@@ -264,10 +274,9 @@ def test_af_clip_train_evaluate_predict_and_few_shot(tmp_path):
 
     good = [str(p) for p in sorted(Path(bench, "wood", "test", "good").glob("*.png"))]
     reference = Path(bench, "wood", "train", "good")
-    with pytest.warns(UserWarning, match="zero-shot scores"):
-        unlabelled = predict_lib.run(good[:1], checkpoint=str(run_dir), out=tmp_path / "fs0",
-                                     reference=str(reference))  # fmt: skip
-    assert unlabelled["predictions"][0]["pred_label"] is None
+    unlabelled = predict_lib.run(good[:1], checkpoint=str(run_dir), out=tmp_path / "fs0",
+                                 reference=str(reference))  # fmt: skip
+    assert unlabelled["predictions"][0]["pred_label"] is None and unlabelled["threshold"] is None
     few_shot = predict_lib.run(good[:2], checkpoint=str(run_dir), out=tmp_path / "fs",
                                reference=str(reference), threshold=0.5)  # fmt: skip
     # AF-CLIP+ through the exported function: the memory of the same two normal images, the
@@ -338,17 +347,32 @@ def test_output_names_are_unique_case_insensitively_and_follow_the_input_order(t
     for name in ("a.png", "a.jpg", "a_1.png", "A.png", "a_png.png", "b.png"):
         _save(folder / name, 4, 4)
     single = _save(tmp_path / "single" / "b.png", 4, 4)
-    items = predict_lib.collect_images([folder, single, single])
+    other = _save(tmp_path / "other" / "b.jpg", 4, 4)
+    items = predict_lib.collect_images([folder, single, other])
     names = [name for _, name in items]
     # Sorted: A.png a.jpg a.png a_1.png a_png.png b.png; "A", "a", "a" share a stem.
     assert [Path(file).name for file, _ in items[:6]] == [
         "A.png", "a.jpg", "a.png", "a_1.png", "a_png.png", "b.png"
     ]  # fmt: skip
     assert names == [
-        "f/A_png", "f/a_jpg", "f/a_png_1", "f/a_1", "f/a_png_2", "f/b", "b_png", "b_png_1"
+        "f/A_png", "f/a_jpg", "f/a_png_1", "f/a_1", "f/a_png_2", "f/b", "b_png", "b_jpg"
     ]  # fmt: skip
     assert len({n.casefold() for n in names}) == len(names)
-    assert predict_lib.collect_images([folder, single, single]) == items
+    assert predict_lib.collect_images([folder, single, other]) == items
+
+
+def test_a_file_given_twice_is_scored_once_and_a_note_says_so(
+    toy_run, tmp_path, capsys, monkeypatch
+):
+    photo = _save(tmp_path / "in" / "photo.jpg", 12, 10, value=40)
+    _save(tmp_path / "in" / "other.png", 8, 8)
+    monkeypatch.chdir(tmp_path)  # the spellings a user types: the same file three times
+    given = ["in/photo.jpg", "in/photo.jpg", "./in/photo.jpg", str(photo), "in"]
+    result = predict_lib.run(given, checkpoint=str(toy_run), **TRUST, out="pred")
+    assert [r["path"] for r in result["predictions"]] == ["in/photo.jpg", "in/other.png"]
+    assert sorted(p.name for p in Path("pred").rglob("*.npy")) == ["other.npy", "photo.npy"]
+    (note,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("note: ")]
+    assert note.startswith("note: 4 duplicate inputs dropped") and "in/photo.jpg" in note
 
 
 def test_inputs_sharing_a_stem_get_their_own_outputs(toy_run, tmp_path):
@@ -379,6 +403,85 @@ def test_an_earlier_runs_predictions_are_kept_unless_overwrite(toy_run, images, 
     )
     lines = [json.loads(line) for line in open(out / "predictions.jsonl")]
     assert [Path(line["path"]).name for line in lines] == ["gray.jpg"]
+
+
+def _files(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+
+
+def test_overwrite_leaves_only_the_new_runs_outputs_and_the_users_own_files(
+    toy_run, images, tmp_path, capsys
+):
+    out = tmp_path / "pred"
+    predict_lib.run([str(images["rgb"].parent)], checkpoint=str(toy_run), **TRUST, out=out)
+    assert "shop/sub/gray.npy" in _files(out)  # a nested output, its folder made by the run
+    (out / "shop" / "notes.txt").write_text("mine")  # the user's own files: not the run's
+    (out / "mine.npy").write_bytes(b"not listed in predictions.jsonl")
+    predict_lib.run([str(images["gray16"])], checkpoint=str(toy_run), **TRUST, out=out,
+                    overwrite=True)  # fmt: skip
+    assert _files(out) == ["mine.npy", "predictions.jsonl", "scan16.npy", "scan16_overlay.png",
+                           "shop/notes.txt"]  # fmt: skip
+    assert not (out / "shop" / "sub").exists()  # left empty by the removal: removed too
+    assert "note: --overwrite: removed the earlier run's predictions.jsonl and the 8 files" in (
+        capsys.readouterr().err
+    )
+
+
+@pytest.mark.parametrize(
+    "line, why",
+    [
+        ("{not json", "line 2 is not JSON"),
+        ('{"path": "x.png", "pred_score": 0.5}', "line 2 does not name its anomaly_map"),
+        ('{"path": "x.png", "anomaly_map": "/elsewhere/x.npy", "overlay": "/elsewhere/x.png"}',
+         "line 2 names /elsewhere/x.npy, outside"),
+    ],
+)  # fmt: skip
+def test_overwrite_refuses_when_the_earlier_runs_files_cannot_be_told(
+    toy_run, images, tmp_path, line, why
+):
+    out = tmp_path / "pred"
+    predict_lib.run([str(images["rgb"])], checkpoint=str(toy_run), **TRUST, out=out)
+    jsonl = out / "predictions.jsonl"
+    jsonl.write_text(jsonl.read_text() + line + "\n")
+    before = _files(out)
+    # Refused before any model is loaded: the checkpoint here does not exist.
+    with pytest.raises(FileExistsError, match="cannot tell which files") as refused:
+        predict_lib.run([str(images["gray"])], checkpoint=str(tmp_path / "no_run"), out=out,
+                        overwrite=True)  # fmt: skip
+    assert why in str(refused.value) and "\n" not in str(refused.value)
+    assert _files(out) == before  # nothing removed
+
+
+def test_export_refuses_an_existing_export_unless_overwrite(toy_run, tmp_path):
+    path = tmp_path / "toy.stablehlo"
+    predict_lib.run([], checkpoint=str(toy_run), **TRUST, export=str(path))
+    for name in ("toy.stablehlo", "toy.stablehlo.json", "toy.stablehlo.weights.npz"):
+        folder = tmp_path / name.replace(".", "_")
+        folder.mkdir()
+        (folder / name).write_text("an earlier export's file")  # any one of the three
+        # Refused before any model is loaded: the checkpoint here does not exist.
+        with pytest.raises(FileExistsError, match="--overwrite") as refused:
+            predict_lib.run([], checkpoint=str(tmp_path / "no_run"),
+                            export=str(folder / "toy.stablehlo"))  # fmt: skip
+        message = str(refused.value)
+        assert message.startswith(f"{folder / name}: ") and "\n" not in message
+        assert "another --export path" in message
+    predict_lib.run([], checkpoint=str(toy_run), **TRUST, export=str(path), export_batch=2,
+                    overwrite=True)  # fmt: skip
+    _, meta = predict_lib.load_exported(path)
+    assert meta["batch_size"] == 2  # replaced, and the three files still belong together
+
+
+def test_export_to_a_folder_writes_model_stablehlo_in_it(toy_run, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    files = predict_lib.run([], checkpoint=str(toy_run), **TRUST, export="exp_dir/")["export"]
+    assert _files(tmp_path) == ["exp_dir/model.stablehlo", "exp_dir/model.stablehlo.json",
+                                "exp_dir/model.stablehlo.weights.npz"]  # fmt: skip
+    assert files["stablehlo"] == str(Path("exp_dir", "model.stablehlo"))
+    _, meta = predict_lib.load_exported("exp_dir")  # an existing folder, no slash: the same
+    assert meta["batch_size"] == 1
+    with pytest.raises(FileExistsError, match="exp_dir/model.stablehlo"):
+        predict_lib.run([], checkpoint="no_run", export="exp_dir")
 
 
 @pytest.mark.parametrize(
@@ -417,6 +520,39 @@ def test_command_refuses_bad_values_and_an_earlier_run_in_one_line(images, tmp_p
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 1 and len(lines) == 1 and wanted in lines[0], proc.stderr
     assert (out / "predictions.jsonl").read_text() == '{"path": "kept.png"}\n'
+
+
+@pytest.mark.slow
+def test_command_prints_notes_and_says_when_nothing_is_decided(toy_run, images, tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)])}
+    reference = images["rgb"].parent / "sub"
+
+    def predict(*args):
+        return subprocess.run(
+            [sys.executable, "-m", "zsad_jax.predict", f"--checkpoint={toy_run}",
+             "--allow_custom_code", *args],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+
+    rgb = str(images["rgb"])
+    few_shot = predict(f"--reference={reference}", "--out=fs", rgb, rgb)
+    assert few_shot.returncode == 0, few_shot.stderr
+    assert len(few_shot.stdout.strip().splitlines()) == 1  # the same file twice: scored once
+    err = few_shot.stderr.strip().splitlines()
+    assert "Warning" not in few_shot.stderr and "predict.py:" not in few_shot.stderr, err
+    assert [x.split(":")[1] for x in err if x.startswith("note: ")] == [
+        " --reference", " 1 duplicate input dropped (files given more than once"
+    ]  # fmt: skip
+    assert err[-1] == "scored 1 image (no decisions: no threshold, 0 skipped); outputs in fs"
+
+    exported = predict("--export=exp_dir/")
+    assert exported.returncode == 0, exported.stderr
+    assert (tmp_path / "exp_dir" / "model.stablehlo.weights.npz").is_file()
+    again = predict("--export=exp_dir/")
+    (line,) = again.stderr.strip().splitlines()
+    assert again.returncode == 1 and line.startswith("error: exp_dir/model.stablehlo: "), line
+    assert "--overwrite" in line and "another --export path" in line
+    assert predict("--export=exp_dir/", "--overwrite").returncode == 0
 
 
 @pytest.fixture(scope="module")

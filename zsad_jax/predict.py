@@ -22,8 +22,15 @@ case-insensitively, the suffix is kept, ``a_png`` and ``a_jpg``, and a name stil
                         pred_label (1 = anomalous: pred_score >= threshold; null without one),
                         threshold, anomaly_map and overlay file names, width, height
 
-An ``--out`` that already holds a ``predictions.jsonl`` is refused unless ``--overwrite`` (which
-replaces it and the outputs of the same names; other files of the earlier run stay).
+An input reached more than once (``photo.jpg ./photo.jpg``, a folder and a file in it) is scored
+once, and a note says how many were dropped.
+
+An ``--out`` that already holds a ``predictions.jsonl`` is refused unless ``--overwrite``, which
+first removes the earlier run's outputs: exactly the ``.npy`` and overlay files its
+``predictions.jsonl`` lists (then the folders left empty), so only the new run's remain; files it
+does not list (yours) stay. Where that cannot be told (a line that is not a record, a listed file
+outside ``--out``) it is refused too. An ``--export`` whose files exist is refused the same way
+unless ``--overwrite``.
 
 The threshold is the F1-optimal image threshold stored with the checkpoint by training's final
 held-out evaluation (or by ``python -m zsad_jax.evaluate --store_threshold``); ``--threshold``
@@ -48,8 +55,9 @@ Deployment: ``--export=PATH.stablehlo`` writes the jitted inference function for
 (``--export_batch``) and input size with ``jax.export``: ``PATH.stablehlo`` (``Exported.serialize``:
 the StableHLO module and its calling convention), ``PATH.weights.npz`` (its array arguments: trained
 heads, frozen backbone, memory bank) and ``PATH.json`` (input size, normalisation, threshold, and
-the weights' count, shape-and-dtype digest and file sha256). ``load_exported(PATH)`` checks that the
-three files belong together, then runs it without this package's model code.
+the weights' count, shape-and-dtype digest and file sha256). ``--export=DIR/`` (a folder: a trailing
+slash, or one that exists) writes ``DIR/model.stablehlo`` and its two files. ``load_exported(PATH)``
+checks that the three files belong together, then runs it without this package's model code.
 """
 
 from __future__ import annotations
@@ -60,7 +68,6 @@ import json
 import math
 import os
 import sys
-import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -80,6 +87,7 @@ DEFAULT_CATEGORY = "object"
 # /2: PATH.json describes the weights (count, shape-and-dtype digest, file digest) for checking.
 EXPORT_FORMAT = "zsad_jax.export/2"
 PREDICTIONS_FILE = "predictions.jsonl"
+EXPORT_FILE_NAME = "model.stablehlo"  # what --export=DIR/ writes in DIR
 
 
 # ----------------------------------------------------------------------------------------------
@@ -89,10 +97,12 @@ PREDICTIONS_FILE = "predictions.jsonl"
 def collect_images(paths: Iterable[str | os.PathLike]) -> list[tuple[str, str]]:
     """``(file, output name)`` for every image file given or found (recursively) in a folder.
 
-    Inside a folder, mask folders (``readers.MASK_DIR_NAMES``: ``masks/``, ``ground_truth/``...)
+    Inside a folder, mask folders (``readers.is_mask_dir``: ``masks/``, ``ground_truth/``, any case)
     are passed over, as the dataset readers do, so a dataset folder can be scored as it is.
-    Output names are unique per input (compared case-insensitively, as macOS and Windows file
-    systems do) and follow from the order of ``paths`` alone (``unique_names``).
+    A file reached more than once (``a.jpg ./a.jpg``, a folder and a file in it, a link to it) is
+    kept once, at its first place, and a note says how many were dropped. Output names are unique
+    per input (compared case-insensitively, as macOS and Windows file systems do) and follow from
+    the order of ``paths`` alone (``unique_names``).
 
     Raises:
       FileNotFoundError: a path does not exist, or a folder holds no image files.
@@ -106,7 +116,7 @@ def collect_images(paths: Iterable[str | os.PathLike]) -> list[tuple[str, str]]:
             files = sorted(
                 p for p in path.rglob("*")
                 if p.is_file() and p.suffix.lower() in decode.IMAGE_EXTENSIONS
-                and not set(p.relative_to(path).parts[:-1]) & set(readers.MASK_DIR_NAMES)
+                and not any(map(readers.is_mask_dir, p.relative_to(path).parts[:-1]))
             )  # fmt: skip
             if not files:
                 kinds = ", ".join(decode.IMAGE_EXTENSIONS)
@@ -115,16 +125,50 @@ def collect_images(paths: Iterable[str | os.PathLike]) -> list[tuple[str, str]]:
             found += [(p, base / p.relative_to(path)) for p in files]
         else:
             raise FileNotFoundError(f"{given}: no such image file or folder")
+    found, dropped = _distinct_files(found)
+    if dropped:
+        spelled = list(dict.fromkeys(map(str, dropped)))  # each spelling once, in input order
+        listed = ", ".join(spelled[:3]) + (f" and {len(spelled) - 3} more" if spelled[3:] else "")
+        _note(
+            f"{len(dropped)} duplicate input{'s' if len(dropped) > 1 else ''} dropped (files "
+            f"given more than once: {listed}); each file is scored once"
+        )
     names = unique_names([name for _, name in found])
     return [(str(file), name) for (file, _), name in zip(found, names, strict=True)]
+
+
+def _distinct_files(found: Sequence[tuple[Path, Path]]) -> tuple[list, list[Path]]:
+    """``found`` without the files already in it (first place kept), and the dropped paths.
+
+    A file is known by its device and inode, so every spelling of one file (``./a.jpg``, an
+    absolute path, a symbolic or hard link, another letter case on macOS) counts as the same;
+    where the system reports no inode, by its resolved path.
+    """
+    seen: set = set()
+    kept, dropped = [], []
+    for item in found:
+        stat = item[0].stat()
+        identity = (stat.st_dev, stat.st_ino) if stat.st_ino else str(item[0].resolve())
+        if identity in seen:
+            dropped.append(item[0])
+        else:
+            seen.add(identity)
+            kept.append(item)
+    return kept, dropped
+
+
+def _note(message: str) -> None:
+    """A ``note: ...`` line on stderr, as the other commands print theirs (process 0 only)."""
+    if jax.process_index() == 0:
+        print(f"note: {message}", file=sys.stderr, flush=True)
 
 
 def unique_names(names: Sequence[Path]) -> list[str]:
     """Output names for input paths (relative, with suffix): unique, case-insensitively.
 
     The stem (``shop/a.png`` -> ``shop/a``) when no other input has it; otherwise the suffix is
-    kept (``shop/a_png``, ``shop/a_jpg``); whatever is still taken (the same file given twice, a
-    ``a_png.png`` next to ``a.png`` and ``a.jpg``) gets ``_1``, ``_2``, ... until it is free.
+    kept (``shop/a_png``, ``shop/a_jpg``); whatever is still taken (a ``a_png.png`` next to
+    ``a.png`` and ``a.jpg``, two folders of one name) gets ``_1``, ``_2``, ... until it is free.
     """
     stems = [str(n.with_suffix("")) for n in names]
     counts: dict[str, int] = {}
@@ -146,13 +190,90 @@ def unique_names(names: Sequence[Path]) -> list[str]:
 
 def check_out_dir(out_dir: str | os.PathLike, *, overwrite: bool) -> None:
     """Refuses an ``--out`` that holds an earlier run's ``predictions.jsonl`` (its only index of
-    which map belongs to which image) unless ``overwrite``."""
+    which map belongs to which image) unless ``overwrite``; with it, refuses one whose earlier
+    files cannot be told (``earlier_outputs``)."""
     jsonl = Path(out_dir) / PREDICTIONS_FILE
-    if jsonl.exists() and not overwrite:
+    if not jsonl.exists():
+        return
+    if not overwrite:
         raise FileExistsError(
             f"{jsonl}: --out already holds the predictions of an earlier run; pass --overwrite "
             "to replace them, or choose another --out"
         )
+    earlier_outputs(out_dir)
+
+
+def earlier_outputs(out_dir: str | os.PathLike) -> list[Path]:
+    """The map and overlay files that the earlier run in ``out_dir`` recorded in its
+    ``predictions.jsonl`` (those still there), for ``--overwrite`` to remove.
+
+    A record's paths are as that run wrote them: relative ones are read from the current folder,
+    as ``--out`` is. Only files inside ``out_dir`` are ever named; files the earlier run did not
+    record (the user's own, or those of a batch an interrupted run never recorded) are not.
+
+    Raises:
+      FileExistsError: the earlier files cannot be told: a line that is not one of this command's
+        records, or a recorded file outside ``out_dir`` (a run started from another folder, or
+        an ``--out`` moved since). One line saying what to do instead.
+    """
+    out_dir = Path(out_dir)
+    jsonl = out_dir / PREDICTIONS_FILE
+    inside = out_dir.resolve()
+
+    def cannot_tell(why: str) -> FileExistsError:
+        return FileExistsError(
+            f"{jsonl}: --overwrite cannot tell which files the earlier run wrote ({why}); delete "
+            "that run's files yourself, or choose another --out"
+        )
+
+    try:
+        lines = jsonl.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise cannot_tell(f"unreadable: {type(e).__name__}") from None
+    files = []
+    for number, line in enumerate(lines, 1):
+        for recorded in _recorded_files(line, lambda why, n=number: cannot_tell(f"line {n} {why}")):
+            path = Path(recorded)
+            if not path.resolve().is_relative_to(inside):
+                raise cannot_tell(f"line {number} names {recorded}, outside {out_dir}")
+            if path.is_file():
+                files.append(path)
+    return files
+
+
+def _recorded_files(line: str, refuse: Callable[[str], Exception]) -> list[str]:
+    """The output files one ``predictions.jsonl`` line names (none for a skipped image)."""
+    if not line.strip():
+        return []
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        raise refuse("is not JSON") from None
+    if not isinstance(record, dict) or "path" not in record:
+        raise refuse("is not a prediction record")
+    if "error" in record and "anomaly_map" not in record:
+        return []  # skipped with --skip_corrupt: no outputs
+    files = [record.get("anomaly_map"), record.get("overlay")]
+    if not all(isinstance(f, str) and f for f in files):
+        raise refuse("does not name its anomaly_map and overlay files")
+    return files
+
+
+def remove_earlier_outputs(out_dir: str | os.PathLike) -> int:
+    """Removes the earlier run's recorded files (``earlier_outputs``), its ``predictions.jsonl``
+    and the folders that this leaves empty inside ``out_dir``; returns how many files went."""
+    out_dir = Path(out_dir)
+    inside = out_dir.resolve()
+    files = earlier_outputs(out_dir)
+    folders = set()
+    for path in files:
+        folders.update(p for p in path.resolve().parents if p.is_relative_to(inside))
+        path.unlink(missing_ok=True)
+    (out_dir / PREDICTIONS_FILE).unlink(missing_ok=True)
+    for folder in sorted(folders, key=lambda p: len(p.parts), reverse=True):  # deepest first
+        if folder != inside and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+    return len(files)
 
 
 def preprocess(image: np.ndarray, config: Any) -> np.ndarray:
@@ -302,7 +423,9 @@ def predict_files(
 ) -> list[dict[str, Any]]:
     """Scores every image of ``paths`` and writes the outputs (module docstring).
 
-    ``overwrite`` allows replacing the ``predictions.jsonl`` of an earlier run in ``out_dir``.
+    ``overwrite`` replaces an earlier run in ``out_dir``: the files its ``predictions.jsonl``
+    records and that file are removed first (``remove_earlier_outputs``), so that only this run's
+    outputs remain; files it did not record stay.
 
     In a multi-process run every process calls this with the same arguments: each decodes, scores
     and writes the outputs of its share of the images (``shard_items``), and process 0 writes the
@@ -320,6 +443,8 @@ def predict_files(
     out_dir = Path(out_dir)
     check_out_dir(out_dir, overwrite=overwrite)
     items = collect_images(paths)
+    if overwrite:
+        _replace_earlier_run(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     steps = shard_items(items, predictor.batch_size)
     primary = jax.process_index() == 0
@@ -346,6 +471,16 @@ def predict_files(
                        - min(len(items), step * predictor.batch_size))  # fmt: skip
     bar.close()
     return sink.records
+
+
+def _replace_earlier_run(out_dir: Path) -> None:
+    """Process 0 removes the earlier run's files; every process waits for that before writing
+    (a map of the same name written first would otherwise be removed)."""
+    if jax.process_index() == 0 and (out_dir / PREDICTIONS_FILE).exists():
+        removed = remove_earlier_outputs(out_dir)
+        _note(f"--overwrite: removed the earlier run's predictions.jsonl and the {removed} files "
+              f"it lists from {out_dir}")  # fmt: skip
+    shard_lib.sync("predict_replace_earlier_run")
 
 
 def shard_items(
@@ -486,21 +621,19 @@ def export_inference(
     input (``PATH.json`` gives size, resize filter and mean/std of ``config.data.transform``).
 
     Args:
+      path: ``PATH.stablehlo``, or a folder (``DIR/``, or one that exists) for
+        ``DIR/model.stablehlo`` (``export_files``). Existing files are replaced: ``run`` and the
+        command refuse them first unless ``overwrite`` (``check_export``).
       platforms: lowering targets, e.g. ``("cpu", "cuda")``; default the current backend.
 
     Returns:
       ``{"stablehlo", "weights", "meta"}`` file paths.
     """
-    path = Path(path)
+    files = {kind: str(file) for kind, file in export_files(path).items()}
     model.set_classes([category])
     weights, infer = _inference_over_arrays(model, memory)
     exported = _export(infer, weights, config, batch_size, platforms)
-    files = {
-        "stablehlo": str(path),
-        "weights": str(path.with_name(path.name + ".weights.npz")),
-        "meta": str(path.with_name(path.name + ".json")),
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
+    Path(files["stablehlo"]).parent.mkdir(parents=True, exist_ok=True)
     with open(files["stablehlo"], "wb") as f:
         f.write(exported.serialize())
     np.savez(files["weights"], *weights)
@@ -511,6 +644,38 @@ def export_inference(
     with open(files["meta"], "w") as f:
         json.dump(report.json_ready(meta), f, indent=1)
     return files
+
+
+def export_files(path: str | os.PathLike) -> dict[str, Path]:
+    """The three files of an export to ``path``: ``{"stablehlo", "weights", "meta"}``.
+
+    ``PATH`` gives ``PATH``, ``PATH.weights.npz`` and ``PATH.json``. A folder, written with a
+    trailing slash (``exports/``) or one that exists, gets ``EXPORT_FILE_NAME`` inside it: a user
+    who names a folder means the files to go in it, not beside it under the folder's name.
+    """
+    text = os.fspath(path)
+    stablehlo = Path(text)
+    if text.endswith(tuple(filter(None, (os.sep, os.altsep)))) or stablehlo.is_dir():
+        stablehlo = stablehlo / EXPORT_FILE_NAME
+    return {
+        "stablehlo": stablehlo,
+        "weights": stablehlo.with_name(stablehlo.name + ".weights.npz"),
+        "meta": stablehlo.with_name(stablehlo.name + ".json"),
+    }
+
+
+def check_export(path: str | os.PathLike, *, overwrite: bool) -> None:
+    """Refuses an ``--export`` whose files exist (an earlier export, maybe of another model) unless
+    ``overwrite``, as ``check_out_dir`` refuses an earlier run's ``--out``."""
+    for file in export_files(path).values():
+        if file.is_dir():
+            raise FileExistsError(f"{file}: --export would write this file, but it is a folder; "
+                                  "choose another --export path")  # fmt: skip
+        if file.exists() and not overwrite:
+            raise FileExistsError(
+                f"{file}: --export would replace an earlier export's file; pass --overwrite to "
+                "replace it, or choose another --export path"
+            )
 
 
 def _inference_over_arrays(model: nnx.Module, memory: Any) -> tuple[list[np.ndarray], Callable]:
@@ -618,9 +783,8 @@ def load_exported(path: str | os.PathLike) -> tuple[Callable, dict[str, Any]]:
       FileNotFoundError: a file of the set is missing.
       ValueError: a file is damaged or belongs to another export (one line naming it).
     """
-    path = Path(path)
-    weights_path = path.with_name(path.name + ".weights.npz")
-    meta_path = path.with_name(path.name + ".json")
+    files = export_files(path)  # a folder: the model.stablehlo that --export=DIR/ wrote
+    path, weights_path, meta_path = files["stablehlo"], files["weights"], files["meta"]
     for needed in (path, weights_path, meta_path):
         if not needed.is_file():
             raise FileNotFoundError(f"{needed}: exported model file missing (see --export)")
@@ -769,12 +933,12 @@ def run(
     model, config, stored, _ = inference.load_model(
         checkpoint, config, step=step, allow_custom_code=allow_custom_code
     )
-    chosen = _image_threshold(stored, threshold, reference=reference, scoring=bool(images))
     memory = None
-    if reference:
+    if reference:  # first: a method without a memory bank is refused before any note
         memory = build_reference_memory(model, config, reference, shots=shots, seed=seed)
         # Built by every process from the same files; process 0's bank is the one all use.
         memory = shard_lib.broadcast_arrays(memory)
+    chosen = _image_threshold(stored, threshold, reference=reference, scoring=bool(images))
     result: dict[str, Any] = {"threshold": chosen, "predictions": [], "export": None}
     if export:
         files = None
@@ -808,7 +972,8 @@ def _refuse_before_loading(
     shots: int | None,
 ) -> None:
     """``run``'s refusals that need no model: nothing to do, a bad option value, a missing
-    input, an ``--out`` holding an earlier run's predictions (``check_out_dir``)."""
+    input, an ``--out`` holding an earlier run's predictions (``check_out_dir``), an ``--export``
+    whose files exist (``check_export``)."""
     if not images and not export:
         raise ValueError("give image files or folders to score (or --export=PATH)")
     check_options(threshold=threshold, batch_size=batch_size, export_batch=export_batch,
@@ -818,31 +983,30 @@ def _refuse_before_loading(
             raise FileNotFoundError(f"{given}: no such image file or folder")
     if images:
         check_out_dir(out, overwrite=overwrite)
+    if export:
+        check_export(export, overwrite=overwrite)
 
 
 def _image_threshold(
     stored: float | None, given: float | None, *, reference: str | None, scoring: bool
 ) -> float | None:
     """The threshold of pred_label: ``--threshold`` if given, else the checkpoint's; None (with
-    a warning saying why) where there is none or the stored one does not apply."""
+    a note on stderr saying why) where there is none or the stored one does not apply."""
     chosen = stored if given is None else float(given)
     if chosen is not None and not math.isfinite(float(chosen)):
         chosen = None  # a stored NaN: evaluation found no anomalous image to choose one on
-    # stacklevel=3: the warnings point at run's caller, as they did when run issued them.
     if reference and given is None and chosen is not None:
         # The stored threshold was chosen on zero-shot scores; few-shot scores have another scale.
-        warnings.warn(
+        _note(
             "--reference: the checkpoint's threshold was chosen for zero-shot scores and does not "
             "apply to few-shot scores, so pred_label is null. Pass --threshold (e.g. the threshold "
-            "in metrics.json of python -m zsad_jax.evaluate --few_shot=K)",
-            stacklevel=3,
+            "in metrics.json of python -m zsad_jax.evaluate --few_shot=K)"
         )
         chosen = None
     elif chosen is None and scoring:
-        warnings.warn(
+        _note(
             "no image threshold: the checkpoint stores none and --threshold was not given, so "
-            "pred_label is null. Evaluate with --store_threshold or pass --threshold",
-            stacklevel=3,
+            "pred_label is null. Evaluate with --store_threshold or pass --threshold"
         )
     return chosen
 
@@ -886,7 +1050,9 @@ def _define_flags() -> None:
     flags.DEFINE_string("export", None, "also write the jitted inference function here")
     flags.DEFINE_integer("export_batch", 1, "batch size of the exported function")
     flags.DEFINE_list("export_platforms", None, "lowering platforms, e.g. cpu,cuda (default: this)")
-    flags.DEFINE_bool("overwrite", False, "replace the predictions of an earlier run in --out")
+    flags.DEFINE_bool(
+        "overwrite", False, "replace an earlier run's outputs in --out and an existing --export"
+    )
     cli.define_multihost_flags()
 
 
@@ -899,6 +1065,8 @@ def main(argv: Sequence[str], overrides: Sequence[tuple[str, str]]) -> None:
                   shots=f.shots)  # fmt: skip
     if argv[1:]:
         check_out_dir(f.out, overwrite=f.overwrite)
+    if f.export:
+        check_export(f.export, overwrite=f.overwrite)
     config = cli.config_from_flags(overrides)
     result = run(
         list(argv[1:]),
@@ -922,24 +1090,25 @@ def main(argv: Sequence[str], overrides: Sequence[tuple[str, str]]) -> None:
         overwrite=f.overwrite,
     )
     if result["predictions"]:
-        counts = _counts(result["predictions"])
-        print(
-            f"scored {counts['images']} images ({counts['anomalous']} anomalous, "
-            f"{counts['skipped']} skipped); outputs in {f.out}",
-            file=sys.stderr,
-        )
+        print(_summary(result["predictions"], result["threshold"], f.out), file=sys.stderr)
     if result["export"]:
         print(f"exported: {', '.join(result['export'].values())}", file=sys.stderr)
 
 
-def _counts(records: Sequence[Mapping[str, Any]]) -> dict[str, int]:
-    return {
-        "images": sum("pred_score" in r for r in records),
-        "anomalous": sum(r.get("pred_label") == 1 for r in records),
-        "skipped": sum("error" in r for r in records),
-    }
+def _summary(records: Sequence[Mapping[str, Any]], threshold: float | None, out: str) -> str:
+    """The command's last stderr line: how many scored, decided anomalous, skipped."""
+    scored = sum("pred_score" in r for r in records)
+    skipped = sum("error" in r for r in records)
+    # Without a threshold no image is decided either way: "0 anomalous" would read as a verdict.
+    decisions = (
+        "no decisions: no threshold" if threshold is None
+        else f"{sum(r.get('pred_label') == 1 for r in records)} anomalous"
+    )  # fmt: skip
+    images = "image" if scored == 1 else "images"
+    return f"scored {scored} {images} ({decisions}, {skipped} skipped); outputs in {out}"
 
 
 if __name__ == "__main__":
-    # FileExistsError: an --out holding an earlier run's predictions (check_out_dir).
+    # FileExistsError: an --out holding an earlier run's predictions (check_out_dir), an existing
+    # --export (check_export).
     cli.Command(_define_flags, main, expected_errors=(FileExistsError,)).run()
