@@ -510,11 +510,14 @@ def write_checkpoint(
         raise FileExistsError(
             f"--out={out}: already holds checkpoints ({folder}); choose a new folder or remove it"
         )
+    meta: dict = {"step": int(step), "threshold": None}
     if hasattr(config, "to_json_best_effort"):
-        config_json = config.to_json_best_effort(sort_keys=True)
+        meta["config"] = config.to_json_best_effort(sort_keys=True)
+        # As zsad_jax.train records them: the None fields' types, the frozen encoders' weights.
+        meta["config_types"] = ckpt_lib.none_field_types(config)
+        meta["encoders"] = ckpt_lib.encoder_digests(config)
     else:
-        config_json = json.dumps(config, sort_keys=True)
-    meta = {"step": int(step), "config": config_json, "threshold": None}
+        meta["config"] = json.dumps(config, sort_keys=True)
     checkpointer = ckpt_lib.TrainCheckpointer(folder, keep=1, async_save=False)
     try:
         checkpointer.save(

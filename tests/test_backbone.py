@@ -126,3 +126,15 @@ def test_other_weights_in_the_backbone_folder_are_refused_not_used(tmp_path):
     config.optim.steps = 2  # resuming (a changed step count) meets the same refusal
     with pytest.raises(ValueError, match="trained on other backbone weights"):
         train_lib.train(config, tmp_path / "run", progress=False, allow_config_change=True)
+
+
+def test_saving_into_a_folder_of_other_files_is_refused_and_deletes_nothing(tmp_path):
+    # save() replaces its output folder whole: over a user's folder (--out ~/models) that was
+    # a silent deletion.
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "mine.pt").write_bytes(b"keep me")
+    with pytest.raises(FileExistsError, match="holds other files than a converted checkpoint"):
+        _convert_tiny_dinov3(tmp_path / "models", seed=0)
+    assert (tmp_path / "models" / "mine.pt").read_bytes() == b"keep me"
+    _convert_tiny_dinov3(tmp_path / "converted", seed=0)
+    _convert_tiny_dinov3(tmp_path / "converted", seed=1)  # a converted checkpoint is replaced

@@ -101,8 +101,18 @@ def save(
     source: str,
     extra_files: Iterable[str | os.PathLike] = (),
 ) -> Path:
-    """Writes a converted checkpoint atomically (a temporary directory renamed into place)."""
+    """Writes a converted checkpoint atomically (a temporary directory renamed into place); an
+    ``out_dir`` that holds anything but a converted checkpoint is refused, never deleted."""
     out = Path(out_dir)
+    if (
+        out.exists()
+        and not (out / CONFIG_FILE).is_file()
+        and (not out.is_dir() or any(out.iterdir()))
+    ):
+        raise FileExistsError(
+            f"{out}: holds other files than a converted checkpoint, which writing one there "
+            "would delete; choose a new or empty folder"
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
