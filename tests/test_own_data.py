@@ -441,6 +441,7 @@ def test_decompression_bomb_is_a_data_error_before_decoding(tmp_path, no_decodin
     with pytest.raises(DataError, match=r"bomb\.png claims more pixels than Pillow opens") as info:
         load_image(bomb)
     assert info.value.path == bomb
+    assert str(info.value).count("skip such files") == 1  # the advice once, not wrapped again
     # Between Pillow's warning and its hard limit: our own check refuses, without a warning.
     big = _png_header(tmp_path / "big.png", 12_000, 12_000)  # 144 M px
     with warnings.catch_warnings():

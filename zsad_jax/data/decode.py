@@ -107,6 +107,8 @@ def _open(path: str, what: str, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> I
         img = _open_header(path, what)
     except FileNotFoundError as e:
         raise DataError(f"{what} file not found: {path}", path) from e
+    except DataError:
+        raise  # already says what is wrong and what to do (a DataError is a ValueError too)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
         raise _undecodable(path, what, e) from e
     try:
