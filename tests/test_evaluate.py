@@ -279,3 +279,19 @@ def test_overlays_per_category_take_both_labels(num_vis, counts, quota):
         label for label in [0] * 10 + [1] * 10 if eval_lib._vis_pick(num_vis, quota, picked, label)
     ]
     assert len(chosen) <= num_vis and chosen.count(1) <= quota[0] and chosen.count(0) <= quota[1]
+
+
+def test_a_new_evaluation_removes_the_earlier_ones_panels_and_keeps_other_files(tmp_path):
+    # A second evaluate into one workdir on another dataset kept the first one's vis/<category>/
+    # folders beside its own.
+    old = tmp_path / "vis" / "wood"
+    old.mkdir(parents=True)
+    for name in ("00000__normal__g0__score0.000.png", "00003__anomalous__s_1__score-1.250.png",
+                 "00004__anomalous__x__scorenan.png"):  # fmt: skip
+        (old / name).write_bytes(b"")
+    (tmp_path / "vis" / "mine").mkdir()
+    (tmp_path / "vis" / "mine" / "notes.png").write_bytes(b"mine")
+    (tmp_path / "metrics.json").write_text("{}")
+    eval_lib._remove_results(tmp_path)
+    assert not old.exists() and not (tmp_path / "metrics.json").exists()
+    assert (tmp_path / "vis" / "mine" / "notes.png").read_bytes() == b"mine"

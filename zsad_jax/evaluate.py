@@ -28,6 +28,7 @@ import io
 import json
 import math
 import os
+import re
 import sys
 import time
 import warnings
@@ -739,7 +740,8 @@ def run(
 
     In a multi-process run every process calls it and returns the same result; it returns once
     process 0 has written the files. A run killed part-way leaves no result files (those of an
-    earlier evaluation in ``workdir`` are removed first): run it again, it starts over.
+    earlier evaluation in ``workdir``, its panels included, are removed first): run it again, it
+    starts over.
     """
 
     start = time.time()
@@ -813,9 +815,24 @@ def _run_record(
 RESULT_FILES = ("run.json", "metrics.json", "metrics.csv", "metrics.md", "config.json")
 
 
+# The panels ``_write_vis`` names: ``vis/<category>/00012__anomalous__<stem>__score0.873.png``.
+_PANEL_NAME = re.compile(r"\d{5}__(anomalous|normal)__.*__score(-?\d+\.\d{3}|nan|-?inf)\.png")
+
+
 def _remove_results(workdir: Path) -> None:
+    """An earlier evaluation's result files and its panels (files of other names stay), so that
+    a new one never leaves the old categories' panels beside its own."""
     for name in RESULT_FILES:
         (workdir / name).unlink(missing_ok=True)
+    vis = workdir / "vis"
+    for folder in sorted(vis.iterdir()) if vis.is_dir() else ():
+        if not folder.is_dir():
+            continue
+        for panel in folder.iterdir():
+            if panel.is_file() and _PANEL_NAME.fullmatch(panel.name):
+                panel.unlink()
+        if not any(folder.iterdir()):
+            folder.rmdir()
 
 
 def summary_line(result: Mapping[str, Any]) -> str:
