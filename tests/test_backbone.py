@@ -41,6 +41,9 @@ def test_missing_weights_names_the_path_and_the_convert_command(tmp_path):
     assert str(tmp_path / "nowhere") in message
     assert "python -m convert.clip --src SRC --out" in message
     assert "config.model.backbone.checkpoint" in message
+    relative = _cfg(checkpoint_dir="weights/nowhere", preset="vit_l14_336")
+    with pytest.raises(FileNotFoundError, match=r"weights there \(read from /"):
+        backbone.build_backbone(relative, rngs=nnx.Rngs(0))  # says where a relative path is read
 
 
 def test_full_size_builds_abstractly_without_weights(tmp_path):

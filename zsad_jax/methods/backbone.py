@@ -16,6 +16,7 @@ the preset.
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 from typing import Any
 
@@ -51,9 +52,11 @@ def missing_weights_message(cfg: Any, where: str) -> str:
         if cfg.kind == "clip"
         else "a Hugging Face DINOv3 directory or dinov3_vitl16_pretrain_*.pth"
     )
+    # A relative path is read from the folder the command runs in, not where training ran.
+    relative = "" if Path(cfg.checkpoint).is_absolute() else f" (read from {os.getcwd()})"
     return (
-        f"{where}.checkpoint={cfg.checkpoint!r}: no converted {cfg.kind} weights there. This "
-        f"config needs pretrained weights; convert them once with\n"
+        f"{where}.checkpoint={cfg.checkpoint!r}: no converted {cfg.kind} weights there"
+        f"{relative}. This config needs pretrained weights; convert them once with\n"
         f"    python -m {script} --src SRC --out {cfg.checkpoint}\n"
         f"where SRC is {source} (see README, 'Pretrained weights'), or point "
         f"--config.{where.removeprefix('config.')}.checkpoint at your converted directory."
