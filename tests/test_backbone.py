@@ -139,5 +139,8 @@ def test_saving_into_a_folder_of_other_files_is_refused_and_deletes_nothing(tmp_
     with pytest.raises(FileExistsError, match="holds other files than a converted checkpoint"):
         _convert_tiny_dinov3(tmp_path / "models", seed=0)
     assert (tmp_path / "models" / "mine.pt").read_bytes() == b"keep me"
+    (tmp_path / "models" / "config.json").write_text('{"model_type": "clip"}')  # a HF folder
+    with pytest.raises(FileExistsError, match="holds other files than a converted checkpoint"):
+        _convert_tiny_dinov3(tmp_path / "models", seed=0)
     _convert_tiny_dinov3(tmp_path / "converted", seed=0)
     _convert_tiny_dinov3(tmp_path / "converted", seed=1)  # a converted checkpoint is replaced
