@@ -8,7 +8,6 @@ keys.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Callable, Iterable, Sequence
@@ -17,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from convert import torchscript
+from zsad_jax.encoders import checkpoint
 
 Transform = Callable[..., np.ndarray]
 NameTable = dict[str, tuple[str | tuple[str, ...], Transform | None]]
@@ -63,7 +63,7 @@ def check_output_dir(out: str | os.PathLike, *, overwrite: bool) -> None:
         return
     if not out.is_dir():
         raise FileExistsError(f"--out {out}: is a file, not a folder; choose another --out")
-    kind = _converted_kind(out)
+    kind = checkpoint.converted_kind(out)
     if kind is not None:
         if overwrite:
             return
@@ -78,22 +78,6 @@ def check_output_dir(out: str | os.PathLike, *, overwrite: bool) -> None:
             f"{', ...' if len(held) > 5 else ''}), not a converted checkpoint; the conversion "
             "would delete them, so choose a new or empty --out"
         )
-
-
-def _converted_kind(folder: Path) -> str | None:
-    """The encoder type of a converted checkpoint folder ("clip", "dinov3"), None if not one."""
-    from zsad_jax.encoders import checkpoint  # JAX: only the converters that write one need it
-
-    try:
-        meta = json.loads((folder / checkpoint.CONFIG_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-    # Any version of the format (read_meta asks to re-convert an old one into the same folder);
-    # not, say, a Hugging Face model folder's own config.json.
-    family = checkpoint.FORMAT.split("/")[0] + "/"
-    if not isinstance(meta, dict) or not str(meta.get("format", "")).startswith(family):
-        return None
-    return str(meta.get("type", "unknown"))
 
 
 def family_of(state: Iterable[str]) -> str | None:

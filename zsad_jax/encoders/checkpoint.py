@@ -104,7 +104,7 @@ def save(
     """Writes a converted checkpoint atomically (a temporary directory renamed into place); an
     ``out_dir`` that holds anything but a converted checkpoint is refused, never deleted."""
     out = Path(out_dir)
-    if out.exists() and not _holds_converted(out) and (not out.is_dir() or any(out.iterdir())):
+    if out.exists() and converted_kind(out) is None and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(
             f"{out}: holds other files than a converted checkpoint, which writing one there "
             "would delete; choose a new or empty folder"
@@ -127,14 +127,18 @@ def save(
     return out
 
 
-def _holds_converted(folder: Path) -> bool:
-    """A converted checkpoint of any format version (not, say, a Hugging Face model's folder,
-    which has a ``config.json`` too)."""
+def converted_kind(folder: str | os.PathLike) -> str | None:
+    """The encoder type ("clip", "dinov3") of a converted checkpoint folder of any format
+    version; None if it is not one (a Hugging Face model's folder has a ``config.json`` too)."""
     try:
-        meta = json.loads((folder / CONFIG_FILE).read_text())
+        meta = json.loads((Path(folder) / CONFIG_FILE).read_text())
     except (OSError, ValueError):
-        return False
-    return isinstance(meta, dict) and str(meta.get("format", "")).startswith(FORMAT.split("/")[0])
+        return None
+    if not isinstance(meta, dict) or not str(meta.get("format", "")).startswith(
+        FORMAT.split("/")[0] + "/"
+    ):
+        return None
+    return str(meta.get("type", "unknown"))
 
 
 def read_meta(path: str | os.PathLike) -> dict[str, Any]:
