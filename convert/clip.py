@@ -42,7 +42,6 @@ from flax import nnx
 from convert.common import (
     NameTable,
     apply_name_table,
-    check_output_dir,
     load_torch_state,
     run_command,
     strip_prefix,
@@ -410,7 +409,9 @@ def convert(
 ) -> Path:
     """Converts ``src`` into the checkpoint directory ``out``; returns ``out``. An ``out`` that
     already holds a converted checkpoint is replaced only with ``overwrite``."""
-    check_output_dir(out, overwrite=overwrite)  # before the (long) read of a full-size model
+    checkpoint.check_out_dir(
+        out, overwrite=overwrite
+    )  # before the (long) read of a full-size model
     if bpe is not None and not Path(bpe).is_file():
         raise FileNotFoundError(f"--bpe {bpe}: no such file")
     config, arrays, layout, tokenizer = read_source(src, dtype=dtype)

@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 
 from convert import torchscript
-from zsad_jax.encoders import checkpoint
 
 Transform = Callable[..., np.ndarray]
 NameTable = dict[str, tuple[str | tuple[str, ...], Transform | None]]
@@ -52,32 +51,6 @@ def run_command(
         if isinstance(e, (*cli.Command.EXPECTED_ERRORS, FileExistsError)):
             cli.fail(str(e))
         raise
-
-
-def check_output_dir(out: str | os.PathLike, *, overwrite: bool) -> None:
-    """Refuses an ``--out`` that would replace something: a converted checkpoint unless
-    ``overwrite`` (the converters replace the whole folder), and always a file or a folder of
-    other files, which the conversion would delete."""
-    out = Path(out)
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise FileExistsError(f"--out {out}: is a file, not a folder; choose another --out")
-    kind = checkpoint.converted_kind(out)
-    if kind is not None:
-        if overwrite:
-            return
-        raise FileExistsError(
-            f"--out {out}: already holds a converted {kind} checkpoint; pass --overwrite to "
-            "replace it, or choose another --out"
-        )
-    held = sorted(p.name for p in out.iterdir())
-    if held:
-        raise FileExistsError(
-            f"--out {out}: a folder of other files ({', '.join(held[:5])}"
-            f"{', ...' if len(held) > 5 else ''}), not a converted checkpoint; the conversion "
-            "would delete them, so choose a new or empty --out"
-        )
 
 
 def family_of(state: Iterable[str]) -> str | None:

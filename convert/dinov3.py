@@ -32,7 +32,6 @@ import numpy as np
 from convert.common import (
     NameTable,
     apply_name_table,
-    check_output_dir,
     load_torch_state,
     run_command,
     strip_prefix,
@@ -420,7 +419,9 @@ def check_shapes(arrays: dict[str, np.ndarray], config: DinoV3Config, *, source:
 def convert(src: str | Path, out: str | Path, *, overwrite: bool = False) -> Path:
     """Converts ``src`` (see the module docstring) and writes the checkpoint directory ``out``;
     an ``out`` that already holds a converted checkpoint is replaced only with ``overwrite``."""
-    check_output_dir(out, overwrite=overwrite)  # before the (long) read of a full-size model
+    checkpoint.check_out_dir(
+        out, overwrite=overwrite
+    )  # before the (long) read of a full-size model
     layout, state, config = read_source(src)
     if layout == "original":
         arrays = from_original(state, config, source=str(src))

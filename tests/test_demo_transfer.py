@@ -9,6 +9,7 @@ import filecmp
 import json
 import math
 import os
+import shutil
 
 import jax.numpy as jnp
 import numpy as np
@@ -240,3 +241,18 @@ def test_pretraining_script_reproduces_the_recorded_reduced_run(tmp_path):
     scale = {"steps", "pool", "val", "batch", "warmup", "log_every"}
     full = record["options"]
     assert {k for k in full if full[k] != reduced["options"][k]} <= scale
+
+
+def test_pretraining_refuses_an_existing_out_before_it_trains(tmp_path, monkeypatch):
+    """``--out`` is checked first: the refusal must not come after half an hour of pretraining
+    (``--out pretrained/dinov3-small-procedural`` would replace the shipped backbone)."""
+    from zsad_jax.pretrain import backbone
+
+    monkeypatch.setattr(backbone, "pretrain", lambda *a, **k: pytest.fail("trained first"))
+    shutil.copytree(demo.PRETRAINED, tmp_path / "shipped")
+    with pytest.raises(FileExistsError, match="already holds a converted dinov3 checkpoint"):
+        backbone.main(["--out", str(tmp_path / "shipped")])
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="a folder of other files"):
+        backbone.main(["--out", str(tmp_path / "mine")])

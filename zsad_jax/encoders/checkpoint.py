@@ -141,6 +141,33 @@ def converted_kind(folder: str | os.PathLike) -> str | None:
     return str(meta.get("type", "unknown"))
 
 
+def check_out_dir(out: str | os.PathLike, *, overwrite: bool) -> None:
+    """Refuses, before any work, an ``--out`` that writing a converted checkpoint (``save``, which
+    replaces the whole folder) would replace: a converted checkpoint unless ``overwrite``, and
+    always a file or a folder of other files. The converters and ``zsad_jax.pretrain.backbone``
+    call it first, so that a refusal never comes after a long conversion or pretraining."""
+    out = Path(out)
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise FileExistsError(f"--out {out}: is a file, not a folder; choose another --out")
+    kind = converted_kind(out)
+    if kind is not None:
+        if overwrite:
+            return
+        raise FileExistsError(
+            f"--out {out}: already holds a converted {kind} checkpoint; pass --overwrite to "
+            "replace it, or choose another --out"
+        )
+    held = sorted(p.name for p in out.iterdir())
+    if held:
+        raise FileExistsError(
+            f"--out {out}: a folder of other files ({', '.join(held[:5])}"
+            f"{', ...' if len(held) > 5 else ''}), not a converted checkpoint; writing there "
+            "would delete them, so choose a new or empty --out"
+        )
+
+
 def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     """The ``config.json`` of a converted checkpoint, with a clear error if it is not one."""
     path = Path(path)

@@ -453,9 +453,13 @@ def save(backbone, out: str, record: dict, command: str) -> str:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Pretrain the demo's small DINOv3.")
     parser.add_argument("--out", required=True, help="converted checkpoint folder to write")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace a converted checkpoint already at --out"
+    )
     for key, value in DEFAULTS.items():
         parser.add_argument(f"--{key}", type=type(value), default=value)
     args = parser.parse_args(argv)
+    checkpoint.check_out_dir(args.out, overwrite=args.overwrite)  # not after the training
     opts = {k: getattr(args, k) for k in DEFAULTS}
     command = "python -m zsad_jax.pretrain.backbone " + " ".join(
         [f"--out {args.out}"] + [f"--{k} {v}" for k, v in opts.items() if v != DEFAULTS[k]]
