@@ -343,10 +343,10 @@ def check_encoders(meta: Mapping[str, Any], config: Any, where: str | os.PathLik
     recorded = meta.get("encoders", {})
     for key, digest in encoder_digests(config).items():
         if key in recorded and recorded[key] != digest:
-            block = _encoder_blocks(config)[key]
+            folder = config.model[key.removeprefix("model.")].checkpoint
             raise ValueError(
                 f"{where}: trained on other {key.split('.')[-1]} weights than "
-                f"{block.checkpoint} holds now ({recorded[key][:19]}... then, {digest[:19]}... "
+                f"{folder} holds now ({recorded[key][:19]}... then, {digest[:19]}... "
                 f"now); convert the same source into that folder again, or point "
                 f"--config.{key}.checkpoint at the weights it was trained on"
             )

@@ -106,16 +106,6 @@ def _category_metrics(cat: _Category, aupro_method: str) -> dict[str, Any]:
     return out
 
 
-def _expected_counts(source: Any) -> dict[str, int] | None:
-    records = getattr(source, "records", None)
-    if records is None:
-        return None
-    counts: dict[str, int] = {}
-    for record in records:
-        counts[record.category] = counts.get(record.category, 0) + 1
-    return counts
-
-
 def _label_counts(source: Any) -> dict[str, tuple[int, int]] | None:
     """``{category: (anomalous, normal)}`` of a source that lists its records, else None."""
     records = getattr(source, "records", None)
@@ -385,8 +375,8 @@ class _Collector:
         vis_threshold: float | None = None,
     ):
         self.class_names = list(source.class_names)
-        self.expected = _expected_counts(source) or {}
         self.label_counts = _label_counts(source) or {}
+        self.expected = {name: sum(counts) for name, counts in self.label_counts.items()}
         self.map_dtype, self.aupro_method = map_dtype, aupro_method
         self.vis_dir, self.num_vis, self.transform_name = vis_dir, num_vis, transform_name
         self.keep_outputs, self.vis_threshold = keep_outputs, vis_threshold
