@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -543,7 +544,10 @@ def test_command_prints_notes_and_says_when_nothing_is_decided(toy_run, images, 
     assert [x.split(":")[1] for x in err if x.startswith("note: ")] == [
         " --reference", " 1 duplicate input dropped (files given more than once"
     ]  # fmt: skip
-    assert err[-1] == "scored 1 image (no decisions: no threshold, 0 skipped); outputs in fs"
+    assert re.fullmatch(
+        r"scored 1 image \(no decisions: no threshold, 0 skipped; score [0-9.e-]+\); outputs in fs",
+        err[-1],
+    ), err[-1]
 
     exported = predict("--export=exp_dir/")
     assert exported.returncode == 0, exported.stderr
@@ -621,3 +625,15 @@ def test_export_refuses_another_format_tag_and_wrong_input_shapes(exports, tmp_p
     assert _refusal(files["stablehlo"], "format 'zsad_jax.export/1'").startswith(str(files["meta"]))
     files["meta"].write_text("{not json")
     assert _refusal(files["stablehlo"], "not a readable").startswith(str(files["meta"]))
+
+
+def test_the_summary_puts_the_scores_range_beside_the_threshold():
+    """A threshold off the scores' scale (--threshold=2 for scores in [0, 1]) shows at a glance."""
+    records = [{"pred_score": 0.41, "pred_label": 0}, {"pred_score": 0.77, "pred_label": 0},
+               {"path": "bad.png", "error": "cannot decode"}]  # fmt: skip
+    assert predict_lib._summary(records, 2.0, "out") == (
+        "scored 2 images (0 anomalous, 1 skipped; scores 0.41 to 0.77, threshold 2); outputs in out"
+    )
+    assert predict_lib._summary(records[2:], None, "out") == (
+        "scored 0 images (no decisions: no threshold, 1 skipped); outputs in out"
+    )

@@ -90,10 +90,14 @@ def test_normal_images_vary(tmp_path):
     assert np.ptp(np.array(means), axis=0).max() > 1.0
 
 
-def test_read_synthetic_generates_once_then_reuses(tmp_path):
-    root = str(tmp_path / "bench")
+def test_read_synthetic_generates_once_then_reuses(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    root = "bench"  # relative: read from the folder the command runs in, which the note names
     params = {"image_size": 48, "n_train_good": 1, "n_test_good": 1, "n_test_defect": 1}
     records = read_dataset("synthetic", root, "test", ["wood", "disc"], **params)
+    assert capsys.readouterr().err == (
+        f"note: generating a synthetic benchmark in {tmp_path / 'bench'} (once)\n"
+    )
     assert [(r.category, r.gt_label) for r in records] == [
         ("wood", 0), ("wood", 1), ("disc", 0), ("disc", 1),  # good/ sorts before scratch/
     ]  # fmt: skip
@@ -103,6 +107,7 @@ def test_read_synthetic_generates_once_then_reuses(tmp_path):
     stamp = os.stat(os.path.join(root, "disc/test/good/000.png")).st_mtime_ns
     read_dataset("synthetic", root, "test", ["disc"], **params)
     assert os.stat(os.path.join(root, "disc/test/good/000.png")).st_mtime_ns == stamp
+    assert capsys.readouterr().err == ""  # reused: nothing to say
     # Other parameters: the folder (ours, per its manifest) is regenerated.
     read_dataset("synthetic", root, "test", ["disc"], **{**params, "seed": 1})
     assert Image.open(os.path.join(root, "disc/test/good/000.png")).size == (48, 48)

@@ -217,6 +217,7 @@ def test_stop_and_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
     config = loop_config()
     config.model.dropout = 0.3  # the model's RNG stream must be restored too
     config.optim.steps = 6
+    config.log_every_steps = 4  # the stop at step 3 falls inside the first row's window
     full = []
     train_toy(config, tmp_path / "full", history=full)
     first, second = [], []
@@ -226,6 +227,15 @@ def test_stop_and_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
     train_toy(config, tmp_path / "resumed", history=second)
     assert [h["step"] for h in second] == [4, 5, 6]
     assert [h["loss"] for h in first + second] == [h["loss"] for h in full]
+
+    # metrics.jsonl too: the row at step 4 averages steps 1-4 (3 of them before the stop), not
+    # only step 4. The wall time and the throughput are the values that depend on the clock.
+    def rows(run):
+        clock = ("time", "images_per_s")
+        return [{k: v for k, v in r.items() if k not in clock} for r in run_log.read_metrics(run)]
+
+    assert [r["step"] for r in rows(tmp_path / "full")] == [4, 6]
+    assert rows(tmp_path / "resumed") == rows(tmp_path / "full")
     for item in ("params", "opt_state", "mutable"):
         jax.tree.map(
             np.testing.assert_array_equal,

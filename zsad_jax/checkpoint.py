@@ -6,7 +6,8 @@ A training run writes ``WORKDIR/checkpoints/<step>/`` with four items::
                backbone is never stored: it comes from the converted encoder of the config)
     opt_state  the optax state (moments, counts)
     mutable    RNG streams of the model (keys stored as raw uint32 key data)
-    meta       JSON: step, data-iterator state, bad-step counters, the config
+    meta       JSON: step, data-iterator state, bad-step counters, the values logged since the
+               last metrics row (so a resumed run's next row averages the same steps), the config
                (``config.to_json()``), ``threshold`` (image-score threshold, F1-optimal on
                evaluation data, or null) and, in the final checkpoint, ``final: true`` with the
                final metrics
@@ -222,6 +223,7 @@ META_SCHEMA: dict[str, tuple[type, ...]] = {
     "threshold": (int, float, type(None)),
     "data_state": (dict, list, str, int, type(None)),
     "counters": (dict,),
+    "log_window": (dict,),
     "seconds": (int, float),
     "final": (bool,),
     "result": (dict,),

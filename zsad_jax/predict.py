@@ -1096,16 +1096,24 @@ def main(argv: Sequence[str], overrides: Sequence[tuple[str, str]]) -> None:
 
 
 def _summary(records: Sequence[Mapping[str, Any]], threshold: float | None, out: str) -> str:
-    """The command's last stderr line: how many scored, decided anomalous, skipped."""
-    scored = sum("pred_score" in r for r in records)
+    """The command's last stderr line: how many scored, decided anomalous, skipped, and the
+    scores' range beside the threshold (so a threshold off the scores' scale shows)."""
+    scores = [float(r["pred_score"]) for r in records if "pred_score" in r]
     skipped = sum("error" in r for r in records)
     # Without a threshold no image is decided either way: "0 anomalous" would read as a verdict.
     decisions = (
         "no decisions: no threshold" if threshold is None
         else f"{sum(r.get('pred_label') == 1 for r in records)} anomalous"
     )  # fmt: skip
-    images = "image" if scored == 1 else "images"
-    return f"scored {scored} {images} ({decisions}, {skipped} skipped); outputs in {out}"
+    images = "image" if len(scores) == 1 else "images"
+    scale = ""
+    if scores:
+        low, high = min(scores), max(scores)
+        scale = f"; score {low:.4g}" if low == high else f"; scores {low:.4g} to {high:.4g}"
+        if threshold is not None:
+            scale += f", threshold {threshold:.4g}"
+    counts = f"{decisions}, {skipped} skipped{scale}"
+    return f"scored {len(scores)} {images} ({counts}); outputs in {out}"
 
 
 if __name__ == "__main__":

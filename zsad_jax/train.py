@@ -513,7 +513,10 @@ class _StepMonitor:
         max_bad: int,
         history: list | None,
         step_callback: Callable[[int, dict], None] | None,
+        window: dict[str, list[float]],
     ):
+        """``window``: the values since the last log row, by name; the run saves it with each
+        checkpoint, so a resumed run's next row averages the same steps as an uninterrupted one."""
         self.counters, self.writer, self.optimizer, self.bar = counters, writer, optimizer, bar
         self.global_batch, self.total_steps = global_batch, total_steps
         self.log_every, self.max_bad = log_every, max_bad
@@ -521,7 +524,7 @@ class _StepMonitor:
         self.last_loss = float("nan")
         self._last_time = time.time()
         self._step_seconds: float | None = None
-        self._window: dict[str, list[float]] = {}
+        self._window = window
 
     def __call__(self, step: int, device_metrics: dict) -> None:
         metrics = {k: _scalar(v) for k, v in jax.device_get(device_metrics).items()}
@@ -677,6 +680,7 @@ class _TrainRun:
             async_save=bool(ckpt_cfg.get("async", True)),
         )
         self.counters = _Counters()
+        self.log_window: dict[str, list[float]] = {}  # the values of the next log row, so far
         self.step = 0
         self.config_json = report.config_json(config)
         self.config_types = ckpt_lib.none_field_types(config)
@@ -714,6 +718,7 @@ class _TrainRun:
             return result
         self.train_data.set_state(_decode_state(meta["data_state"]))
         self.counters = _Counters(**meta.get("counters", {}))
+        self.log_window = {k: list(v) for k, v in meta.get("log_window", {}).items()}
         self.step = int(meta["step"])
         if changed and jax.process_index() == 0:
             print(
@@ -728,6 +733,7 @@ class _TrainRun:
             "step": self.step,
             "data_state": _encode_state(self.train_data.get_state()),
             "counters": dataclasses.asdict(self.counters),
+            "log_window": {k: list(v) for k, v in self.log_window.items()},
             "config": self.config_json,
             "config_types": self.config_types,
             "encoders": self.encoders,
@@ -781,6 +787,7 @@ class _TrainRun:
             max_bad=int(config.get("max_bad_steps", 10) or 10),
             history=history,
             step_callback=step_callback,
+            window=self.log_window,
         )
         try:
             with jax.set_mesh(self.mesh):

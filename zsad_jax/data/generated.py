@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable, Sequence
 
@@ -123,6 +124,9 @@ def ensure_generated(
             "dataset at a new folder (or None for the cache)"
         )
     parent = os.path.dirname(os.path.abspath(root))
+    # Said because a relative root is read from the folder the command runs in: a command run
+    # from another folder generates its own copy there.
+    print(f"note: generating {what} in {os.path.abspath(root)} (once)", file=sys.stderr)
     os.makedirs(parent, exist_ok=True)
     prefix = "." + os.path.splitext(manifest)[0]
     staging = tempfile.mkdtemp(prefix=f"{prefix}-", dir=parent)
