@@ -5,6 +5,9 @@ and root along, and the one-line refusals. In-process; tests/test_user_path.py t
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import ml_collections
 import pytest
 
@@ -139,6 +142,7 @@ def test_config_file_and_checkpoint_together_are_refused(tmp_path):
         ("model.smoothing_sigma", "4", 4.0),  # AVA-DINO's test-time keys, added on 2026-12-01
         ("model.image_score_weight", "0.5", 0.5),
         ("data.test_mask_dir", "my_masks", "my_masks"),
+        ("eval.map_dtype", "float16", "float16"),  # the key evaluate's --help names
     ],
 )
 def test_overrides_work_on_a_stored_config_that_predates_the_key(key, text, expected):
@@ -159,6 +163,9 @@ def test_keys_a_stored_config_predates_keep_what_it_did():
     model = stored.model
     assert (model.smoothing_sigma, model.image_score_weight) == (0.0, 0.0)  # the official scores
     assert model.visa_class_name_quirk is False  # the real class names, as before the switch
+    del stored.eval["map_dtype"]
+    cli.add_keys_it_predates(stored)
+    assert stored.eval.map_dtype == "float32"  # what evaluate used without the key
     custom = ml_collections.ConfigDict({"method": "toys:ToyDetector", "model": {}})
     cli.add_keys_it_predates(custom)  # user code is not imported to ask it
     assert custom.model.to_dict() == {}
@@ -176,3 +183,15 @@ def test_every_command_schedules_for_memory_before_anything_compiles(monkeypatch
         "release_compiler_memory",
         "main",
     ]
+
+
+def test_help_prints_the_docstrings_percent_signs_as_written():
+    """absl %-formats the module docstring for --help: "% std" must not become the path."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "zsad_jax.reproduce", "--help"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr  # absl's --help exits with 1
+    assert "{metric: % std over seeds}" in proc.stdout, proc.stdout[:3000]
+    doc = proc.stdout.split("\nflags:\n")[0]  # absl's flag list (which names the file) follows
+    assert "reproduce.py" not in doc

@@ -65,6 +65,7 @@ BAD = [
     ("data.test_set", "mvtec", "config.data.test_set='mvtec': must be a known dataset ("),
     ("eval.batch_size", 0, "config.eval.batch_size=0: must be an integer >= 1"),
     ("eval.num_vis", -1, "config.eval.num_vis=-1: must be an integer >= 0"),
+    ("eval.map_dtype", "float64", "config.eval.map_dtype='float64': must be one of float32, "),
     ("eval.every_steps", -1, "config.eval.every_steps=-1: must be an integer >= 0"),
     ("ckpt.keep", -1, "config.ckpt.keep=-1: must be an integer >= 0 (0 = keep every checkpoint)"),
     ("ckpt.every_steps", -5, "config.ckpt.every_steps=-5: must be an integer >= 0"),

@@ -295,3 +295,10 @@ def test_a_new_evaluation_removes_the_earlier_ones_panels_and_keeps_other_files(
     eval_lib._remove_results(tmp_path)
     assert not old.exists() and not (tmp_path / "metrics.json").exists()
     assert (tmp_path / "vis" / "mine" / "notes.png").read_bytes() == b"mine"
+
+
+def test_store_threshold_without_a_checkpoint_is_refused_before_any_work(tmp_path):
+    """With ``--config`` there is no checkpoint to store the threshold in: said, not skipped."""
+    with pytest.raises(ValueError, match=r"--store_threshold.*pass --checkpoint=WORKDIR"):
+        eval_lib.run(workdir=tmp_path / "eval", config=toy_config(), store_threshold=True)
+    assert not (tmp_path / "eval").exists()

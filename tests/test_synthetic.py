@@ -94,10 +94,17 @@ def test_read_synthetic_generates_once_then_reuses(tmp_path, monkeypatch, capsys
     monkeypatch.chdir(tmp_path)
     root = "bench"  # relative: read from the folder the command runs in, which the note names
     params = {"image_size": 48, "n_train_good": 1, "n_test_good": 1, "n_test_defect": 1}
-    records = read_dataset("synthetic", root, "test", ["wood", "disc"], **params)
+    umask = os.umask(0o022)  # the usual one, whatever this machine's is
+    try:
+        records = read_dataset("synthetic", root, "test", ["wood", "disc"], **params)
+    finally:
+        os.umask(umask)
     assert capsys.readouterr().err == (
         f"note: generating a synthetic benchmark in {tmp_path / 'bench'} (once)\n"
     )
+    # Readable by others as the folders inside it are (not mkdtemp's private 0700).
+    mode = os.stat(root).st_mode & 0o777
+    assert mode == os.stat(os.path.join(root, "disc")).st_mode & 0o777 == 0o755
     assert [(r.category, r.gt_label) for r in records] == [
         ("wood", 0), ("wood", 1), ("disc", 0), ("disc", 1),  # good/ sorts before scratch/
     ]  # fmt: skip

@@ -495,6 +495,26 @@ def test_workdir_of_another_model_is_refused_in_one_message_naming_the_keys(tmp_
         train_toy(config, tmp_path, allow_config_change=True)
 
 
+def test_a_run_checkpointed_before_a_key_existed_resumes_as_the_same_run(tmp_path):
+    """A newer zsad_jax adds config keys (``eval.map_dtype`` here); a run checkpointed before
+    carries the value that keeps what it did, so it is neither refused nor recorded as changed."""
+    config = loop_config()
+    config.optim.steps = 2
+    train_toy(config, tmp_path, stop_at_step=1)
+    meta_file = ckpt_lib.resolve_step_dir(tmp_path) / "meta" / ckpt_lib.META_FILE
+    meta = json.loads(meta_file.read_text())
+    stored = json.loads(meta["config"])
+    del stored["eval"]["map_dtype"]
+    meta["config"] = json.dumps(stored, sort_keys=True)
+    meta_file.write_text(json.dumps(meta))
+    result = train_toy(config, tmp_path)
+    assert result["steps"] == 2
+    assert "config_changes" not in ckpt_lib.read_meta(tmp_path)
+    config.eval.map_dtype = "float16"  # a real change is still one
+    with pytest.raises(train_lib.ConfigMismatch, match=r'config\.eval\.map_dtype: "float32" -> '):
+        train_toy(config, tmp_path)
+
+
 def test_converted_heads_are_not_resumed_as_a_training_run(tmp_path):
     """A workdir written by ``python -m convert.heads`` has weights but no optimiser/data state."""
     config = loop_config()

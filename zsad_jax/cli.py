@@ -39,7 +39,7 @@ from typing import Any
 import ml_collections
 
 from zsad_jax import checkpoint as ckpt_lib
-from zsad_jax import compile_cache, config_check, methods
+from zsad_jax import compile_cache, config_check, methods, report
 from zsad_jax.data import protocol, sources
 
 CONFIG_PREFIX = "--config."
@@ -223,12 +223,13 @@ def follow_dataset_changes(
 
 def add_keys_it_predates(config: ml_collections.ConfigDict) -> None:
     """Gives a stored config the keys it predates, with the values that keep what it did: the
-    optional ``data`` keys ("not set") and its method's added ``model`` keys, so that
-    ``--config.data.test_mask_dir=...`` or ``--config.model.smoothing_sigma=4`` also work on a
-    checkpoint written before them."""
+    optional ``data`` keys ("not set"), ``eval.map_dtype`` and its method's added ``model`` keys,
+    so that ``--config.data.test_mask_dir=...`` or ``--config.model.smoothing_sigma=4`` also work
+    on a checkpoint written before them, and a run resumed by a newer zsad_jax is the same run."""
     added = {
         "data": sources.optional_data_keys(),
         "model": methods.added_model_keys(str(config.get("method", ""))),
+        "eval": {"map_dtype": "float32"},  # what evaluate read from a config without the key
     }
     for section, keys in added.items():
         fields = config.get(section)
@@ -237,6 +238,14 @@ def add_keys_it_predates(config: ml_collections.ConfigDict) -> None:
         for key, value in keys.items():
             if key not in fields:
                 fields[key] = value
+
+
+def stored_config_json(meta: Mapping[str, Any]) -> str:
+    """A checkpoint's config as JSON with the keys it predates filled in (``add_keys_it_predates``):
+    what a resumed run compares with its config."""
+    config = ckpt_lib.config_from_meta(meta)
+    add_keys_it_predates(config)
+    return report.config_json(config)
 
 
 def build_config(
@@ -450,4 +459,9 @@ class Command:
         from absl import app
 
         self._define_flags()
+        # --help prints the module docstring through %-formatting (absl: "%s" becomes the
+        # program's path); a docstring's own "%" signs ("% std") must print as written.
+        main_module = sys.modules["__main__"]
+        if main_module.__doc__:
+            main_module.__doc__ = main_module.__doc__.replace("%", "%%")
         app.run(self._run, flags_parser=self._parse)

@@ -29,7 +29,8 @@ What is checked (when present):
   ``zsad_jax.data.protocol.READERS`` (any case, as ``read_dataset``) or a
   ``package.module:callable``; ``test_set`` a dataset name (unless ``eval.enabled`` is False).
   With ``data.tfds_dir`` set the names are TFDS configs and are not checked.
-- ``eval``: ``batch_size`` >= 1, ``num_vis`` >= 0, ``every_steps`` >= 0 (0 = only at the end).
+- ``eval``: ``batch_size`` >= 1, ``num_vis`` >= 0, ``every_steps`` >= 0 (0 = only at the end),
+  ``map_dtype`` one of ``MAP_DTYPES``.
 - ``ckpt``: ``keep`` >= 0 (0 = keep every checkpoint: ``TrainCheckpointer`` passes
   ``max_to_keep=None``), ``every_steps`` >= 0 (0 = only the final checkpoint).
 - ``mesh``: ``data`` -1 (every device left over) or >= 1; ``fsdp`` >= 1.
@@ -68,6 +69,8 @@ POSITIVE = "a finite number > 0"
 NON_NEGATIVE = "a finite number >= 0"
 FRACTION = "a number in [0, 1]"
 BETA = "a number in [0, 1)"
+# The NumPy dtypes the evaluation may hold its maps in (the metrics read them as float32).
+MAP_DTYPES = ("float32", "float16")
 
 
 def _positive(v: float) -> bool:
@@ -326,6 +329,7 @@ def _check_eval(config: Any, out: list[str]) -> None:
     c.integer("batch_size", ge=1)
     c.integer("num_vis", ge=0)
     c.integer("every_steps", ge=0, note=" (0 = only at the end)")
+    c.choice("map_dtype", MAP_DTYPES)
 
 
 def _check_ckpt(config: Any, out: list[str]) -> None:

@@ -737,6 +737,11 @@ def run(
     start = time.time()
     if store_threshold and few_shot:
         raise ValueError("--store_threshold is for zero-shot runs (the checkpoint's mode)")
+    if store_threshold and not checkpoint:
+        raise ValueError(
+            "--store_threshold writes the threshold into a checkpoint, and --config has none: "
+            "pass --checkpoint=WORKDIR instead of --config"
+        )
     workdir = Path(workdir)
     primary = jax.process_index() == 0
     if primary:
@@ -766,15 +771,22 @@ def run(
         record = _run_record(info, stored_threshold, result, config, start, aupro_method)
         # Last: run.json is the record of a finished evaluation.
         report.write_atomic(workdir / "run.json", json.dumps(report.json_ready(record), indent=1))
-        if store_threshold and info["checkpoint"] and math.isfinite(result["threshold"]):
-            ckpt_lib.save_threshold(info["checkpoint"], result["threshold"])
-            print(
-                f"note: threshold {result['threshold']:.6g} stored in {info['checkpoint']} (was "
-                f"{stored_threshold}); predict decides with it from now on",
-                file=sys.stderr,
-            )
+        if store_threshold:
+            _store_threshold(info["checkpoint"], result["threshold"], stored_threshold)
     shard_lib.sync("zsad_jax.evaluate: results written")
     return result
+
+
+def _store_threshold(checkpoint: str, threshold: float, stored: float | None) -> None:
+    if not math.isfinite(threshold):  # e.g. a test set of one label: no F1-optimal threshold
+        print(f"note: no finite threshold to store; {checkpoint} keeps {stored}", file=sys.stderr)
+        return
+    ckpt_lib.save_threshold(checkpoint, threshold)
+    print(
+        f"note: threshold {threshold:.6g} stored in {checkpoint} (was {stored}); predict decides "
+        "with it from now on",
+        file=sys.stderr,
+    )
 
 
 def _run_record(

@@ -422,7 +422,7 @@ def _check_resumable(
             f"{workdir} holds converted heads (python -m convert.heads), not a training run: "
             "there is no optimiser or data state to resume; train into a new --workdir"
         )
-    changed = config_differences(meta["config"], config_json)
+    changed = config_differences(cli.stored_config_json(meta), config_json)
     if changed and not allow_config_change:
         raise ConfigMismatch(
             f"{workdir} holds a run of a different config ({_describe(changed)}); use a new "
@@ -706,7 +706,7 @@ class _TrainRun:
             self.checkpointer.close()  # an open async manager would log tracebacks at exit
             raise
         self.config_changes = list(meta.get("config_changes", []))
-        changed = config_differences(meta["config"], self.config_json)
+        changed = config_differences(cli.stored_config_json(meta), self.config_json)
         if changed:
             self.config_changes.append({"step": int(meta["step"]), "changed": changed})
         if meta.get("final") and int(meta["step"]) >= self.total_steps:
@@ -794,6 +794,7 @@ class _TrainRun:
                 preempted = self._steps(step_fn, handle, writer, preemption, evaluator,
                                         stop_at_step)  # fmt: skip
                 writer.flush()
+                bar.close()  # before the final evaluation's own output (bars, notes)
                 if not preempted:
                     result = self._finish(evaluator, writer, handle.last_loss)
         finally:

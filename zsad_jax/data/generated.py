@@ -108,6 +108,14 @@ def write_dataset(
     return root
 
 
+def _permissions_of_a_new_folder(path: str) -> None:
+    """mkdtemp makes its folder private (0700); the dataset's folder gets what ``os.makedirs``
+    would give it (0777 less the umask), like every folder inside it, so others can read it."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o777 & ~umask)
+
+
 def ensure_generated(
     root: str, *, manifest: str, wanted: dict, generate: Callable[[str], object], what: str
 ) -> str:
@@ -132,6 +140,7 @@ def ensure_generated(
     staging = tempfile.mkdtemp(prefix=f"{prefix}-", dir=parent)
     try:
         generate(staging)
+        _permissions_of_a_new_folder(staging)
         if os.path.isdir(root):
             if read_manifest(root, manifest) == wanted:  # another process finished first
                 return root
