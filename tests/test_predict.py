@@ -22,6 +22,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 from flax import nnx
@@ -32,7 +33,7 @@ from zsad_jax import checkpoint as ckpt_lib
 from zsad_jax import evaluate as eval_lib
 from zsad_jax import predict as predict_lib
 from zsad_jax import train as train_lib
-from zsad_jax.data import decode, synthetic
+from zsad_jax.data import decode, synthetic, transforms
 
 REPO = Path(__file__).resolve().parents[1]
 THRESHOLD = 0.63  # between the random-looking images (about 0.60) and those with colour (0.66)
@@ -362,6 +363,50 @@ def test_output_names_are_unique_case_insensitively_and_follow_the_input_order(t
     assert predict_lib.collect_images([folder, single, other]) == items
 
 
+def test_linked_folders_are_followed_once_and_link_loops_end(tmp_path, capsys):
+    data = tmp_path / "data"
+    for i in range(2):
+        _save(data / "good" / f"{i}.png", 4, 4)
+    outside = tmp_path / "elsewhere" / "hole"
+    for i in range(2):
+        _save(outside / f"{i}.png", 4, 4)
+    (data / "hole").symlink_to(outside, target_is_directory=True)  # what evaluate's readers read
+    (data / "hole_again").symlink_to(outside, target_is_directory=True)  # one folder, walked once
+    (data / "good" / "up").symlink_to(data, target_is_directory=True)  # a loop inside
+    (outside / "back").symlink_to(outside.parent, target_is_directory=True)  # a loop outside
+    _save(data / "masks" / "hole" / "0.png", 4, 4)  # mask folders: still passed over
+    items = predict_lib.collect_images([data])
+    assert [name for _, name in items] == ["data/good/0", "data/good/1", "data/hole/0",
+                                           "data/hole/1"]  # fmt: skip
+    assert [file for file, _ in items][2:] == [str(data / "hole" / "0.png"),
+                                               str(data / "hole" / "1.png")]  # fmt: skip
+    assert capsys.readouterr().err == ""  # no file reached twice, so no duplicate note
+    # Every subfolder a link (the report's osym/): scored, not "the folder holds no image files".
+    only_links = tmp_path / "only_links"
+    only_links.mkdir()
+    (only_links / "hole").symlink_to(outside, target_is_directory=True)
+    assert [name for _, name in predict_lib.collect_images([only_links])] == [
+        "only_links/hole/0", "only_links/hole/1"
+    ]  # fmt: skip
+
+
+def test_the_duplicate_note_lists_each_file_once_with_how_often_it_was_given(
+    tmp_path, capsys, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    photo = _save(tmp_path / "in" / "a.png", 4, 4)
+    _save(tmp_path / "in" / "b.png", 4, 4)
+    (tmp_path / "link_a.png").symlink_to(photo)
+    given = ["in/a.png", "./in/a.png", str(tmp_path / "link_a.png"), "in", "in/b.png"]
+    assert [file for file, _ in predict_lib.collect_images(given)] == ["in/a.png", "in/b.png"]
+    (note,) = capsys.readouterr().err.splitlines()
+    # 3 more of a.png and 1 more of b.png: the count is what the list adds up to.
+    assert note == (
+        "note: 4 duplicate inputs dropped (files given more than once: in/a.png 4 times, "
+        "in/b.png 2 times); each file is scored once"
+    )
+
+
 def test_a_file_given_twice_is_scored_once_and_a_note_says_so(
     toy_run, tmp_path, capsys, monkeypatch
 ):
@@ -373,7 +418,8 @@ def test_a_file_given_twice_is_scored_once_and_a_note_says_so(
     assert [r["path"] for r in result["predictions"]] == ["in/photo.jpg", "in/other.png"]
     assert sorted(p.name for p in Path("pred").rglob("*.npy")) == ["other.npy", "photo.npy"]
     (note,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("note: ")]
-    assert note.startswith("note: 4 duplicate inputs dropped") and "in/photo.jpg" in note
+    assert note.startswith("note: 4 duplicate inputs dropped (files given more than once: "
+                           "in/photo.jpg 5 times)")  # fmt: skip
 
 
 def test_inputs_sharing_a_stem_get_their_own_outputs(toy_run, tmp_path):
@@ -495,6 +541,10 @@ def test_export_to_a_folder_writes_model_stablehlo_in_it(toy_run, tmp_path, monk
         ("batch_size", -2),
         ("export_batch", 0),
         ("shots", -1),
+        ("category", ""),
+        ("category", "  "),
+        ("export_platforms", ["bogus"]),
+        ("export_platforms", ["cpu", "gpu"]),  # jax.export's name is cuda (or rocm)
     ],
 )
 def test_bad_option_values_are_refused_before_loading_a_model(images, tmp_path, option, value):
@@ -512,7 +562,12 @@ def test_command_refuses_bad_values_and_an_earlier_run_in_one_line(images, tmp_p
     out = tmp_path / "earlier"
     out.mkdir()
     (out / "predictions.jsonl").write_text('{"path": "kept.png"}\n')
-    for flag, wanted in (("--threshold=nan", "--threshold"), (f"--out={out}", "--overwrite")):
+    for flag, wanted in (
+        ("--threshold=nan", "--threshold"),
+        (f"--out={out}", "--overwrite"),
+        ("--category=", "--category"),
+        ("--export_platforms=bogus", "cpu,cuda"),
+    ):
         proc = subprocess.run(
             [sys.executable, "-m", "zsad_jax.predict", f"--checkpoint={tmp_path / 'no_run'}",
              flag, str(images["rgb"])],
@@ -625,6 +680,70 @@ def test_export_refuses_another_format_tag_and_wrong_input_shapes(exports, tmp_p
     assert _refusal(files["stablehlo"], "format 'zsad_jax.export/1'").startswith(str(files["meta"]))
     files["meta"].write_text("{not json")
     assert _refusal(files["stablehlo"], "not a readable").startswith(str(files["meta"]))
+
+
+def test_export_platforms_outside_jax_exports_are_refused_before_any_work(toy_run, tmp_path):
+    path = tmp_path / "x.stablehlo"
+    # A missing checkpoint: the refusal comes before the model is loaded.
+    with pytest.raises(ValueError, match="^--export_platforms=cpu,bogus: ") as refused:
+        predict_lib.run([], checkpoint=str(tmp_path / "no_run"), export=str(path),
+                        export_platforms=["cpu", "bogus"])  # fmt: skip
+    message = str(refused.value)
+    assert "'bogus'" in message and "cpu,cuda,rocm,tpu" in message and "\n" not in message
+    model, config, _ = ckpt_lib.load_for_inference(toy_run, **TRUST)
+    with pytest.raises(ValueError, match="^--export_platforms=bogus: "):  # the library call too
+        predict_lib.export_inference(model, config, path, platforms=["bogus"])
+    assert list(tmp_path.iterdir()) == []
+    files = predict_lib.export_inference(model, config, path, platforms=["cpu"])
+    assert predict_lib.load_exported(files["stablehlo"])[1]["platforms"] == ["cpu"]
+
+
+def test_export_json_names_the_resize_filter_each_transform_uses(toy_run, exports):
+    """Rebuilding the input from the .json alone (as a server without zsad_jax would) gives
+    predict's input, for every transform; the other filter would not."""
+    files = exports["plain"]
+    _, meta = predict_lib.load_exported(files["stablehlo"])
+    assert meta["transform"] == "plain" and meta["resize"] == "bilinear"
+    assert "bilinear filter" in meta["inputs"]
+    exported = jax.export.deserialize(bytearray(Path(files["stablehlo"]).read_bytes()))
+    with np.load(files["weights"]) as archive:
+        weights = [archive[f"arr_{i}"] for i in range(len(archive.files))]
+    _, config, _ = ckpt_lib.load_for_inference(toy_run, **TRUST)
+    image = np.random.default_rng(0).integers(0, 256, (30, 41, 3), dtype=np.uint8)
+    size = int(config.data.image_size)
+
+    def from_json(meta, resize):
+        resized = Image.fromarray(image).resize((size, size), Image.Resampling[resize.upper()])
+        x = np.asarray(resized).astype(np.float32) / np.float32(255.0)
+        return (x - np.float32(meta["mean"])) / np.float32(meta["std"])
+
+    filters = set()
+    for name in transforms.TRANSFORM_NAMES:
+        config.data.transform = name
+        meta = predict_lib._export_meta(
+            config, exported, weights, files["weights"], batch_size=1, threshold=None,
+            few_shot=False, category="object",
+        )  # fmt: skip
+        got = predict_lib.preprocess(image, config)
+        np.testing.assert_allclose(got, from_json(meta, meta["resize"]), atol=1e-5, err_msg=name)
+        other = "bicubic" if meta["resize"] == "bilinear" else "bilinear"
+        assert np.abs(got - from_json(meta, other)).max() > 1e-2, name
+        assert f"{meta['resize']} filter" in meta["inputs"]
+        filters.add(meta["resize"])
+    assert filters == {"bicubic", "bilinear"}
+
+
+def test_more_shots_than_reference_images_are_refused(toy_run, images, tmp_path):
+    reference = images["rgb"].parent / "sub"  # one image: gray.jpg
+    with pytest.raises(ValueError, match="^--shots=3: ") as refused:
+        predict_lib.run([str(images["rgb"])], checkpoint=str(toy_run), **TRUST, out=tmp_path,
+                        reference=str(reference), shots=3)  # fmt: skip
+    message = str(refused.value)
+    assert f"--reference={reference} holds 1 image, fewer than the 3 shots asked for" in message
+    assert "--shots=1 or fewer" in message and "\n" not in message
+    result = predict_lib.run([str(images["rgb"])], checkpoint=str(toy_run), **TRUST,
+                             out=tmp_path / "ok", reference=str(reference), shots=1)  # fmt: skip
+    assert len(result["predictions"]) == 1
 
 
 def test_the_summary_puts_the_scores_range_beside_the_threshold():

@@ -54,10 +54,11 @@ files only (``config.data.tfds_dir`` does not apply); ``--export`` is written by
 Deployment: ``--export=PATH.stablehlo`` writes the jitted inference function for a fixed batch
 (``--export_batch``) and input size with ``jax.export``: ``PATH.stablehlo`` (``Exported.serialize``:
 the StableHLO module and its calling convention), ``PATH.weights.npz`` (its array arguments: trained
-heads, frozen backbone, memory bank) and ``PATH.json`` (input size, normalisation, threshold, and
-the weights' count, shape-and-dtype digest and file sha256). ``--export=DIR/`` (a folder: a trailing
-slash, or one that exists) writes ``DIR/model.stablehlo`` and its two files. ``load_exported(PATH)``
-checks that the three files belong together, then runs it without this package's model code.
+heads, frozen backbone, memory bank) and ``PATH.json`` (input size, resize filter, normalisation,
+threshold, and the weights' count, shape-and-dtype digest and file sha256). ``--export=DIR/`` (a
+folder: a trailing slash, or one that exists) writes ``DIR/model.stablehlo`` and its two files.
+``load_exported(PATH)`` checks that the three files belong together, then runs it without this
+package's model code.
 """
 
 from __future__ import annotations
@@ -88,6 +89,9 @@ DEFAULT_CATEGORY = "object"
 EXPORT_FORMAT = "zsad_jax.export/2"
 PREDICTIONS_FILE = "predictions.jsonl"
 EXPORT_FILE_NAME = "model.stablehlo"  # what --export=DIR/ writes in DIR
+# jax.export's platform names (its docs; it keeps no public list): any other lowers without a word
+# and the export fails only when loaded.
+EXPORT_PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -98,11 +102,12 @@ def collect_images(paths: Iterable[str | os.PathLike]) -> list[tuple[str, str]]:
     """``(file, output name)`` for every image file given or found (recursively) in a folder.
 
     Inside a folder, mask folders (``readers.is_mask_dir``: ``masks/``, ``ground_truth/``, any case)
-    are passed over, as the dataset readers do, so a dataset folder can be scored as it is.
-    A file reached more than once (``a.jpg ./a.jpg``, a folder and a file in it, a link to it) is
-    kept once, at its first place, and a note says how many were dropped. Output names are unique
-    per input (compared case-insensitively, as macOS and Windows file systems do) and follow from
-    the order of ``paths`` alone (``unique_names``).
+    are passed over, as the dataset readers do, so a dataset folder can be scored as it is, and
+    linked folders are followed (``folder_images``). A file reached more than once (``a.jpg
+    ./a.jpg``, a folder and a file in it, a link to it) is kept once, at its first place, and a
+    note says how many were dropped and which files. Output names are unique per input (compared
+    case-insensitively, as macOS and Windows file systems do) and follow from the order of
+    ``paths`` alone (``unique_names``).
 
     Raises:
       FileNotFoundError: a path does not exist, or a folder holds no image files.
@@ -113,11 +118,7 @@ def collect_images(paths: Iterable[str | os.PathLike]) -> list[tuple[str, str]]:
         if path.is_file():
             found.append((path, Path(path.name)))
         elif path.is_dir():
-            files = sorted(
-                p for p in path.rglob("*")
-                if p.is_file() and p.suffix.lower() in decode.IMAGE_EXTENSIONS
-                and not any(map(readers.is_mask_dir, p.relative_to(path).parts[:-1]))
-            )  # fmt: skip
+            files = folder_images(path)
             if not files:
                 kinds = ", ".join(decode.IMAGE_EXTENSIONS)
                 raise FileNotFoundError(f"{given}: the folder holds no image files ({kinds})")
@@ -125,36 +126,78 @@ def collect_images(paths: Iterable[str | os.PathLike]) -> list[tuple[str, str]]:
             found += [(p, base / p.relative_to(path)) for p in files]
         else:
             raise FileNotFoundError(f"{given}: no such image file or folder")
-    found, dropped = _distinct_files(found)
-    if dropped:
-        spelled = list(dict.fromkeys(map(str, dropped)))  # each spelling once, in input order
-        listed = ", ".join(spelled[:3]) + (f" and {len(spelled) - 3} more" if spelled[3:] else "")
-        _note(
-            f"{len(dropped)} duplicate input{'s' if len(dropped) > 1 else ''} dropped (files "
-            f"given more than once: {listed}); each file is scored once"
-        )
+    found, repeated = _distinct_files(found)
+    if repeated:
+        _note(_duplicates_note(repeated))
     names = unique_names([name for _, name in found])
     return [(str(file), name) for (file, _), name in zip(found, names, strict=True)]
 
 
-def _distinct_files(found: Sequence[tuple[Path, Path]]) -> tuple[list, list[Path]]:
-    """``found`` without the files already in it (first place kept), and the dropped paths.
+def folder_images(folder: Path) -> list[Path]:
+    """The image files under ``folder``, sorted, mask folders (``readers.is_mask_dir``) passed over.
+
+    Linked folders are followed, as the dataset readers read them (``Path.rglob`` does not follow
+    them). A linked folder whose real path lies inside ``folder`` is not: it is reached there by its
+    own path, and this stops every link back to a folder above it. Nor is one whose real path was
+    already walked (a second link to one folder, a loop outside ``folder``), so the walk ends.
+    """
+    inside = os.path.realpath(folder)
+    walked = {inside}
+
+    def follow(subfolder: str) -> bool:
+        real = os.path.realpath(subfolder)
+        linked_inside = os.path.islink(subfolder) and Path(real).is_relative_to(inside)
+        if real in walked or linked_inside:
+            return False
+        walked.add(real)
+        return True
+
+    files = []
+    for top, subfolders, names in os.walk(folder, followlinks=True):
+        # Sorted, so which of two links to one folder is walked follows from the names alone.
+        subfolders[:] = [
+            d for d in sorted(subfolders)
+            if not readers.is_mask_dir(d) and follow(os.path.join(top, d))
+        ]  # fmt: skip
+        candidates = (Path(top, name) for name in names)
+        files += [
+            p for p in candidates if p.suffix.lower() in decode.IMAGE_EXTENSIONS and p.is_file()
+        ]
+    return sorted(files)
+
+
+def _distinct_files(found: Sequence[tuple[Path, Path]]) -> tuple[list, dict[Path, int]]:
+    """``found`` without the files already in it (first place kept), and for each file reached
+    more than once, its kept path and how many times it was reached.
 
     A file is known by its device and inode, so every spelling of one file (``./a.jpg``, an
     absolute path, a symbolic or hard link, another letter case on macOS) counts as the same;
     where the system reports no inode, by its resolved path.
     """
-    seen: set = set()
-    kept, dropped = [], []
+    first: dict = {}  # identity -> the kept path
+    times: dict[Path, int] = {}
+    kept = []
     for item in found:
         stat = item[0].stat()
         identity = (stat.st_dev, stat.st_ino) if stat.st_ino else str(item[0].resolve())
-        if identity in seen:
-            dropped.append(item[0])
+        if identity in first:
+            times[first[identity]] = times.get(first[identity], 1) + 1
         else:
-            seen.add(identity)
+            first[identity] = item[0]
             kept.append(item)
-    return kept, dropped
+    return kept, times
+
+
+def _duplicates_note(repeated: Mapping[Path, int]) -> str:
+    """``N duplicate inputs dropped (files given more than once: a.png 3 times, ...)``: each file
+    once, by the spelling kept, so that the count and the list agree."""
+    dropped = sum(count - 1 for count in repeated.values())
+    listed = [f"{path} {count} times" for path, count in repeated.items()]
+    shown = ", ".join(listed[:3]) + (f" and {len(listed) - 3} more" if listed[3:] else "")
+    return (
+        f"{dropped} duplicate input{'s' if dropped > 1 else ''} dropped (files given more than "
+        f"once: {shown}); each file is scored once"
+    )
 
 
 def _note(message: str) -> None:
@@ -302,10 +345,11 @@ def build_reference_memory(
       config: its config (input size, transform, ``model.few_shot.shots``).
       reference: folder (or file) of normal images of the product.
       shots: images to use (default ``config.model.few_shot.shots``; 0 = all), drawn without
-        replacement with ``seed`` when the folder holds more.
+        replacement with ``seed`` when the folder holds more; a ``shots`` given larger than the
+        folder is refused (the config's default takes all the folder holds).
 
     Raises:
-      ValueError: the method has no few-shot mode.
+      ValueError: the method has no few-shot mode, or ``shots`` is more than the folder holds.
       FileNotFoundError: no reference images.
     """
     if not callable(getattr(model, "build_memory", None)):
@@ -314,7 +358,13 @@ def build_reference_memory(
             "(configs/af_clip.py, AF-CLIP+) supports reference images. Run without --reference"
         )
     files = [f for f, _ in collect_images([reference])]
-    if shots is None:
+    if shots and len(files) < shots:  # asked for, as evaluate --few_shot refuses too few
+        raise ValueError(
+            f"--shots={shots}: --reference={reference} holds {len(files)} image"
+            f"{'s' if len(files) != 1 else ''}, fewer than the {shots} shots asked for; pass "
+            f"--shots={len(files)} or fewer (0 uses them all), or add reference images"
+        )
+    if shots is None:  # the config's number is a default: a smaller folder gives all it holds
         few_shot = config.model.get("few_shot") or {}
         shots = int(few_shot.get("shots", 0) or 0)
     if shots and len(files) > shots:
@@ -629,6 +679,7 @@ def export_inference(
     Returns:
       ``{"stablehlo", "weights", "meta"}`` file paths.
     """
+    check_options(export_platforms=platforms)  # an unknown name would fail only when loaded
     files = {kind: str(file) for kind, file in export_files(path).items()}
     model.set_classes([category])
     weights, infer = _inference_over_arrays(model, memory)
@@ -748,12 +799,14 @@ def _export_meta(
     """``PATH.json``: how to feed the function, and what ``load_exported`` checks."""
     name = str(config.data.transform)
     mean, std = transforms.normalization(name)
+    resize = transforms.resize_filter(name)
     return {
         "format": EXPORT_FORMAT,
         "method": str(config.method),
         "batch_size": int(batch_size),
         "image_size": int(config.data.image_size),
         "transform": name,
+        "resize": resize,
         "mean": list(mean),
         "std": list(std),
         "threshold": threshold,
@@ -766,7 +819,10 @@ def _export_meta(
             "signature_sha256": _signature_digest((w.shape, w.dtype) for w in weights),
             "file_sha256": _file_digest(weights_file),
         },
-        "inputs": "images float32 (batch, size, size, 3): RGB / 255, resized, (x - mean) / std",
+        "inputs": (
+            "images float32 (batch, size, size, 3): RGB resized to size x size with Pillow's "
+            f"{resize} filter (antialiased), / 255, (x - mean) / std"
+        ),
         "outputs": "anomaly_map float32 (batch, size, size), pred_score float32 (batch,)",
     }
 
@@ -928,7 +984,8 @@ def run(
     # Every refusal that needs no model comes before loading one (minutes for a large backbone).
     _refuse_before_loading(
         images, export=export, out=out, overwrite=overwrite, threshold=threshold,
-        batch_size=batch_size, export_batch=export_batch, shots=shots,
+        batch_size=batch_size, export_batch=export_batch, shots=shots, category=category,
+        export_platforms=export_platforms,
     )  # fmt: skip
     model, config, stored, _ = inference.load_model(
         checkpoint, config, step=step, allow_custom_code=allow_custom_code
@@ -970,6 +1027,8 @@ def _refuse_before_loading(
     batch_size: int | None,
     export_batch: int,
     shots: int | None,
+    category: str,
+    export_platforms: Sequence[str] | None,
 ) -> None:
     """``run``'s refusals that need no model: nothing to do, a bad option value, a missing
     input, an ``--out`` holding an earlier run's predictions (``check_out_dir``), an ``--export``
@@ -977,7 +1036,7 @@ def _refuse_before_loading(
     if not images and not export:
         raise ValueError("give image files or folders to score (or --export=PATH)")
     check_options(threshold=threshold, batch_size=batch_size, export_batch=export_batch,
-                  shots=shots)  # fmt: skip
+                  shots=shots, category=category, export_platforms=export_platforms)  # fmt: skip
     for given in images:
         if not Path(given).exists():
             raise FileNotFoundError(f"{given}: no such image file or folder")
@@ -1017,6 +1076,8 @@ def check_options(
     batch_size: int | None = None,
     export_batch: int = 1,
     shots: int | None = None,
+    category: str = DEFAULT_CATEGORY,
+    export_platforms: Sequence[str] | None = None,
 ) -> None:
     """Refuses option values that would silently do something else (one line naming the flag)."""
     if threshold is not None and not math.isfinite(float(threshold)):
@@ -1030,6 +1091,18 @@ def check_options(
         raise ValueError(f"--export_batch={export_batch}: must be > 0 (images per exported call)")
     if shots is not None and int(shots) < 0:
         raise ValueError(f"--shots={shots}: must be >= 0 (0 uses every reference image)")
+    if not str(category).strip():
+        raise ValueError(
+            f"--category={category!r}: must name the product, e.g. --category=bottle (omit it for "
+            f"{DEFAULT_CATEGORY!r})"
+        )
+    unknown = [p for p in export_platforms or () if p not in EXPORT_PLATFORMS]
+    if unknown:
+        raise ValueError(
+            f"--export_platforms={','.join(export_platforms)}: unknown platform "
+            f"{', '.join(map(repr, unknown))}; give some of {','.join(EXPORT_PLATFORMS)} (omit it "
+            "for this machine's)"
+        )
 
 
 def _define_flags() -> None:
@@ -1062,7 +1135,8 @@ def main(argv: Sequence[str], overrides: Sequence[tuple[str, str]]) -> None:
     f = flags.FLAGS
     # Before build_config reads the checkpoint (run checks again, for library callers).
     check_options(threshold=f.threshold, batch_size=f.batch_size, export_batch=f.export_batch,
-                  shots=f.shots)  # fmt: skip
+                  shots=f.shots, category=f.category,
+                  export_platforms=f.export_platforms)  # fmt: skip
     if argv[1:]:
         check_out_dir(f.out, overwrite=f.overwrite)
     if f.export:

@@ -76,6 +76,13 @@ def normalization(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
     return _RECIPES[name][1], _RECIPES[name][2]
 
 
+def resize_filter(name: str) -> str:
+    """The Pillow filter a named transform resizes images with, lower case (``"bicubic"``), for
+    the exported model's description: serving with another filter gives other scores."""
+    _check_name(name)
+    return _RECIPES[name][0].name.lower()
+
+
 def denormalize(image: np.ndarray, name: str) -> np.ndarray:
     """(..., 3) float image produced by transform ``name`` -> uint8 RGB."""
     mean, std = normalization(name)
