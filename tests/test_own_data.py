@@ -487,3 +487,33 @@ def test_gif_images_are_read_by_the_folder_reader(tmp_path):
     assert [os.path.basename(r.path) for r in records] == ["n.gif", "s.gif"]
     assert load_record(records[1])["image"].shape == (6, 8, 3)
     assert ".gif" in decode.IMAGE_EXTENSIONS and readers.IMAGE_EXTENSIONS is decode.IMAGE_EXTENSIONS
+
+
+def test_twelve_bit_camera_data_in_16_bit_files_gets_a_note_and_an_option(tmp_path, capsys):
+    """Mono12 in a 16-bit PNG (values 0..4095): read as 16-bit it is nearly black, which is said
+    once; ``data.image_bit_depth=12`` scales it as the camera meant, through the data source (as
+    evaluate and train read) and through predict's decoding alike."""
+    root = tmp_path / "part"
+    values = np.linspace(0, 4095, 48).reshape(6, 8).astype(np.uint16)
+    for name in ("good/n1.png", "good/n2.png"):
+        os.makedirs(root / os.path.dirname(name), exist_ok=True)
+        Image.fromarray(values).save(root / name)  # mode I;16
+    _img(root / "scratch/s1.png")
+    data = _data(test_set="folder", test_root=str(root), test_require_masks=False)
+    decode._NOTED_FEWER_BITS.clear()  # once per process: this test's files are the first
+    dark = sources.split_source(data, "test").load(0)["image"]
+    assert dark.max() == round(4095 * 255 / 65535)  # 16
+    sources.split_source(data, "test").load(1)
+    err = capsys.readouterr().err
+    assert err.count("note: ") == 1 and "--config.data.image_bit_depth=12" in err, err
+    data.image_bit_depth = 12
+    bright = sources.split_source(data, "test").load(0)["image"]
+    assert bright.min() == 0 and bright.max() == 255
+    np.testing.assert_array_equal(bright[..., 0], np.round(values * (255 / 4095)).astype(np.uint8))
+    np.testing.assert_array_equal(
+        decode.load_image(str(root / "good/n1.png"), **sources.image_options(data)), bright
+    )
+    for bad in (0, 17):
+        data.image_bit_depth = bad
+        with pytest.raises(ValueError, match=r"image_bit_depth=.* must be an integer in 1\.\.16"):
+            sources.split_source(data, "test")

@@ -370,10 +370,8 @@ def build_reference_memory(
     if shots and len(files) > shots:
         chosen = np.random.default_rng(seed).choice(len(files), size=shots, replace=False)
         files = [files[i] for i in sorted(chosen)]
-    max_pixels = sources.decode_options(config.data)["max_pixels"]
-    images = np.stack(
-        [preprocess(decode.load_image(f, max_pixels=max_pixels), config) for f in files]
-    )
+    options = sources.image_options(config.data)
+    images = np.stack([preprocess(decode.load_image(f, **options), config) for f in files])
     memory = nnx.jit(lambda m, x: m.build_memory(x))(model, jnp.asarray(images))
     return jax.device_get(memory)
 
@@ -423,8 +421,8 @@ class Predictor:
         )
         self.local_batch = self.batch_size // jax.process_count()
         self.size = int(config.data.image_size)
-        # The pixel limit of config.data.image_max_pixels: a decompression bomb is refused here too.
-        self.max_pixels = sources.decode_options(config.data)["max_pixels"]
+        # config.data.image_max_pixels (a decompression bomb is refused here too) and bit depth.
+        self.image_options = sources.image_options(config.data)
 
     def label(self, score: float) -> int | None:
         return None if self.threshold is None else int(score >= self.threshold)
@@ -504,7 +502,7 @@ def predict_files(
 
         def batches():
             for chunk in steps:
-                loaded, records = _load_chunk(chunk, predictor.max_pixels, skip_corrupt)
+                loaded, records = _load_chunk(chunk, predictor.image_options, skip_corrupt)
                 images = [image for _, _, image in loaded]
                 yield {"loaded": loaded, "records": records, **predictor.batch_inputs(images)}
 
@@ -559,13 +557,15 @@ def shard_items(
 
 
 def _load_chunk(
-    chunk: Sequence[tuple[int, tuple[str, str]]], max_pixels: int, skip_corrupt: bool
+    chunk: Sequence[tuple[int, tuple[str, str]]],
+    image_options: Mapping[str, Any],
+    skip_corrupt: bool,
 ) -> tuple[list[tuple[int, tuple[str, str], np.ndarray]], dict[int, dict[str, Any]]]:
     """The chunk's decoded images, and the error records of those that are unreadable."""
     loaded, errors, failure = [], {}, None
     for position, (file, name) in chunk:
         try:
-            loaded.append((position, (file, name), decode.load_image(file, max_pixels=max_pixels)))
+            loaded.append((position, (file, name), decode.load_image(file, **image_options)))
         except decode.DataError as e:
             if not skip_corrupt:
                 failure = failure or e

@@ -8,9 +8,12 @@ Format policy (users' medical and industrial sets mix all of these; USERS.md ite
   ``Image.open(p).convert("RGB")`` does in every official code base we reproduce, so numbers stay
   comparable; compositing on black would darken transparent pixels that the reference code sees.
 - Palette (``P``): mapped through its palette (transparency ignored, as above).
-- 16-bit grayscale (``I;16*``) and 32-bit integer (``I``): values are treated as 16-bit and scaled
-  with ``round(v * 255 / 65535)``. Pillow's own ``convert`` clips them at 255 instead, which turns
-  most 16-bit images white.
+- 16-bit grayscale (``I;16*``) and 32-bit integer (``I``): values are scaled with
+  ``round(v * 255 / (2**bits - 1))``, ``bits`` = ``image_bit_depth`` (default 16; config
+  ``data.image_bit_depth``; larger values clip). Pillow's own ``convert`` clips them at 255 instead,
+  which turns most 16-bit images white. Inspection cameras often store 12 bits in a 16-bit file:
+  read as 16-bit such an image is nearly black, so the first one met (every value below 4096) gets
+  a note naming ``--config.data.image_bit_depth=12``.
 - Float (``F``): there is no fixed range, so each image is min-max scaled to 0..255.
 - ``CMYK``, ``YCbCr``, ``LAB``, ``HSV``: Pillow's conversion to RGB.
 - Multi-frame files (GIF, TIFF stacks): the first frame. EXIF orientation is NOT applied (the
@@ -32,6 +35,7 @@ mask.
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import warnings
 from typing import Any
@@ -50,6 +54,8 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", "
 # 512 MiB as decoded RGB. Accepting up to it keeps what decoded before this check existed; lower it
 # (``data.image_max_pixels``) on machines that read many files in parallel.
 DEFAULT_MAX_IMAGE_PIXELS = 178_956_970
+# The bits a 16/32-bit integer image's values use (config data.image_bit_depth; module docstring).
+DEFAULT_BIT_DEPTH = 16
 # ``warnings.catch_warnings`` swaps process-wide state; the reader threads must not interleave it.
 _WARNINGS_LOCK = threading.Lock()
 
@@ -134,12 +140,13 @@ def _undecodable(path: str, what: str, e: BaseException) -> DataError:
     )
 
 
-def _to_rgb_uint8(img: Image.Image) -> np.ndarray:
+def _to_rgb_uint8(img: Image.Image, bit_depth: int = 16) -> np.ndarray:
     """Any Pillow mode -> (H, W, 3) uint8 following the module's format policy."""
     mode = img.mode
     if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
         values = np.asarray(img).astype(np.float64)
-        gray = np.round(np.clip(values, 0, 65535) * (255.0 / 65535.0)).astype(np.uint8)
+        top = float(2**bit_depth - 1)
+        gray = np.round(np.clip(values, 0, top) * (255.0 / top)).astype(np.uint8)
         return np.repeat(gray[..., None], 3, axis=-1)
     if mode == "F":
         values = np.asarray(img, dtype=np.float64)
@@ -153,16 +160,38 @@ def _to_rgb_uint8(img: Image.Image) -> np.ndarray:
     return np.asarray(img, dtype=np.uint8).copy()
 
 
-def load_image(path: str, *, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
+def load_image(
+    path: str, *, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, bit_depth: int = DEFAULT_BIT_DEPTH
+) -> np.ndarray:
     """Reads any supported image file as (H, W, 3) uint8 RGB; ``DataError`` names a bad file.
 
     ``max_pixels``: files whose header claims more pixels are refused before decoding.
+    ``bit_depth``: the bits used by 16/32-bit integer images (module docstring).
     """
     img = _open(path, "image", max_pixels)
+    if bit_depth == 16 and img.mode.startswith("I;16"):
+        _note_if_fewer_bits(img, path)
     try:
-        return _to_rgb_uint8(img)
+        return _to_rgb_uint8(img, bit_depth)
     except (OSError, ValueError) as e:
         raise DataError(f"cannot convert image {path} (mode {img.mode}) to RGB: {e}", path) from e
+
+
+_NOTED_FEWER_BITS = threading.Event()  # once per process: one such file usually means all are
+
+
+def _note_if_fewer_bits(img: Image.Image, path: str) -> None:
+    if _NOTED_FEWER_BITS.is_set():
+        return
+    _, top = img.getextrema()
+    if 0 < top < 4096:
+        _NOTED_FEWER_BITS.set()
+        print(
+            f"note: {path} is a 16-bit image whose values stay below 4096 (at most {top}): read "
+            "as 16-bit it is nearly black. If the camera wrote 12 bits, pass "
+            "--config.data.image_bit_depth=12 (10, 14: likewise)",
+            file=sys.stderr,
+        )
 
 
 def _mask_foreground(img: Image.Image) -> np.ndarray:
@@ -203,6 +232,7 @@ def load_record(
     *,
     resize_mismatched_mask: bool = False,
     max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    bit_depth: int = DEFAULT_BIT_DEPTH,
 ) -> dict[str, Any]:
     """Loads one record's image and pixel ground truth.
 
@@ -213,6 +243,7 @@ def load_record(
         file. Config: ``data.resize_mismatched_mask``.
       max_pixels: refuse image and mask files whose header claims more pixels (module docstring).
         Config: ``data.image_max_pixels``.
+      bit_depth: the bits used by 16/32-bit integer images. Config: ``data.image_bit_depth``.
 
     Returns:
       ``image`` (H, W, 3) uint8 RGB; ``gt_mask`` (H, W) bool, all False for normal images and for
@@ -222,7 +253,7 @@ def load_record(
     Raises:
       DataError: unreadable/corrupt image or mask (the message names the file), or a size mismatch.
     """
-    image = load_image(record.path, max_pixels=max_pixels)
+    image = load_image(record.path, max_pixels=max_pixels, bit_depth=bit_depth)
     height, width = image.shape[:2]
     gt_mask = np.zeros((height, width), dtype=bool)
     # Normal images have an implicit empty mask; a mask file listed for them is ignored on purpose

@@ -9,7 +9,8 @@ dataset is then read as ``zsad_anomaly/<dataset>`` from there, through the same 
 Reader options are per side, ``data.<side>_<option>`` (``test_mask_dir``, ``train_normal_dir``):
 the two sides usually read different datasets. ``None`` means "not set": the reader's own default.
 A set option that the side's reader does not take (``protocol.READER_OPTIONS``) is refused, never
-ignored. Decode options (``resize_mismatched_mask``, ``image_max_pixels``) apply to both sides.
+ignored. Decode options (``resize_mismatched_mask``, ``image_max_pixels``, ``image_bit_depth``)
+apply to both sides.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ READER_OPTIONS = ("mask_dir", "normal_dir", "require_masks", "csv_path", "meta_p
 DECODE_DEFAULTS = {
     "resize_mismatched_mask": False,
     "image_max_pixels": decode.DEFAULT_MAX_IMAGE_PIXELS,
+    "image_bit_depth": decode.DEFAULT_BIT_DEPTH,
 }
 
 
@@ -74,6 +76,18 @@ def reader_options(data: Any, side: str) -> dict[str, Any]:
 def decode_options(data: Any) -> dict[str, Any]:
     """``decode.load_record`` keywords from ``data`` (defaults for configs that predate them)."""
     resize = data.get("resize_mismatched_mask")
+    return {"resize_mismatched_mask": bool(resize), **image_options(data)}
+
+
+def image_options(data: Any) -> dict[str, Any]:
+    """``decode.load_image`` keywords from ``data``: the pixel limit and the bit depth."""
+    bits = data.get("image_bit_depth")
+    bits = DECODE_DEFAULTS["image_bit_depth"] if bits is None else bits
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 16:
+        raise ValueError(
+            f"config.data.image_bit_depth={bits!r} must be an integer in 1..16 (the bits a "
+            "16-bit image's values use); e.g. --config.data.image_bit_depth=12"
+        )
     max_pixels = data.get("image_max_pixels")
     max_pixels = DECODE_DEFAULTS["image_max_pixels"] if max_pixels is None else int(max_pixels)
     most = decode.DEFAULT_MAX_IMAGE_PIXELS
@@ -83,7 +97,7 @@ def decode_options(data: Any) -> dict[str, Any]:
             f"config.data.image_max_pixels={max_pixels} must be in 1..{most} (the most Pillow "
             f"opens); e.g. --config.data.image_max_pixels={most}"
         )
-    return {"resize_mismatched_mask": bool(resize), "max_pixels": max_pixels}
+    return {"max_pixels": max_pixels, "bit_depth": bits}
 
 
 def read_records(
