@@ -92,6 +92,8 @@ def base_config(method: str, arg: str | None = None) -> ml_collections.ConfigDic
             "image_max_pixels": 178_956_970,  # decode.DEFAULT_MAX_IMAGE_PIXELS, also the maximum
             # The bits a 16-bit image's values use: 12 for 12-bit camera data in 16-bit files.
             "image_bit_depth": 16,
+            # A mask pixel is defect above this value (127 for anti-aliased or JPEG masks).
+            "mask_threshold": 0,
             # Reader options per side (zsad_jax.data.sources); None = the reader's default, a set
             # one the side's reader does not take is refused. mask_dir: a further mask folder
             # (folder); normal_dir: the normal-image folder (folder, MVTec layouts; default good,

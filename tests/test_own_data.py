@@ -500,7 +500,7 @@ def test_twelve_bit_camera_data_in_16_bit_files_gets_a_note_and_an_option(tmp_pa
         Image.fromarray(values).save(root / name)  # mode I;16
     _img(root / "scratch/s1.png")
     data = _data(test_set="folder", test_root=str(root), test_require_masks=False)
-    decode._NOTED_FEWER_BITS.clear()  # once per process: this test's files are the first
+    decode._NOTED["fewer bits"].clear()  # once per process: this test's files are the first
     dark = sources.split_source(data, "test").load(0)["image"]
     assert dark.max() == round(4095 * 255 / 65535)  # 16
     sources.split_source(data, "test").load(1)
@@ -517,3 +517,42 @@ def test_twelve_bit_camera_data_in_16_bit_files_gets_a_note_and_an_option(tmp_pa
         data.image_bit_depth = bad
         with pytest.raises(ValueError, match=r"image_bit_depth=.* must be an integer in 1\.\.16"):
             sources.split_source(data, "test")
+
+
+def test_graded_and_empty_masks_get_a_note_and_a_threshold_option(tmp_path, capsys):
+    """An anti-aliased or JPEG mask (many grey values) counts every value above 0 as defect, and a
+    defect image's empty mask counts none: each is said once; ``data.mask_threshold`` binarises
+    graded masks where the user wants. Region-id masks (VisA's few values) get no note."""
+    root = tmp_path / "part"
+    _img(root / "good/n1.png")
+    _img(root / "scratch/s1.png")
+    _img(root / "scratch/s2.png")
+    _img(root / "dent/d1.png")
+    graded = np.linspace(0, 255, 48).reshape(6, 8).astype(np.uint8)  # 48 distinct values
+    os.makedirs(root / "masks/scratch")
+    os.makedirs(root / "masks/dent")
+    Image.fromarray(graded).save(root / "masks/scratch/s1.png")
+    Image.fromarray(np.zeros((6, 8), np.uint8)).save(root / "masks/scratch/s2.png")
+    regions = np.zeros((6, 8), np.uint8)
+    regions[1:3, 1:3], regions[4:6, 5:7] = 1, 2  # VisA-style region ids
+    Image.fromarray(regions).save(root / "masks/dent/d1.png")
+    data = _data(test_set="folder", test_root=str(root))
+    for kind in decode._NOTED:
+        decode._NOTED[kind].clear()
+    source = sources.split_source(data, "test")
+    by_path = {os.path.basename(r.path): i for i, r in enumerate(source.records)}
+    assert source.load(by_path["d1.png"])["gt_mask"].sum() == 8  # every region, no note
+    assert capsys.readouterr().err == ""
+    assert source.load(by_path["s1.png"])["gt_mask"].sum() == 47  # every value above 0
+    source.load(by_path["s2.png"])
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and "48 distinct values" in err[0] and "mask_threshold=127" in err[0]
+    assert "s2.png" in err[1] and "is empty" in err[1]
+    source.load(by_path["s1.png"])
+    assert capsys.readouterr().err == ""  # once per process
+    data.mask_threshold = 127
+    strong = sources.split_source(data, "test").load(by_path["s1.png"])["gt_mask"]
+    np.testing.assert_array_equal(strong, graded > 127)
+    data.mask_threshold = -1
+    with pytest.raises(ValueError, match=r"mask_threshold=-1 must be an integer >= 0"):
+        sources.split_source(data, "test")

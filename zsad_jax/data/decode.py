@@ -24,12 +24,13 @@ Untrusted files: an image or mask whose header claims more than ``max_pixels`` p
 *before* its pixels are decoded, so a decompression bomb (a few hundred bytes claiming
 50,000 x 50,000 px) costs no memory and counts as a corrupt file under ``skip_corrupt``.
 
-Masks: a pixel is anomalous when any colour channel is non-zero (alpha ignored; palette masks
-through their palette, 16-bit masks on the raw values). This binarisation happens at full
-resolution, before any resizing: VisA masks hold region ids 1..k and MVTec LOCO uses 236..255, so
-``== 255`` would lose regions and resizing before binarising creates grey values. A mask path may
-also be a directory of mask files (MVTec LOCO stores one file per defect region); their union is the
-mask.
+Masks: a pixel is anomalous when any colour channel is non-zero (above ``data.mask_threshold``,
+default 0; alpha ignored; palette masks through their palette, 16-bit masks on the raw values). A
+mask of many grey values (anti-aliased, JPEG) and a defect image's empty mask each get a note. This
+binarisation happens at full resolution, before any resizing: VisA masks hold region ids 1..k and
+MVTec LOCO uses 236..255, so ``== 255`` would lose regions and resizing before binarising creates
+grey values. A mask path may also be a directory of mask files (MVTec LOCO stores one file per
+defect region); their union is the mask.
 """
 
 from __future__ import annotations
@@ -56,6 +57,18 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", "
 DEFAULT_MAX_IMAGE_PIXELS = 178_956_970
 # The bits a 16/32-bit integer image's values use (config data.image_bit_depth; module docstring).
 DEFAULT_BIT_DEPTH = 16
+# Region-id masks (VisA: 1..k) hold a few values; anti-aliased or JPEG-compressed ones many.
+GRADED_MASK_VALUES = 16
+# Each note once per process: one such file usually means a whole set of them.
+_NOTED = {kind: threading.Event() for kind in ("fewer bits", "graded mask", "empty mask")}
+
+
+def _note_once(kind: str, message: str) -> None:
+    if not _NOTED[kind].is_set():
+        _NOTED[kind].set()
+        print(f"note: {message}", file=sys.stderr)
+
+
 # ``warnings.catch_warnings`` swaps process-wide state; the reader threads must not interleave it.
 _WARNINGS_LOCK = threading.Lock()
 
@@ -177,25 +190,21 @@ def load_image(
         raise DataError(f"cannot convert image {path} (mode {img.mode}) to RGB: {e}", path) from e
 
 
-_NOTED_FEWER_BITS = threading.Event()  # once per process: one such file usually means all are
-
-
 def _note_if_fewer_bits(img: Image.Image, path: str) -> None:
-    if _NOTED_FEWER_BITS.is_set():
+    if _NOTED["fewer bits"].is_set():
         return
     _, top = img.getextrema()
     if 0 < top < 4096:
-        _NOTED_FEWER_BITS.set()
-        print(
-            f"note: {path} is a 16-bit image whose values stay below 4096 (at most {top}): read "
-            "as 16-bit it is nearly black. If the camera wrote 12 bits, pass "
+        _note_once(
+            "fewer bits",
+            f"{path} is a 16-bit image whose values stay below 4096 (at most {top}): read as "
+            "16-bit it is nearly black. If the camera wrote 12 bits, pass "
             "--config.data.image_bit_depth=12 (10, 14: likewise)",
-            file=sys.stderr,
         )
 
 
-def _mask_foreground(img: Image.Image) -> np.ndarray:
-    """Any Pillow mode -> (H, W) bool, True where the mask is non-zero."""
+def _mask_foreground(img: Image.Image, threshold: int = 0, path: str = "") -> np.ndarray:
+    """Any Pillow mode -> (H, W) bool, True where a channel of the mask is above ``threshold``."""
     if img.mode in ("RGBA", "LA", "PA"):
         img = img.convert("RGB" if img.mode != "LA" else "L")
     elif img.mode == "P":
@@ -203,23 +212,44 @@ def _mask_foreground(img: Image.Image) -> np.ndarray:
     elif img.mode in ("CMYK", "YCbCr", "LAB", "HSV"):
         img = img.convert("RGB")
     values = np.asarray(img)
+    if threshold == 0:
+        _note_if_graded(values, path)
     if values.ndim == 3:
-        return np.any(values != 0, axis=-1)
-    return values != 0
+        return np.any(values > threshold, axis=-1)
+    return values > threshold
 
 
-def load_mask(path: str, *, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
-    """Reads a mask file (or a directory of region masks) as (H, W) bool, ``True`` = anomalous."""
+def _note_if_graded(values: np.ndarray, path: str) -> None:
+    if _NOTED["graded mask"].is_set() or values.dtype != np.uint8:
+        return
+    distinct = len(np.unique(values))
+    if distinct > GRADED_MASK_VALUES:
+        _note_once(
+            "graded mask",
+            f"mask {path} holds {distinct} distinct values (anti-aliased edges or JPEG "
+            "compression?): every value above 0 counts as defect. To count only the strong ones, "
+            "pass e.g. --config.data.mask_threshold=127; better, save masks losslessly as 0/255",
+        )
+
+
+def load_mask(
+    path: str, *, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, threshold: int = 0
+) -> np.ndarray:
+    """Reads a mask file (or a directory of region masks) as (H, W) bool, ``True`` = anomalous:
+    a pixel whose value (any channel) is above ``threshold`` (config ``data.mask_threshold``)."""
     if os.path.isdir(path):
         files = sorted(f for f in os.listdir(path) if f.lower().endswith(IMAGE_EXTENSIONS))
         if not files:
             raise DataError(f"mask directory {path} holds no image files", path)
-        masks = [load_mask(os.path.join(path, f), max_pixels=max_pixels) for f in files]
+        masks = [
+            load_mask(os.path.join(path, f), max_pixels=max_pixels, threshold=threshold)
+            for f in files
+        ]
         shapes = {m.shape for m in masks}
         if len(shapes) != 1:
             raise DataError(f"mask directory {path} mixes sizes {sorted(shapes)}", path)
         return np.logical_or.reduce(masks)
-    return _mask_foreground(_open(path, "mask", max_pixels))
+    return _mask_foreground(_open(path, "mask", max_pixels), threshold, path)
 
 
 def _resize_mask_nearest(mask: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -233,6 +263,7 @@ def load_record(
     resize_mismatched_mask: bool = False,
     max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     bit_depth: int = DEFAULT_BIT_DEPTH,
+    mask_threshold: int = 0,
 ) -> dict[str, Any]:
     """Loads one record's image and pixel ground truth.
 
@@ -244,6 +275,7 @@ def load_record(
       max_pixels: refuse image and mask files whose header claims more pixels (module docstring).
         Config: ``data.image_max_pixels``.
       bit_depth: the bits used by 16/32-bit integer images. Config: ``data.image_bit_depth``.
+      mask_threshold: a mask pixel is anomalous above this value. Config: ``data.mask_threshold``.
 
     Returns:
       ``image`` (H, W, 3) uint8 RGB; ``gt_mask`` (H, W) bool, all False for normal images and for
@@ -265,7 +297,14 @@ def load_record(
                 "or dataset index (use has_mask=False for image-level labels)",
                 record.path,
             )
-        mask = load_mask(record.mask_path, max_pixels=max_pixels)
+        mask = load_mask(record.mask_path, max_pixels=max_pixels, threshold=mask_threshold)
+        if not mask.any():
+            _note_once(
+                "empty mask",
+                f"the mask of defect image {record.path} ({record.mask_path}) is empty: all its "
+                "pixels count as normal in the pixel metrics. Check the mask, or list the image "
+                "without one",
+            )
         if mask.shape != (height, width):
             if not resize_mismatched_mask:
                 raise DataError(

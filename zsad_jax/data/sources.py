@@ -9,8 +9,8 @@ dataset is then read as ``zsad_anomaly/<dataset>`` from there, through the same 
 Reader options are per side, ``data.<side>_<option>`` (``test_mask_dir``, ``train_normal_dir``):
 the two sides usually read different datasets. ``None`` means "not set": the reader's own default.
 A set option that the side's reader does not take (``protocol.READER_OPTIONS``) is refused, never
-ignored. Decode options (``resize_mismatched_mask``, ``image_max_pixels``, ``image_bit_depth``)
-apply to both sides.
+ignored. Decode options (``resize_mismatched_mask``, ``image_max_pixels``, ``image_bit_depth``,
+``mask_threshold``) apply to both sides.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ DECODE_DEFAULTS = {
     "resize_mismatched_mask": False,
     "image_max_pixels": decode.DEFAULT_MAX_IMAGE_PIXELS,
     "image_bit_depth": decode.DEFAULT_BIT_DEPTH,
+    "mask_threshold": 0,
 }
 
 
@@ -76,7 +77,18 @@ def reader_options(data: Any, side: str) -> dict[str, Any]:
 def decode_options(data: Any) -> dict[str, Any]:
     """``decode.load_record`` keywords from ``data`` (defaults for configs that predate them)."""
     resize = data.get("resize_mismatched_mask")
-    return {"resize_mismatched_mask": bool(resize), **image_options(data)}
+    threshold = data.get("mask_threshold")
+    threshold = DECODE_DEFAULTS["mask_threshold"] if threshold is None else threshold
+    if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 0:
+        raise ValueError(
+            f"config.data.mask_threshold={threshold!r} must be an integer >= 0 (a mask pixel "
+            "above it is defect); e.g. --config.data.mask_threshold=127"
+        )
+    return {
+        "resize_mismatched_mask": bool(resize),
+        "mask_threshold": threshold,
+        **image_options(data),
+    }
 
 
 def image_options(data: Any) -> dict[str, Any]:
