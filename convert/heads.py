@@ -423,8 +423,8 @@ def _method_tables(method: str, config: Any, files: dict[str, Path]):
         if len(groups) != int(m.n_groups):
             raise ValueError(
                 f"{src}: {len(groups)} groups (image_adapter.m_i_w.*), but config.model.n_groups="
-                f"{int(m.n_groups)}; convert with --config=configs/acd_clip.py:n_groups="
-                f"{len(groups)}"
+                f"{int(m.n_groups)}; add --config.model.n_groups={len(groups)} (it keeps the "
+                "--config you gave, its variant included)"
             )
         kernels = []
         for j in _indices(

@@ -575,7 +575,7 @@ def test_acd_clip_mismatches_name_the_key(tmp_path):
     assert "present but unused (1): text_adapter.layer_norm.2.bias" in str(e.value)
 
     torch.save(OfficialAcdClipAdapters(config, template, n_groups=2).checkpoint(1), src)
-    with pytest.raises(ValueError, match=r"2 groups .*n_groups=3.*acd_clip\.py:n_groups=2"):
+    with pytest.raises(ValueError, match=r"2 groups .*n_groups=3; add --config\.model\.n_groups=2"):
         heads.convert("acd_clip", {"src": src}, config)
 
 

@@ -556,3 +556,19 @@ def test_graded_and_empty_masks_get_a_note_and_a_threshold_option(tmp_path, caps
     data.mask_threshold = -1
     with pytest.raises(ValueError, match=r"mask_threshold=-1 must be an integer >= 0"):
         sources.split_source(data, "test")
+
+
+def test_a_training_set_of_normal_images_only_gets_a_note(tmp_path, capsys):
+    from zsad_jax import train as train_lib
+
+    for i in range(2):
+        _img(tmp_path / "normal" / "good" / f"n{i}.png")
+    config = base_config("test_own_data")
+    config.data.update(train_set="folder", train_root=str(tmp_path / "normal"), batch_size=2)
+    train_lib.make_train_data(config)
+    err = capsys.readouterr().err
+    assert "note: the training set (folder at " in err and "holds no anomalous images" in err
+    _img(tmp_path / "normal" / "hole" / "h0.png")
+    config.data.train_require_masks = False
+    train_lib.make_train_data(config)
+    assert "no anomalous" not in capsys.readouterr().err

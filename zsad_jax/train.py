@@ -219,6 +219,18 @@ class DevicePrefetch:
         return getattr(self._data, "skipped", None)
 
 
+def _note_if_no_anomalies(records: Sequence[Any], data: Any) -> None:
+    """The heads learn what a defect looks like from the training set's anomalous images (and
+    their masks): a set of normal images only runs, but teaches them nothing of the kind."""
+    if records and not any(r.gt_label for r in records) and jax.process_index() == 0:
+        print(
+            f"note: the training set ({data.train_set} at {data.train_root}) holds no anomalous "
+            "images: these zero-shot methods learn from defects on other categories (the "
+            "protocol trains on a labelled test split, e.g. MVTec-AD's), so expect a weak model",
+            file=sys.stderr,
+        )
+
+
 def make_train_data(config: Any) -> TrainData:
     """The training split of ``config.data`` through the grain pipeline.
 
@@ -230,6 +242,7 @@ def make_train_data(config: Any) -> TrainData:
         return methods.import_object(d.train_set, "config.data.train_set")(config)
 
     source = sources.split_source(d, "train")
+    _note_if_no_anomalies(source.records, d)
     iterator = pipeline.train_iterator(
         source,
         global_batch=int(d.batch_size),
