@@ -134,7 +134,8 @@ def base_config(method: str, arg: str | None = None) -> ml_collections.ConfigDic
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
     c.ckpt = ml_collections.ConfigDict({"keep": 3, "every_steps": 500, "async": True})
     # Held-out evaluation of config.data.test_set at the end of training (and every_steps > 0).
-    # map_dtype: the dtype the host keeps one category's maps in ("float16" halves that memory).
+    # map_dtype: the dtype the host keeps one category's maps in ("float16" halves that memory but
+    # ties small scores, so the pixel metrics move: zsad_jax/evaluate.py).
     c.eval = ml_collections.ConfigDict(
         {"enabled": True, "every_steps": 0, "batch_size": 8, "num_vis": 8, "map_dtype": "float32"}
     )

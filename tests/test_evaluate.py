@@ -302,3 +302,17 @@ def test_store_threshold_without_a_checkpoint_is_refused_before_any_work(tmp_pat
     with pytest.raises(ValueError, match=r"--store_threshold.*pass --checkpoint=WORKDIR"):
         eval_lib.run(workdir=tmp_path / "eval", config=toy_config(), store_threshold=True)
     assert not (tmp_path / "eval").exists()
+
+
+def test_float16_maps_are_kept_in_float16_with_a_note_that_the_pixel_metrics_move(bench, capsys):
+    config = toy_config(bench)
+    model = ToyDetector(config, rngs=nnx.Rngs(0))
+    full = eval_lib.evaluate(model, config, keep_outputs=True)
+    assert "map_dtype" not in capsys.readouterr().err
+    config.eval.map_dtype = "float16"
+    half = eval_lib.evaluate(model, config, keep_outputs=True)
+    assert half["outputs"]["anomaly_map"].dtype == np.float16
+    np.testing.assert_allclose(
+        half["outputs"]["anomaly_map"], full["outputs"]["anomaly_map"], rtol=1e-3, atol=1e-4
+    )
+    assert "note: config.eval.map_dtype=float16 rounds the anomaly maps" in capsys.readouterr().err
