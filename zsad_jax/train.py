@@ -425,10 +425,11 @@ def _check_resumable(
     config_json: str,
     params: Mapping[str, Any],
     allow_config_change: bool,
-) -> dict[str, Any]:
-    """The meta of the checkpoint to resume from, after checking it belongs to this run: the same
-    config (unless ``allow_config_change``) and, in any case, trained weights of the same
-    structure. Raises ``ConfigMismatch`` naming what differs."""
+) -> tuple[dict[str, Any], dict[str, list[Any]]]:
+    """The meta of the checkpoint to resume from and how its config differs from this run's
+    (``config_differences``), after checking it belongs to this run: the same config (unless
+    ``allow_config_change``) and, in any case, trained weights of the same structure. Raises
+    ``ConfigMismatch`` naming what differs."""
     meta = ckpt_lib.read_meta(step_dir)
     if "data_state" not in meta:
         raise ConfigMismatch(
@@ -448,7 +449,7 @@ def _check_resumable(
             f"{workdir} holds a checkpoint of a different model ({'; '.join(differences)}; "
             f"config {_describe(changed) or 'unchanged'}); use a new --workdir"
         )
-    return meta
+    return meta, changed
 
 
 # ----------------------------------------------------------------------------------------------
@@ -708,7 +709,7 @@ class _TrainRun:
             return None
         try:
             step_dir = self.checkpointer.directory / str(latest)
-            meta = _check_resumable(
+            meta, changed = _check_resumable(
                 self.workdir, step_dir, self.config_json, self.params, allow_config_change,
             )  # fmt: skip
             ckpt_lib.check_encoders(meta, self.config, self.workdir)
@@ -719,7 +720,6 @@ class _TrainRun:
             self.checkpointer.close()  # an open async manager would log tracebacks at exit
             raise
         self.config_changes = list(meta.get("config_changes", []))
-        changed = config_differences(cli.stored_config_json(meta), self.config_json)
         if changed:
             self.config_changes.append({"step": int(meta["step"]), "changed": changed})
         if meta.get("final") and int(meta["step"]) >= self.total_steps:

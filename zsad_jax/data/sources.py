@@ -32,7 +32,7 @@ DECODE_DEFAULTS = {
     "resize_mismatched_mask": False,
     "image_max_pixels": decode.DEFAULT_MAX_IMAGE_PIXELS,
     "image_bit_depth": decode.DEFAULT_BIT_DEPTH,
-    "mask_threshold": 0,
+    "mask_threshold": decode.DEFAULT_MASK_THRESHOLD,
 }
 
 
