@@ -145,7 +145,9 @@ def test_few_shot_uses_each_categorys_own_reference_images(bench):
         eval_lib.evaluate(model, config, few_shot=3)
 
 
-def test_category_without_masks_gets_nan_pixel_metrics_left_out_of_the_means(bench, tmp_path):
+def test_category_without_masks_gets_nan_pixel_metrics_left_out_of_the_means(
+    bench, tmp_path, capsys
+):
     config = toy_config(bench)
     records = protocol.read_dataset("mvtec_ad", bench, "test", CATEGORIES)
     # "pill" with image-level labels only, as the readers mark such a category.
@@ -167,6 +169,10 @@ def test_category_without_masks_gets_nan_pixel_metrics_left_out_of_the_means(ben
         assert result["excluded"][metric] == ["pill"]
         assert result[metric] == wood[metric]
     assert result["image_AUROC"] == pytest.approx((pill["image_AUROC"] + wood["image_AUROC"]) / 2)
+    # One note for the category, naming every metric it leaves out (not one line per metric).
+    notes = [line for line in capsys.readouterr().err.splitlines() if "NaN for" in line]
+    metrics = ", ".join(eval_lib.PIXEL_METRICS)
+    assert notes == [f"note: {metrics} are NaN for pill (left out of the mean)"]
 
     paths = eval_lib.write_results(result, tmp_path)
     doc = json.load(open(paths["json"]))

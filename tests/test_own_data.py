@@ -122,6 +122,26 @@ def test_some_masks_missing_names_the_first_image_and_opt_out_keeps_the_rest(tmp
         read_dataset("folder", str(bare), require_masks=True)
 
 
+def test_masks_that_match_no_image_get_a_note(tmp_path, capsys):
+    root = tmp_path / "part"
+    _img(root / "good/n1.png")
+    _img(root / "scratch/s1.png")
+    _img(root / "scratch/s2.png")
+    _mask(root / "masks/good/n1.png")  # empty masks of normal images: not a mistake
+    _mask(root / "masks/scratch/s1.png")
+    stray = _mask(root / "masks/scrach/s2.png")  # a misspelt defect folder
+    records = read_dataset("folder", str(root), require_masks=False)
+    assert [r.has_mask for r in records if r.gt_label] == [True, False]
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
+    assert notes == [
+        f"note: 1 mask file(s) match no image and are not used, e.g. {stray}; a mask is "
+        "<mask folder>/<defect>/<image stem>.png (or <stem>_mask.png)"
+    ]
+    os.remove(stray)
+    read_dataset("folder", str(root), require_masks=False)
+    assert "note:" not in capsys.readouterr().err
+
+
 def test_one_flat_mask_matching_two_images_is_refused(tmp_path):
     root = tmp_path / "part"
     _img(root / "good/n1.png")

@@ -733,7 +733,7 @@ def test_export_json_names_the_resize_filter_each_transform_uses(toy_run, export
     assert filters == {"bicubic", "bilinear"}
 
 
-def test_more_shots_than_reference_images_are_refused(toy_run, images, tmp_path):
+def test_more_shots_than_reference_images_are_refused(toy_run, images, tmp_path, capsys):
     reference = images["rgb"].parent / "sub"  # one image: gray.jpg
     with pytest.raises(ValueError, match="^--shots=3: ") as refused:
         predict_lib.run([str(images["rgb"])], checkpoint=str(toy_run), **TRUST, out=tmp_path,
@@ -744,6 +744,18 @@ def test_more_shots_than_reference_images_are_refused(toy_run, images, tmp_path)
     result = predict_lib.run([str(images["rgb"])], checkpoint=str(toy_run), **TRUST,
                              out=tmp_path / "ok", reference=str(reference), shots=1)  # fmt: skip
     assert len(result["predictions"]) == 1
+    # The config's number is a default: a smaller folder gives all it holds, and says so.
+    model, config, _ = ckpt_lib.load_for_inference(toy_run, **TRUST)
+    with config.unlocked():
+        config.model.few_shot = {"shots": 4}
+    capsys.readouterr()
+    memory = predict_lib.build_reference_memory(model, config, reference)
+    one = predict_lib.build_reference_memory(model, config, reference, shots=1)
+    np.testing.assert_array_equal(memory, one)
+    assert capsys.readouterr().err == (
+        f"note: --reference={reference} holds 1 image, fewer than the config's 4 shots; using all "
+        "of them (--shots=N chooses)\n"
+    )
 
 
 def test_the_summary_puts_the_scores_range_beside_the_threshold():

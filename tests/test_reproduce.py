@@ -299,6 +299,8 @@ def test_refusals_before_any_work(trees, tmp_path):
         rep.run(CONFIG, {"mvtec_ad": trees["mvtec_ad"]}, tmp_path)
     with pytest.raises(FileNotFoundError, match="--btad=.*no such directory"):
         rep.run(CONFIG, {**trees, "btad": tmp_path / "nope"}, tmp_path)
+    with pytest.raises(cli.CommandLineError, match="--mpdd=.* is the folder given as --mvtec_ad"):
+        rep.run(CONFIG, {**trees, "mpdd": trees["mvtec_ad"]}, tmp_path)
     with pytest.raises(ValueError, match="has no SELECT_ON_TEST"):
         rep.run(CONFIG, trees, tmp_path, select_on_test=True)
     with pytest.raises(ValueError, match="has no few-shot mode"):

@@ -336,9 +336,14 @@ def _summary(per_category: dict[str, dict[str, Any]], categories: Any) -> dict[s
             metrics_lib.choose_threshold(all_scores, all_labels) if all_scores.size else math.nan
         )
     if excluded and jax.process_index() == 0:
+        # One line per set of categories: a normal-only category makes every metric NaN at once.
+        by_categories: dict[tuple[str, ...], list[str]] = {}
         for metric, names in excluded.items():
+            by_categories.setdefault(tuple(names), []).append(metric)
+        for names, metrics in by_categories.items():
             print(
-                f"note: {metric} is NaN for {', '.join(names)} (left out of the mean)",
+                f"note: {', '.join(metrics)} {'is' if len(metrics) == 1 else 'are'} NaN for "
+                f"{', '.join(names)} (left out of the mean)",
                 file=sys.stderr,
             )
     result.update(

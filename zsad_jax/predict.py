@@ -367,6 +367,13 @@ def build_reference_memory(
     if shots is None:  # the config's number is a default: a smaller folder gives all it holds
         few_shot = config.model.get("few_shot") or {}
         shots = int(few_shot.get("shots", 0) or 0)
+        if shots > len(files):
+            print(
+                f"note: --reference={reference} holds {len(files)} image"
+                f"{'s' if len(files) != 1 else ''}, fewer than the config's {shots} shots; "
+                "using all of them (--shots=N chooses)",
+                file=sys.stderr,
+            )
     if shots and len(files) > shots:
         chosen = np.random.default_rng(seed).choice(len(files), size=shots, replace=False)
         files = [files[i] for i in sorted(chosen)]

@@ -940,9 +940,16 @@ def _checked_roots(roots: Mapping[str, Any]) -> dict[str, Any]:
                 f"give --{name}=DIR: the {_title(name)} root (both directions need "
                 f"--{' and --'.join(ZERO_SHOT_PAIRS)})"
             )
+    seen: dict[Path, str] = {}
     for name, root in roots.items():
         if not Path(root).is_dir():
             raise FileNotFoundError(f"--{name}={root}: no such directory")
+        # One folder given for two datasets is a typo; it would be read as both.
+        other = seen.setdefault(Path(root).resolve(), name)
+        if other != name:
+            raise cli.CommandLineError(
+                f"--{name}={root} is the folder given as --{other}; give each dataset its own root"
+            )
     return roots
 
 

@@ -40,6 +40,7 @@ import csv
 import dataclasses
 import json
 import os
+import sys
 from collections.abc import Callable, Iterator, Sequence
 
 from zsad_jax.data.decode import IMAGE_EXTENSIONS, DataError
@@ -618,7 +619,33 @@ def _read_folder_category(
             "in its defect folders"
         )
     _check_masks_found(records, mask_roots, require_masks, folder)
+    own_roots = [r for r in mask_roots if not (mask_dir and os.path.samefile(r, mask_dir))]
+    _note_unused_masks(own_roots, set(claimed), listing, normal_dir)
     return finalize_category(records)
+
+
+def _note_unused_masks(
+    mask_roots: Sequence[str], claimed: set[str], listing: dict[str, list[str]], normal_dir: str
+) -> None:
+    """A note for mask files of a category's own mask folders that match no image: usually a
+    renamed image or a misspelt defect folder, whose image then has no pixel ground truth.
+    (A ``mask_dir`` shared by several categories is not checked: other categories' masks lie
+    there, nor a ``{normal_dir}/`` folder of empty masks.)"""
+    unused = []
+    for root in mask_roots:
+        subdirs = [os.path.join(root, d) for d in _subdirs(root) if d != normal_dir]
+        for directory in (root, *subdirs):
+            unused += [
+                path
+                for path in (os.path.join(directory, n) for n in _image_names(directory, listing))
+                if path not in claimed
+            ]
+    if unused:
+        print(
+            f"note: {len(unused)} mask file(s) match no image and are not used, e.g. {unused[0]}; "
+            "a mask is <mask folder>/<defect>/<image stem>.png (or <stem>_mask.png)",
+            file=sys.stderr,
+        )
 
 
 def _claim(claimed: dict[str, str], mask_path: str, image: str, mask_root: str, defect: str):
