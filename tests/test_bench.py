@@ -182,3 +182,20 @@ def test_official_af_clip_train_step_runs_at_tiny_size_without_jax(tmp_path):
     )
     assert math.isfinite(row["loss"]) and len(row["later_steps_s"]) == 1
     assert row["peak_rss_mib"] >= row["rss_built_mib"] and not row["jax_imported"]
+
+
+@pytest.mark.torch
+def test_official_acd_clip_inference_agrees_and_prints_its_roofline(tmp_path):
+    """bench/official.py's inference comparison at the tiny sizes: both sides give the same
+    scores and maps, and the roofline figures are the FLOP count over each side's median time."""
+    _, rows = _run(["bench/official.py", "--variant=tiny", "--no-train", "--repeats=1"], tmp_path)
+    infer = rows[-1]["summary"]["infer"]
+    assert infer["score_max_abs_diff"] < 1e-5 and infer["map_max_abs_diff"] < 1e-5
+    assert infer["map_std"] > 0
+    flop = infer["forward_gflop"]
+    assert flop > 0 and infer["torch_sgemm_4096_gflops"] > 0
+    rates = infer["ours_gflops"] / infer["official_gflops"]
+    assert rates == pytest.approx(1 / infer["ours_over_official_median_wall"], rel=0.05)
+    assert infer["target_0.85x_gflops"] == pytest.approx(
+        infer["official_gflops"] / 0.85, rel=0.05, abs=0.2
+    )
