@@ -357,6 +357,7 @@ def step_infer(args) -> dict:
             ours, theirs = (stat(v[index] for v in times[s]) for s in ("ours", "official"))
             out[f"ours_over_official_{stat.__name__}_{kind}"] = round(ours / theirs, 3)
     out.update(_roofline(model, inputs, times))
+    out["block_gemm_gflops"] = _block_gemms(config, args.batch)
     return out
 
 
@@ -384,6 +385,49 @@ def _roofline(model, inputs: dict, times: dict) -> dict:
         "torch_sgemm_4096_gflops": round(2 * n**3 / gemm / 1e9, 1),
         "target_0.85x_gflops": round(flops / (0.85 * official) / 1e9, 1),
     }
+
+
+def _block_gemms(config, batch: int) -> dict:
+    """``{gemm: {"xla": GFLOP/s, "torch": GFLOP/s}}`` for the four matmuls of one vision block
+    (qkv, attention out, MLP in, MLP out) at this run's rows (batch x tokens): most of the
+    forward's FLOPs, so where XLA:CPU's own kernels stand against the official side's."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+
+    from zsad_jax.encoders.presets import PRESETS
+
+    vision = PRESETS["clip"][config.model.backbone.preset]().vision
+    rows = batch * ((int(config.data.image_size) // vision.patch_size) ** 2 + 1)
+    shapes = {
+        "qkv": (vision.width, 3 * vision.width),
+        "out": (vision.width, vision.width),
+        "mlp_in": (vision.width, vision.mlp_dim),
+        "mlp_out": (vision.mlp_dim, vision.width),
+    }
+    rng = np.random.default_rng(0)
+    jitted = jax.jit(jnp.dot)
+
+    def dot(a, b):
+        return jitted(a, b).block_until_ready()
+
+    rates = {}
+    for name, (k, n) in shapes.items():
+        a = rng.standard_normal((rows, k), np.float32)
+        b = rng.standard_normal((k, n), np.float32)
+        gflop = 2 * rows * k * n / 1e9
+        rates[name] = {
+            "xla": _gflops(dot, jnp.asarray(a), jnp.asarray(b), gflop=gflop),
+            "torch": _gflops(torch.mm, torch.from_numpy(a), torch.from_numpy(b), gflop=gflop),
+        }
+    return rates
+
+
+def _gflops(fn, *args, gflop: float) -> float:
+    """The best of five timed calls after a warm-up, as GFLOP/s."""
+    fn(*args)
+    return round(gflop / min(_timed(lambda: fn(*args)) for _ in range(5)), 1)
 
 
 def step_train_ours(args) -> dict:

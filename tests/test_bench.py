@@ -196,6 +196,9 @@ def test_official_acd_clip_inference_agrees_and_prints_its_roofline(tmp_path):
     assert flop > 0 and infer["torch_sgemm_4096_gflops"] > 0
     rates = infer["ours_gflops"] / infer["official_gflops"]
     assert rates == pytest.approx(1 / infer["ours_over_official_median_wall"], rel=0.05)
+    gemms = infer["block_gemm_gflops"]
+    assert set(gemms) == {"qkv", "out", "mlp_in", "mlp_out"}
+    assert all(rate["xla"] > 0 and rate["torch"] > 0 for rate in gemms.values())
     assert infer["target_0.85x_gflops"] == pytest.approx(
         infer["official_gflops"] / 0.85, rel=0.05, abs=0.2
     )
