@@ -5,10 +5,12 @@ Run (one command; <= 8 minutes on one H100/H200, sections past ``--budget-s`` ar
   .venv/bin/python bench/accelerator.py --small        # CPU, reduced sizes (tests/test_bench.py)
   .venv/bin/python bench/accelerator.py --sections=encoders,train --methods=af_clip
 
-Output: one JSON line per figure as it is measured (so a run cut short keeps what it measured),
-then a Markdown table of all of them. Sections, in the order they run:
+Output: first a line on stderr naming the platform and what is about to run (on a CPU without
+``--small``: that this is the full-size run), then one JSON line per figure as it is measured (so
+a run cut short keeps what it measured), then a Markdown table of all of them. The device
+description (``device``) comes from a subprocess of its own. Sections, in the order they run:
 
-* ``peak`` (with the device description, in a subprocess, see ``train``): a measured matmul
+* ``peak`` (in a subprocess, see ``train``): a measured matmul
   peak per dtype (N x N @ N x N, N = 8192; 512 with ``--small``) with jax's default matmul
   precision (what the models run with; on GPU float32 dots may use TF32). MFU figures are against
   it, not against the data sheet.
@@ -64,7 +66,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 METHODS = ("af_clip", "ava_dino", "acd_clip", "dlvp_clip")
 ENCODER_FIELDS = ("backbone", "text_encoder")
-SECTIONS = ("peak", "attention", "encoders", "train", "eval", "torch")
+# In the order they run.
+SECTIONS = ("peak", "train", "attention", "encoders", "eval", "torch")
 DTYPES = ("bfloat16", "float32")
 # (model, full-size image sizes, small image sizes)
 ENCODERS = (("clip", (336, 518), (56, 84)), ("dinov3", (336, 512), (48, 64)))
@@ -483,6 +486,31 @@ def bench_train(args, peaks: dict, deadline: float) -> None:
             emit(rows[-1])
 
 
+def announce(args, device: dict | None) -> None:
+    """The first lines (stderr): the platform and what is about to run; on a CPU without
+    ``--small``, that this is the full-size run (an accelerator's, far slower there)."""
+    if device:
+        where = f"{device['backend']} ({device['devices']} x {device['device']})"
+    else:
+        where = "an unknown device (its query failed: see the error row)"
+    size = "toy sizes (--small)" if args.small else "full size"
+    sections, methods = ",".join(args.sections) or "none", ",".join(args.methods)
+    print(
+        f"bench/accelerator.py on {where}: {size}; sections {sections}; methods {methods}; a "
+        f"section that would start after --budget-s={args.budget_s:g} s is skipped",
+        file=sys.stderr,
+        flush=True,
+    )
+    if device and device["backend"] == "cpu" and not args.small:
+        print(
+            "note: no accelerator found: this is the full-size run (8192 x 8192 matmuls, ViT-L "
+            "encoders, the methods' full train steps), meant for a GPU or TPU and very slow on a "
+            "CPU; --small runs the toy sizes (a few minutes on 2 cores)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
 def device_row(cache: str | None, small: bool) -> dict:
     import jax
 
@@ -737,15 +765,27 @@ def _parse(argv):
 
 
 def run_worker(args, cache: str | None) -> None:
-    """``--worker=peak`` (device row and matmul peaks) or ``--worker=train:<method>``."""
-    if args.worker == "peak":
+    """``--worker=device`` (the device row), ``peak`` (matmul peaks) or ``train:<method>``."""
+    if args.worker == "device":
         print(json.dumps(device_row(cache, args.small)), flush=True)
-        if "peak" in args.sections:
-            bench_peak(args.small)
+        return
+    if args.worker == "peak":
+        bench_peak(args.small)
         return
     method = args.worker.removeprefix("train:")
     row = train_worker(method, args.small, args.dtype, args.peak_tflops or None)
     print(json.dumps(row), flush=True)
+
+
+def measure_peaks(args, deadline: float) -> dict[str, float]:
+    """The matmul peaks per dtype, measured in a worker (see ``main``); {} without ``peak``."""
+    peaks = {}
+    if "peak" in args.sections:
+        for row in _worker(args, "peak", "matmul peak", deadline) or []:
+            emit(row)
+            if row["figure"] == "matmul_peak":
+                peaks[row["dtype"]] = row["tflops"]
+    return peaks
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -762,16 +802,14 @@ def main(argv: list[str] | None = None) -> None:
         return
     start = time.monotonic()
     deadline = start + args.budget_s
-    # Device queries and the peak in a worker: once this process touches a GPU, jax reserves
-    # its share of the memory, and the train workers need theirs.
-    rows = _worker(
-        args, "peak", "device and peak", deadline, [f"--sections={','.join(args.sections)}"]
-    )
-    peaks = {}
-    for row in rows or []:
+    # Device queries and the peak in workers: once this process touches a GPU, jax reserves
+    # its share of the memory, and the train workers need theirs. The device comes first, on
+    # its own, so that the first line says where this runs before the first slow section.
+    devices = _worker(args, "device", "device", deadline) or []
+    announce(args, devices[0] if devices else None)
+    for row in devices:
         emit(row)
-        if row["figure"] == "matmul_peak":
-            peaks[row["dtype"]] = row["tflops"]
+    peaks = measure_peaks(args, deadline)
     if "train" in args.sections:
         bench_train(args, peaks, deadline)
     if "attention" in args.sections:

@@ -86,7 +86,7 @@ def _worker(backward: str, args) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--blocks", type=int, default=2)
     parser.add_argument("--tokens", type=int, default=1370, help="1370: ViT-L/14 at 518 px")
     parser.add_argument("--batch", type=int, default=2)

@@ -242,7 +242,7 @@ def _print_row(res: dict) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--variant", default="", help="config variant ('' = full size)")
     parser.add_argument("--batch", type=int, default=2)

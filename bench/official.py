@@ -379,12 +379,17 @@ def _roofline(model, inputs: dict, times: dict) -> dict:
     official = statistics.median(w for w, _ in times["official"])
     ours = statistics.median(w for w, _ in times["ours"])
     return {
-        "forward_gflop": round(flops / 1e9, 1),
-        "ours_gflops": round(flops / ours / 1e9, 1),
-        "official_gflops": round(flops / official / 1e9, 1),
-        "torch_sgemm_4096_gflops": round(2 * n**3 / gemm / 1e9, 1),
-        "target_0.85x_gflops": round(flops / (0.85 * official) / 1e9, 1),
+        "forward_gflop": _figure(flops / 1e9),
+        "ours_gflops": _figure(flops / ours / 1e9),
+        "official_gflops": _figure(flops / official / 1e9),
+        "torch_sgemm_4096_gflops": _figure(2 * n**3 / gemm / 1e9),
+        "target_0.85x_gflops": _figure(flops / (0.85 * official) / 1e9),
     }
+
+
+def _figure(value: float) -> float:
+    """Four significant digits: the tiny sizes' rates are far below one GFLOP/s per decimal."""
+    return float(f"{value:.4g}")
 
 
 def _block_gemms(config, batch: int) -> dict:
@@ -427,7 +432,7 @@ def _block_gemms(config, batch: int) -> dict:
 def _gflops(fn, *args, gflop: float) -> float:
     """The best of five timed calls after a warm-up, as GFLOP/s."""
     fn(*args)
-    return round(gflop / min(_timed(lambda: fn(*args)) for _ in range(5)), 1)
+    return _figure(gflop / min(_timed(lambda: fn(*args)) for _ in range(5)))
 
 
 def step_train_ours(args) -> dict:

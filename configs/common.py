@@ -72,6 +72,10 @@ def base_config(method: str, arg: str | None = None) -> ml_collections.ConfigDic
             "categories": (),  # empty = every category of the split
             "test_categories": (),
             "image_size": 518,
+            # The side training images are resized to; 0 = image_size (each paper's recipe trains
+            # and tests at one size). Heads on a RoPE encoder (DINOv3) may train smaller than they
+            # test: configs/demo.py trains at 160 and tests at image_size.
+            "train_image_size": 0,
             "transform": "clip",
             "train_transform": "clip",
             # How masks reach image_size (zsad_jax.data.transforms.MASK_RESIZE_MODES), for the

@@ -43,10 +43,10 @@ from convert.common import (
     NameTable,
     apply_name_table,
     load_torch_state,
-    run_command,
     strip_prefix,
     wrong_family_message,
 )
+from zsad_jax.cli import run_command
 from zsad_jax.encoders import checkpoint
 from zsad_jax.encoders.clip import (
     ACTIVATIONS,

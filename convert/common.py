@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -27,30 +27,6 @@ _FAMILY_KEYS = {
     "dinov3": ("embeddings.patch_embeddings.weight", "patch_embed.proj.weight"),
 }
 _FAMILY_NAMES = {"clip": "CLIP", "dinov3": "DINOv3"}
-
-
-# ----------------------------------------------------------------------------------------------
-# The command line
-
-
-def run_command(
-    main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None
-) -> int:
-    """``main(argv)`` as ``python -m convert.X`` runs it: a refusal (a missing file, a checkpoint
-    of the wrong kind, an output that is already there) ends with one line ``error: ...`` and exit
-    status 1 (2 for a bad command line), as the zsad_jax commands do (``zsad_jax.cli``); anything
-    else, a bug, keeps its traceback. ``main`` itself raises, for callers and tests."""
-    try:
-        return main(argv)
-    except Exception as e:
-        # Imported here: zsad_jax.cli costs half a second, which a successful run does not need.
-        from zsad_jax import cli
-
-        if isinstance(e, cli.CommandLineError):
-            cli.fail(str(e), code=2)
-        if isinstance(e, (*cli.Command.EXPECTED_ERRORS, FileExistsError)):
-            cli.fail(str(e))
-        raise
 
 
 def family_of(state: Iterable[str]) -> str | None:

@@ -33,10 +33,10 @@ from convert.common import (
     NameTable,
     apply_name_table,
     load_torch_state,
-    run_command,
     strip_prefix,
     wrong_family_message,
 )
+from zsad_jax.cli import run_command
 from zsad_jax.encoders import checkpoint
 from zsad_jax.encoders.dinov3 import ACTIVATIONS, DinoV3, DinoV3Config
 

@@ -14,16 +14,29 @@ import argparse
 import json
 import sys
 
-from convert.common import run_command
+from zsad_jax.cli import run_command
 from zsad_jax.encoders import checkpoint
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m convert.verify", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--src", required=True, help="the PyTorch checkpoint that was converted")
     parser.add_argument("--converted", required=True, help="the zsad_jax checkpoint directory")
-    parser.add_argument("--tolerance", type=float, default=1e-4)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--tolerance",
+        type=float,
+        default=1e-4,
+        help="largest max abs difference that passes (exit 0; above it exit 1) "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the random inputs both models get (default: %(default)s)",
+    )
     args = parser.parse_args(argv)
 
     kind = checkpoint.read_meta(args.converted)["type"]

@@ -71,6 +71,30 @@ def test_accelerator_small_runs_every_section(tmp_path):
     assert parity["bfloat16"]["out_diff_vs_fp32"] < 2e-2
 
 
+@pytest.mark.parametrize("small", [False, True])
+def test_accelerator_first_line_names_the_platform_and_the_size(tmp_path, small):
+    """The README's command on a CPU would start the full-size run: the first lines say so before
+    anything slow starts (no sections here, so only the device query runs)."""
+    args = ["bench/accelerator.py", "--sections=", *(["--small"] if small else [])]
+    environment = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags()}
+    environment["ZSAD_JAX_CACHE_DIR"] = ""  # nothing is compiled
+    proc = subprocess.run(
+        [sys.executable, *args], cwd=ROOT, env=environment, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stderr.splitlines()
+    assert lines[0].startswith("bench/accelerator.py on cpu (1 x cpu): ")
+    assert ("toy sizes (--small)" if small else "full size") in lines[0]
+    note = "this is the full-size run"
+    if small:
+        assert note not in proc.stderr
+    else:
+        assert lines[1].startswith("note: no accelerator found: ") and note in lines[1]
+        assert "--small runs the toy sizes" in lines[1]
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert [r["figure"] for r in rows] == ["device", "total"]
+
+
 def test_cache_dir_default_override_and_off(monkeypatch):
     monkeypatch.delenv(compile_cache.ENV_VAR, raising=False)
     assert compile_cache.cache_dir() == os.path.expanduser("~/.cache/zsad_jax/jax_cache")

@@ -195,3 +195,50 @@ def test_help_prints_the_docstrings_percent_signs_as_written():
     assert "{metric: % std over seeds}" in proc.stdout, proc.stdout[:3000]
     doc = proc.stdout.split("\nflags:\n")[0]  # absl's flag list (which names the file) follows
     assert "reproduce.py" not in doc
+
+
+def test_distributed_without_a_detected_cluster_names_the_flags_to_pass(monkeypatch):
+    import jax
+
+    def no_cluster(**kwargs):
+        assert kwargs["coordinator_address"] is None
+        raise ValueError("coordinator_address should be defined.")  # what jax says then
+
+    monkeypatch.setattr(jax.distributed, "initialize", no_cluster)
+    monkeypatch.setattr(jax.config, "update", lambda *a: None)  # the test process keeps its own
+    with pytest.raises(cli.CommandLineError) as refused:
+        cli.initialize_distributed(auto=True)
+    assert str(refused.value) == (
+        "--distributed: no TPU pod, SLURM or Open MPI cluster detected (coordinator_address "
+        "should be defined.); elsewhere pass --coordinator_address=HOST:PORT --num_processes=N "
+        "--process_id=I"
+    )
+
+
+def test_a_refused_command_leaves_no_empty_folder_it_created(tmp_path):
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    cli.ensure_writable(tmp_path / "runs" / "eval" / "deep", "--workdir")
+    cli.ensure_writable(kept / "sub", "--out")
+    (kept / "sub" / "result.json").write_text("{}")  # written before the refusal: kept
+    cli.remove_empty_created_folders()
+    assert not (tmp_path / "runs").exists()
+    assert (kept / "sub" / "result.json").exists()
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(ValueError, match=r"^--workdir=.*afile: is a file, not a folder"):
+        cli.ensure_writable(tmp_path / "afile", "--workdir")
+
+
+def test_ctrl_c_in_a_command_is_one_line_and_exit_status_130(monkeypatch, capsys, tmp_path):
+    for name in ("schedule_for_memory", "enable_compilation_cache", "release_compiler_memory"):
+        monkeypatch.setattr(compile_cache, name, lambda: None)
+
+    def interrupted(argv, overrides):
+        cli.ensure_writable(tmp_path / "eval", "--workdir")
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as exited:
+        cli.Command(lambda: None, interrupted)._run(["command"])
+    assert exited.value.code == 130
+    assert capsys.readouterr().err == "error: interrupted (Ctrl-C)\n"
+    assert not (tmp_path / "eval").exists()  # the empty --workdir it made is gone

@@ -58,6 +58,10 @@ BAD = [
     ("data.image_size", 0, "config.data.image_size=0: must be an integer >= 1"),
     ("data.image_size", 500, "config.data.image_size=500: must be a multiple of the "
                              "config.model.backbone patch size 14 (e.g. 490 or 504)"),
+    ("data.train_image_size", -1,
+     "config.data.train_image_size=-1: must be an integer >= 0 (0 = image_size)"),
+    ("data.train_image_size", 200, "config.data.train_image_size=200: must be a multiple of the "
+                                   "config.model.backbone patch size 14 (e.g. 196 or 210)"),
     ("data.num_workers", -1, "config.data.num_workers=-1: must be an integer >= 0"),
     ("data.transform", "clipp", "config.data.transform='clipp': must be one of clip, "),
     ("data.mask_resize", "linear", "config.data.mask_resize='linear': must be one of nearest, "),

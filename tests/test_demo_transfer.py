@@ -10,6 +10,9 @@ import json
 import math
 import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
@@ -138,15 +141,15 @@ def test_baselines_get_the_configs_test_time_smoothing_after_their_image_score()
     smoothed alike, so a smoothed map is not compared with raw ones."""
     images = jnp.asarray(np.random.default_rng(1).normal(size=(2, 24, 24, 3)), jnp.float32)
     config = demo.get_config()
-    assert config.model.smoothing_sigma == 4.0
+    assert config.model.smoothing_sigma == 7.2  # 4 px at 160, the same smoothing at 288
     baseline = baselines.build_baseline("colour_median", config)
     raw = baselines.ColourMedianDistance()({"image": images})
     out = baseline({"image": images})
     np.testing.assert_array_equal(np.asarray(out["pred_score"]), np.asarray(raw["pred_score"]))
-    smoothed = [scipy.ndimage.gaussian_filter(m, 4.0) for m in np.asarray(raw["anomaly_map"])]
+    smoothed = [scipy.ndimage.gaussian_filter(m, 7.2) for m in np.asarray(raw["anomaly_map"])]
     np.testing.assert_allclose(np.asarray(out["anomaly_map"]), np.stack(smoothed), atol=1e-6)
     tokens = baselines.build_baseline("random_token_median", config)
-    assert tokens.smoothing_sigma == 4.0
+    assert tokens.smoothing_sigma == 7.2
     assert baselines.build_baseline("colour_median", demo.get_config("tiny")).smoothing_sigma == 0
 
 
@@ -199,6 +202,9 @@ def test_demo_uses_the_shipped_backbone_and_the_auxiliary_family():
     assert config.data.train_set == "synthetic_aux" and config.data.test_set == "synthetic"
     assert tuple(config.data.test_categories) == synthetic.SYNTHETIC_HELDOUT_CATEGORIES
     assert config.eval.extra_test_sets == "synthetic_novel"
+    # Heads trained at 160 px, tested at 288 (chosen on the training-side validation split).
+    assert (config.data.train_image_size, config.data.image_size) == (160, 288)
+    assert demo.get_config("random").model.smoothing_sigma == 4.0  # its earlier figures stand
     old = demo.get_config("random,benchmark")
     assert old.model.backbone.random_init and old.data.train_set == "synthetic"
     tiny = demo.get_config("tiny")
@@ -256,3 +262,66 @@ def test_pretraining_refuses_an_existing_out_before_it_trains(tmp_path, monkeypa
     (tmp_path / "mine" / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="a folder of other files"):
         backbone.main(["--out", str(tmp_path / "mine")])
+
+
+def test_pretraining_refusal_is_one_line_on_the_command_line(tmp_path):
+    """``python -m zsad_jax.pretrain.backbone`` with an --out that holds files: one line, exit 1."""
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    proc = subprocess.run(
+        [sys.executable, "-m", "zsad_jax.pretrain.backbone", "--out", "mine", "--steps", "3200"],
+        cwd=tmp_path,
+        env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(Path(__file__).parents[1])},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --out mine: a folder of other files")
+
+
+def test_pretraining_help_gives_every_option_a_default_and_names_the_reduced_run():
+    from zsad_jax.pretrain import backbone
+
+    text = backbone._parser().format_help()
+    for key, value in backbone.DEFAULTS.items():
+        assert key in backbone.OPTION_HELP
+        assert f"(default: {value})" in " ".join(text.split()), key
+    assert "--no_reduced" in text and f"steps={backbone.REDUCED['steps']}" in text
+    assert "usage: python -m zsad_jax.pretrain.backbone" in text
+
+
+def _fake_pretraining(monkeypatch):
+    """``main`` with pretrain() and save() replaced: the calls and the saved record."""
+    from zsad_jax.pretrain import backbone
+
+    calls, saved = [], {}
+
+    def fake_pretrain(opts, *, log=print):
+        calls.append(opts)
+        return object(), {"options": opts, "val": {"loss": 1.0}, "seconds": 0.0}
+
+    def fake_save(model, out, record, command):
+        saved.update(record, command=command)
+
+    monkeypatch.setattr(backbone, "pretrain", fake_pretrain)
+    monkeypatch.setattr(backbone, "save", fake_save)
+    return backbone, calls, saved
+
+
+def test_pretraining_announces_the_reduced_run_and_no_reduced_skips_it(
+    tmp_path, monkeypatch, capsys
+):
+    backbone, calls, saved = _fake_pretraining(monkeypatch)
+    backbone.main(["--out", str(tmp_path / "a"), "--steps", "5"])
+    assert [c["steps"] for c in calls] == [5, backbone.REDUCED["steps"]]
+    assert saved["reduced"]["options"]["steps"] == backbone.REDUCED["steps"]
+    assert "reference run at the reduced scale (40 steps" in capsys.readouterr().err
+    assert saved["command"].endswith("--steps 5")
+
+    calls.clear()
+    backbone.main(["--out", str(tmp_path / "b"), "--steps", "5", "--no_reduced"])
+    assert [c["steps"] for c in calls] == [5]
+    assert saved["reduced"] is None and saved["command"].endswith("--steps 5 --no_reduced")
+    assert "reduced scale" not in capsys.readouterr().err

@@ -182,6 +182,26 @@ def test_category_without_masks_gets_nan_pixel_metrics_left_out_of_the_means(
     assert "pixel_AUPRO: mean leaves out pill" in table and "| pill |" in table
 
 
+def test_a_category_without_normal_images_gets_nan_image_metrics_not_ones(bench, capsys):
+    """An empty good/ folder: AP and F1-max would be 1 by construction; all three are NaN, left
+    out of the means, with a note naming what is missing."""
+    config = toy_config(bench)
+    records = protocol.read_dataset("mvtec_ad", bench, "test", CATEGORIES)
+    records = [r for r in records if r.category != "pill" or r.gt_label]
+    model = ToyDetector(config, rngs=nnx.Rngs(0))
+    result = eval_lib.evaluate(model, config, records=records, batch_size=5)
+    pill, wood = result["per_category"]["pill"], result["per_category"]["wood"]
+    assert all(math.isnan(pill[m]) for m in eval_lib.IMAGE_METRICS)
+    assert pill["note"] == (
+        "no normal image: the image metrics are undefined (NaN), left out of the means"
+    )
+    assert all(math.isfinite(pill[m]) for m in eval_lib.PIXEL_METRICS)
+    for metric in eval_lib.IMAGE_METRICS:
+        assert result["excluded"][metric] == ["pill"] and result[metric] == wood[metric]
+    metrics = ", ".join(eval_lib.IMAGE_METRICS)
+    assert f"note: {metrics} are NaN for pill (left out of the mean)" in capsys.readouterr().err
+
+
 def test_eight_devices_give_the_maps_of_one_device(bench):
     config = toy_config(bench)
     model = ToyDetector(config, rngs=nnx.Rngs(0))
@@ -301,6 +321,21 @@ def test_a_new_evaluation_removes_the_earlier_ones_panels_and_keeps_other_files(
     eval_lib._remove_results(tmp_path)
     assert not old.exists() and not (tmp_path / "metrics.json").exists()
     assert (tmp_path / "vis" / "mine" / "notes.png").read_bytes() == b"mine"
+
+
+def test_ctrl_c_during_an_evaluation_leaves_none_of_its_panels(tmp_path, monkeypatch):
+    config = toy_config()
+
+    def interrupted(model, config, *, vis_dir, **kwargs):
+        (vis_dir / "wood").mkdir(parents=True)
+        (vis_dir / "wood" / "00000__anomalous__s1__score0.997.png").write_bytes(b"")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(eval_lib.inference, "load_model", lambda *a, **k: (None, config, None, {}))
+    monkeypatch.setattr(eval_lib, "evaluate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        eval_lib.run(workdir=tmp_path, config=config)
+    assert not (tmp_path / "vis" / "wood").exists()
 
 
 def test_store_threshold_without_a_checkpoint_is_refused_before_any_work(tmp_path):

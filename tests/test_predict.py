@@ -12,6 +12,7 @@ few-shot AF-CLIP+ mode with a reference folder.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -768,3 +769,184 @@ def test_the_summary_puts_the_scores_range_beside_the_threshold():
     assert predict_lib._summary(records[2:], None, "out") == (
         "scored 0 images (no decisions: no threshold, 1 skipped); outputs in out"
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# Outputs inside input folders, stopped runs, unusable output paths.
+
+
+def _lines(jsonl: Path) -> list[dict]:
+    return [json.loads(line) for line in jsonl.read_text().splitlines()]
+
+
+def test_outputs_inside_an_input_folder_are_not_scored_again(toy_run, tmp_path, capsys):
+    data = tmp_path / "data"
+    for i in range(3):
+        _save(data / "good" / f"{i}.png", 20, 24, value=40 * i)
+    inside = data / "pred"
+    assert len(predict_lib.run([str(data)], checkpoint=str(toy_run), **TRUST, out=inside)[
+        "predictions"]) == 3  # fmt: skip
+    capsys.readouterr()
+    # Another --out: the earlier run's overlays under data/pred are passed over, with a note.
+    again = predict_lib.run([str(data)], checkpoint=str(toy_run), **TRUST, out=tmp_path / "o")
+    assert sorted(Path(r["path"]).name for r in again["predictions"]) == ["0.png", "1.png", "2.png"]
+    notes = [x for x in capsys.readouterr().err.splitlines() if x.startswith("note: ")]
+    assert notes == [f"note: 3 image files in {inside} passed over: the outputs of a predict run "
+                     "(its --out, a predictions.jsonl, overlays beside their .npy maps), not "
+                     "inputs"]  # fmt: skip
+    # The same --out with --overwrite: the earlier outputs go and the three images are scored.
+    redo = predict_lib.run([str(data)], checkpoint=str(toy_run), **TRUST, out=inside,
+                           overwrite=True)["predictions"]  # fmt: skip
+    assert [Path(r["path"]).parent.name for r in redo] == ["good"] * 3
+    assert len(_lines(inside / "predictions.jsonl")) == 3
+    # An --out that is the input folder itself: its overlays beside their maps are passed over.
+    predict_lib.run([str(data / "good")], checkpoint=str(toy_run), **TRUST, out=data / "good")
+    assert (data / "good" / "good" / "0_overlay.png").is_file()
+    third = predict_lib.run([str(data / "good")], checkpoint=str(toy_run), **TRUST,
+                            out=tmp_path / "o3")["predictions"]  # fmt: skip
+    assert len(third) == 3
+    # An input file that --overwrite would remove as an earlier output: refused before loading.
+    overlay = str(data / "good" / "good" / "0_overlay.png")
+    with pytest.raises(ValueError, match="which --overwrite removes") as refused:
+        predict_lib.run([overlay], checkpoint=str(tmp_path / "no_run"), out=data / "good",
+                        overwrite=True)  # fmt: skip
+    assert str(refused.value).startswith(f"{overlay}: an output of the earlier run in --out=")
+    # A folder holding nothing but outputs says so.
+    with pytest.raises(FileNotFoundError, match="holds only the outputs of earlier predict runs"):
+        predict_lib.collect_images([inside])
+
+
+def test_a_run_that_fails_at_once_leaves_no_predictions_file(toy_run, tmp_path):
+    broken = tmp_path / "in" / "broken.png"
+    broken.parent.mkdir()
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    out = tmp_path / "out"
+    with pytest.raises(decode.DataError, match="broken.png"):
+        predict_lib.run([str(broken.parent)], checkpoint=str(toy_run), **TRUST, out=out)
+    assert not (out / "predictions.jsonl").exists()  # an empty one would refuse the next run
+    _save(tmp_path / "ok.png", 20, 20)
+    assert predict_lib.run([str(tmp_path / "ok.png")], checkpoint=str(toy_run), **TRUST, out=out)[
+        "predictions"]  # fmt: skip
+
+
+def _interrupt_at(monkeypatch, call: int) -> None:
+    """Ctrl-C (KeyboardInterrupt) at the ``call``-th overlay written."""
+    save, calls = predict_lib.visualize.save_png, []
+
+    def interrupting(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == call:
+            raise KeyboardInterrupt
+        return save(*args, **kwargs)
+
+    monkeypatch.setattr(predict_lib.visualize, "save_png", interrupting)
+
+
+def test_ctrl_c_keeps_the_finished_records_and_marks_them_partial(toy_run, tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    for i in range(20):  # 3 passes of 8 (the 8 test devices)
+        _save(data / f"{i:02d}.png", 16, 18, value=10 * i)
+    out = tmp_path / "out"
+    _interrupt_at(monkeypatch, 10)  # the second pass's second image
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        predict_lib.run([str(data)], checkpoint=str(toy_run), **TRUST, out=out, batch_size=8)
+    message = (f"interrupted after 8 of 20 images: {out / 'predictions.jsonl'} holds those 8 "
+               "(partial); rerun with --overwrite to redo")  # fmt: skip
+    assert isinstance(stopped.value, predict_lib.PredictionInterrupted)
+    assert str(stopped.value) == message
+    assert (out / "INCOMPLETE").read_text() == message + "\n"
+    records = _lines(out / "predictions.jsonl")
+    assert [Path(r["path"]).name for r in records] == [f"{i:02d}.png" for i in range(8)]
+    # The interrupted pass's outputs are gone (no record names them); the recorded ones stay.
+    assert sorted(p.name for p in (out / "data").glob("*.npy")) == [
+        f"{i:02d}.npy" for i in range(8)
+    ]
+    monkeypatch.undo()
+    with pytest.raises(
+        FileExistsError, match=r"partial predictions of a stopped run \(INCOMPLETE\)"
+    ):
+        predict_lib.run([str(data)], checkpoint=str(tmp_path / "no_run"), out=out)
+    predict_lib.run([str(data)], checkpoint=str(toy_run), **TRUST, out=out, overwrite=True)
+    assert len(_lines(out / "predictions.jsonl")) == 20 and not (out / "INCOMPLETE").exists()
+    # Stopped in the first pass: nothing recorded, so no predictions.jsonl and no outputs.
+    _interrupt_at(monkeypatch, 2)
+    with pytest.raises(predict_lib.PredictionInterrupted, match="before any image was scored"):
+        predict_lib.run([str(data)], checkpoint=str(toy_run), **TRUST, out=tmp_path / "o2")
+    assert not (tmp_path / "o2").exists()  # made by the run and left empty: removed
+
+
+@pytest.mark.slow
+def test_command_says_in_one_line_how_far_a_ctrl_c_got_and_exits_130(toy_run, tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)])}
+    for i in range(12):
+        _save(tmp_path / "data" / f"{i:02d}.png", 16, 18, value=10 * i)
+    # A real SIGINT at the tenth overlay (the second pass of 8).
+    script = (
+        "import os, runpy, signal, sys\n"
+        "from zsad_jax import visualize\n"
+        "save, calls = visualize.save_png, []\n"
+        "def interrupting(*args, **kwargs):\n"
+        "    calls.append(1)\n"
+        "    if len(calls) == 10:\n"
+        "        os.kill(os.getpid(), signal.SIGINT)\n"
+        "    return save(*args, **kwargs)\n"
+        "visualize.save_png = interrupting\n"
+        "runpy.run_module('zsad_jax.predict', run_name='__main__', alter_sys=True)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script, f"--checkpoint={toy_run}", "--allow_custom_code",
+         "--out=out", "--batch_size=8", "data"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 130, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: interrupted after 8 of 12 images: out/predictions.jsonl holds those 8 (partial); "
+        "rerun with --overwrite to redo"
+    )
+    assert (
+        len(proc.stdout.strip().splitlines()) == 8 and (tmp_path / "out" / "INCOMPLETE").is_file()
+    )
+
+
+def test_an_out_or_export_that_is_a_file_or_unwritable_is_refused_before_loading(
+    images, tmp_path, monkeypatch
+):
+    a_file = tmp_path / "afile"
+    a_file.write_text("not a folder")
+    rgb = [str(images["rgb"])]
+    # A missing checkpoint: reaching the model loader would raise FileNotFoundError instead.
+    for kwargs, message in (
+        ({"out": a_file}, f"--out={a_file}: is a file, not a folder"),
+        ({"out": a_file / "sub"}, f"--out={a_file / 'sub'}: {a_file} is a file, not a"),
+        (
+            {"export": str(a_file / "m.stablehlo")},
+            f"--export={a_file / 'm.stablehlo'}: {a_file} is a",
+        ),
+    ):
+        with pytest.raises(ValueError) as refused:
+            predict_lib.run(rgb if "out" in kwargs else [], checkpoint=str(tmp_path / "no_run"),
+                            **kwargs)  # fmt: skip
+        assert str(refused.value).startswith(message) and "\n" not in str(refused.value)
+        assert "choose a folder" in str(refused.value)
+
+    # A folder this process may not write in (as root, chmod does not stop writes: the probe is
+    # made to fail the way a read-only or immutable folder fails it).
+    def not_permitted(self, data):
+        raise PermissionError(errno.EPERM, "Operation not permitted", str(self))
+
+    monkeypatch.setattr(Path, "write_bytes", not_permitted)
+    unwritable = (
+        ({"out": tmp_path / "ro" / "pred"}, "--out"),
+        ({"export": str(tmp_path / "ro" / "x.stablehlo")}, "--export"),
+    )
+    for kwargs, flag in unwritable:
+        with pytest.raises(ValueError) as refused:
+            predict_lib.run(rgb if flag == "--out" else [], checkpoint=str(tmp_path / "no_run"),
+                            **kwargs)  # fmt: skip
+        given = kwargs.get("out") or kwargs.get("export")
+        assert str(refused.value) == (
+            f"{flag}={given}: cannot write there (Operation not permitted); choose a writable "
+            "folder"
+        )
+    assert not (tmp_path / "ro").exists()  # nothing made

@@ -5,7 +5,9 @@ from __future__ import annotations
 import importlib.util
 import os
 import pickle
+import subprocess
 import sys
+from pathlib import Path
 
 import ml_collections
 import numpy as np
@@ -161,6 +163,23 @@ def test_command_line_builds_and_prints_the_name(built, capsys):
     assert name == "zsad_anomaly/mvtec_ad_8_nearest"
     record = tfds.data_source(name, data_dir=data_dir, split="train")[0]
     assert record["image"].shape == (8, 8, 3)
+
+
+def test_command_line_refusal_is_one_line(tmp_path):
+    """The README's command with no download at --manual_dir: one line ``error: ...``, exit 1."""
+    argv = ["--dataset", "mvtec_ad", "--manual_dir", str(tmp_path / "absent")]
+    proc = subprocess.run(
+        [sys.executable, "-m", "zsad_jax.data.tfds_builder", *argv, "--data_dir", "gs://BUCKET"],
+        cwd=tmp_path,
+        env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(Path(__file__).parents[1])},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"error: manual_dir {tmp_path / 'absent'} is not a directory: download mvtec_ad there first"
+    ]
 
 
 def test_config_reads_the_same_split_from_tfds_as_from_files(built):

@@ -305,7 +305,7 @@ def test_checkpoint_holds_trainable_state_only_and_keeps_last_n(tmp_path):
     assert meta["data_state"] == {"epoch": 1, "step": 1}  # 4 batches per epoch, 5 taken
 
 
-def test_final_evaluation_threshold_and_load_for_inference(tmp_path):
+def test_final_evaluation_threshold_and_load_for_inference(tmp_path, capsys):
     config = loop_config()
     config.optim.steps = 4
     config.eval.every_steps = 2
@@ -342,8 +342,12 @@ def test_final_evaluation_threshold_and_load_for_inference(tmp_path):
 
     # Re-running a finished run does no work and reports the stored result.
     history = []
+    capsys.readouterr()
     again = train_toy(config, tmp_path, evaluator=evaluator, history=history)
     assert history == [] and again["resumed_finished_run"] and again["steps"] == 4
+    assert f"note: {tmp_path} finished at step 4 already: nothing to train" in (
+        capsys.readouterr().err
+    )
     # A larger step budget is another config: refused naming the key, unless asked for, and then
     # recorded in the checkpoint.
     config.optim.steps = 6
@@ -559,6 +563,24 @@ def test_corrupt_file_mid_run_saves_the_step_and_the_rerun_resumes_there(tmp_pat
 
 # ----------------------------------------------------------------------------------------------
 # The real input pipeline.
+
+
+def test_training_images_come_at_train_image_size_when_it_is_set(tmp_path):
+    """data.train_image_size sizes the training batches (images and masks); 0 = image_size."""
+    from zsad_jax.data import synthetic
+
+    categories = synthetic.SYNTHETIC_TRAIN_CATEGORIES[:1]
+    root = synthetic.generate(str(tmp_path / "synthetic"), image_size=32, n_train_good=0,
+                              n_test_good=2, n_test_defect=2, categories=categories)  # fmt: skip
+    config = loop_config()
+    d = config.data
+    d.train_set, d.train_root, d.train_split, d.categories = "synthetic", root, "test", categories
+    d.image_size, d.train_transform, d.batch_size = 16, "plain", 2
+    for train_size, side in ((0, 16), (24, 24)):
+        d.train_image_size = train_size
+        batch = next(iter(train_lib.make_train_data(config)))
+        assert batch["image"].shape[1:] == (side, side, 3), train_size
+        assert batch["gt_mask"].shape[1:] == (side, side), train_size
 
 
 def test_exact_resume_through_the_grain_pipeline_on_synthetic_data(tmp_path):

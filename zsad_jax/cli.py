@@ -50,6 +50,10 @@ DATASET_FIELDS = {
 }
 
 
+# Ctrl-C (128 + SIGINT), as shells report a process it stopped.
+INTERRUPTED_EXIT_CODE = 130
+
+
 class CommandLineError(ValueError):
     """A flag or config override that cannot be used (exit status 2)."""
 
@@ -223,11 +227,12 @@ def follow_dataset_changes(
 
 def add_keys_it_predates(config: ml_collections.ConfigDict) -> None:
     """Gives a stored config the keys it predates, with the values that keep what it did: the
-    optional ``data`` keys ("not set"), ``eval.map_dtype`` and its method's added ``model`` keys,
+    optional ``data`` keys ("not set"), ``data.train_image_size`` (0: the test size),
+    ``eval.map_dtype`` and its method's added ``model`` keys,
     so that ``--config.data.test_mask_dir=...`` or ``--config.model.smoothing_sigma=4`` also work
     on a checkpoint written before them, and a run resumed by a newer zsad_jax is the same run."""
     added = {
-        "data": sources.optional_data_keys(),
+        "data": {**sources.optional_data_keys(), "train_image_size": 0},  # 0 = image_size
         "model": methods.added_model_keys(str(config.get("method", ""))),
         "eval": {"map_dtype": "float32"},  # what evaluate read from a config without the key
     }
@@ -306,12 +311,22 @@ def config_from_flags(overrides: Sequence[tuple[str, str]]) -> ml_collections.Co
 # Paths.
 
 
+# Folders ensure_writable created (the topmost new one of each path): a command refused later
+# removes those still empty, so a refusal leaves no empty --workdir behind.
+_CREATED: list[Path] = []
+
+
 def ensure_writable(folder: str | os.PathLike, flag: str) -> Path:
     """Creates ``folder`` and checks a file can be written there, so that a read-only location
     fails at once with one line instead of after the work."""
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{flag}={folder}: is a file, not a folder; choose a folder")
+    new = [p for p in (folder, *folder.absolute().parents) if not p.exists()]
     try:
         folder.mkdir(parents=True, exist_ok=True)
+        if new:
+            _CREATED.append(new[-1])
         probe = folder / f".write_test.{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
@@ -320,6 +335,22 @@ def ensure_writable(folder: str | os.PathLike, flag: str) -> Path:
             f"{flag}={folder}: cannot write there ({e.strerror or e}); choose a writable folder"
         ) from e
     return folder
+
+
+def remove_empty_created_folders() -> None:
+    """Removes the folders ``ensure_writable`` created that are still empty (innermost first)."""
+    while _CREATED:
+        top = _CREATED.pop()
+        for path in sorted((p for p in top.rglob("*") if p.is_dir()), reverse=True):
+            _remove_if_empty(path)
+        _remove_if_empty(top)
+
+
+def _remove_if_empty(path: Path) -> None:
+    try:
+        path.rmdir()
+    except OSError:
+        pass  # not empty (or already gone): keep it
 
 
 # ----------------------------------------------------------------------------------------------
@@ -381,11 +412,20 @@ def initialize_distributed(
         return
     # Cross-process collectives on CPU hosts (tests, CPU clusters); ignored by GPU/TPU backends.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(
-        coordinator_address=coordinator_address,
-        num_processes=num_processes,
-        process_id=process_id,
-    )
+    try:
+        jax.distributed.initialize(
+            coordinator_address=coordinator_address,
+            num_processes=num_processes,
+            process_id=process_id,
+        )
+    except ValueError as e:
+        if coordinator_address:
+            raise
+        # JAX's own text ("coordinator_address should be defined.") names no flag.
+        raise CommandLineError(
+            f"--distributed: no TPU pod, SLURM or Open MPI cluster detected ({e}); elsewhere "
+            "pass --coordinator_address=HOST:PORT --num_processes=N --process_id=I"
+        ) from None
 
 
 def initialize_from_flags() -> None:
@@ -407,6 +447,22 @@ def initialize_from_flags() -> None:
 def fail(message: str, code: int = 1) -> None:
     print(f"error: {message}", file=sys.stderr)
     sys.exit(code)
+
+
+def run_command(
+    main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None
+) -> int:
+    """``main(argv)`` of an argparse command (the converters, ``pretrain.backbone``,
+    ``data.tfds_builder``) as the absl commands end: a refusal (a missing file, a checkpoint of
+    the wrong kind, an output that is already there) is one line ``error: ...`` and exit status 1
+    (2 for a bad command line); anything else, a bug, keeps its traceback. ``main`` itself
+    raises, for callers and tests."""
+    try:
+        return main(argv) or 0
+    except CommandLineError as e:
+        fail(str(e), code=2)
+    except (*Command.EXPECTED_ERRORS, FileExistsError) as e:
+        fail(str(e))
 
 
 class Command:
@@ -451,9 +507,15 @@ class Command:
         try:
             self._main(argv, self.overrides)
         except CommandLineError as e:
+            remove_empty_created_folders()
             fail(str(e), code=2)
         except self._expected as e:
+            remove_empty_created_folders()
             fail(str(e))
+        except KeyboardInterrupt as e:
+            # A command may say what it leaves (predict: which records a stopped run kept).
+            remove_empty_created_folders()
+            fail(str(e) or "interrupted (Ctrl-C)", code=INTERRUPTED_EXIT_CODE)
 
     def run(self) -> None:
         from absl import app

@@ -21,8 +21,9 @@ What is checked (when present):
   ``warmup_fraction`` in [0, 1]; ``decay_rate`` and ``decay_every_epochs`` > 0; ``grad_accum`` an
   integer >= 1; ``grad_clip`` None or > 0; ``clip_only`` None or a regex that compiles.
 - ``data``: ``batch_size`` an integer >= 1 and a multiple of ``optim.grad_accum`` (x ``mesh.data``
-  x ``mesh.fsdp`` when ``mesh.data`` is explicit); ``image_size`` an integer >= 1 and a multiple
-  of the vision encoder's patch size (``model.backbone``: from its converted ``config.json`` when
+  x ``mesh.fsdp`` when ``mesh.data`` is explicit); ``image_size`` an integer >= 1 and
+  ``train_image_size`` one >= 0 (0 = ``image_size``), each a multiple of the vision encoder's patch
+  size (``model.backbone``: from its converted ``config.json`` when
   that exists and ``random_init`` is off, else from its preset); ``num_workers`` >= 0;
   ``transform``/``train_transform`` in ``zsad_jax.data.transforms.TRANSFORM_NAMES``;
   ``mask_resize``/``train_mask_resize`` in ``MASK_RESIZE_MODES``; ``train_set`` a dataset name of
@@ -271,7 +272,10 @@ def _check_data(config: Any, out: list[str]) -> None:
     _check_batch_divisible(config, batch, out)
     size = c.integer("image_size", ge=1)
     if _is_int(size) and size >= 1:
-        _check_patch_size(config, size, out)
+        _check_patch_size(config, "image_size", size, out)
+    train_size = c.integer("train_image_size", ge=0, note=" (0 = image_size)")
+    if _is_int(train_size) and train_size >= 1:
+        _check_patch_size(config, "train_image_size", train_size, out)
     c.integer("num_workers", ge=0)
     for name in ("transform", "train_transform"):
         c.choice(name, transforms.TRANSFORM_NAMES)
@@ -441,7 +445,7 @@ def patch_size(encoder: Any) -> int | None:
     return int(value) if _is_int(value) and value >= 1 else None
 
 
-def _check_patch_size(config: Any, size: int, out: list[str]) -> None:
+def _check_patch_size(config: Any, key: str, size: int, out: list[str]) -> None:
     backbone = _section(_section(config, "model"), "backbone")
     if backbone is None:
         return
@@ -450,6 +454,6 @@ def _check_patch_size(config: Any, size: int, out: list[str]) -> None:
         lower, upper = size // p * p, (size // p + 1) * p
         near = f"{lower} or {upper}" if lower else f"{upper}"
         out.append(
-            f"config.data.image_size={size!r}: must be a multiple of the "
+            f"config.data.{key}={size!r}: must be a multiple of the "
             f"config.model.backbone patch size {p} (e.g. {near})"
         )

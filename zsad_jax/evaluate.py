@@ -100,9 +100,14 @@ def _category_metrics(cat: _Category, aupro_method: str) -> dict[str, Any]:
             out.update(dict.fromkeys(PIXEL_METRICS, math.nan))
             out["num_pixel_images"] = 0
             out["note"] = "no pixel ground truth: pixel metrics are NaN and left out of the means"
-    if not labels.any() or labels.all():
+    if labels.size and (not labels.any() or labels.all()):
+        # One class only: AUROC is undefined, and AP and F1-max would be 1 (or 0) by construction
+        # (an empty good/ folder is the usual cause), so none of them says anything.
+        out.update(dict.fromkeys(IMAGE_METRICS, math.nan))
+        missing = "normal" if labels.all() else "anomalous"
         out.setdefault(
-            "note", "only one image class: image AUROC is undefined (NaN), left out of the mean"
+            "note",
+            f"no {missing} image: the image metrics are undefined (NaN), left out of the means",
         )
     return out
 
@@ -769,17 +774,22 @@ def run(
     model, config, stored_threshold, info = inference.load_model(
         checkpoint, config, step=step, allow_custom_code=allow_custom_code
     )
-    result = evaluate(
-        model,
-        config,
-        aupro_method=aupro_method,
-        vis_dir=workdir / "vis",
-        progress=progress,
-        few_shot=few_shot,
-        few_shot_seed=few_shot_seed,
-        # The stored threshold was chosen on zero-shot scores; few-shot scores have another scale.
-        vis_threshold=None if few_shot else stored_threshold,
-    )
+    try:
+        result = evaluate(
+            model,
+            config,
+            aupro_method=aupro_method,
+            vis_dir=workdir / "vis",
+            progress=progress,
+            few_shot=few_shot,
+            few_shot_seed=few_shot_seed,
+            # The stored threshold was chosen on zero-shot scores; few-shot ones have another scale.
+            vis_threshold=None if few_shot else stored_threshold,
+        )
+    except KeyboardInterrupt:
+        if primary:  # Ctrl-C: the panels drawn so far are no result either
+            _remove_results(workdir)
+        raise
     result["aupro_method"] = aupro_method
     if primary:
         write_results(result, workdir)

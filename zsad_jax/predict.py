@@ -23,14 +23,25 @@ case-insensitively, the suffix is kept, ``a_png`` and ``a_jpg``, and a name stil
                         threshold, anomaly_map and overlay file names, width, height
 
 An input reached more than once (``photo.jpg ./photo.jpg``, a folder and a file in it) is scored
-once, and a note says how many were dropped.
+once, and a note says how many were dropped. Predict outputs inside an input folder are not inputs
+and are passed over with a note (count and folders): this run's ``--out``, any folder holding a
+``predictions.jsonl``, and an overlay ``NAME_overlay.png`` beside its ``NAME.npy``.
 
 An ``--out`` that already holds a ``predictions.jsonl`` is refused unless ``--overwrite``, which
 first removes the earlier run's outputs: exactly the ``.npy`` and overlay files its
 ``predictions.jsonl`` lists (then the folders left empty), so only the new run's remain; files it
 does not list (yours) stay. Where that cannot be told (a line that is not a record, a listed file
 outside ``--out``) it is refused too. An ``--export`` whose files exist is refused the same way
-unless ``--overwrite``.
+unless ``--overwrite``. An ``--out`` or ``--export`` folder that is a file or cannot be written is
+refused before the model is loaded.
+
+A run stopped part way (Ctrl-C, or an unreadable image without ``--skip_corrupt``) keeps the records
+of the images it finished: ``predictions.jsonl`` stays one record per line, and a file
+``INCOMPLETE`` beside it (one line: ``interrupted after 40 of 300 images: ...``) marks it as
+partial; ``--overwrite`` removes both with the listed outputs. The outputs of the batch being
+written when it stopped are removed (no record names them). A run stopped before its first
+record leaves no ``predictions.jsonl``. Ctrl-C ends the command with that line and status 130, as
+``train`` does.
 
 The threshold is the F1-optimal image threshold stored with the checkpoint by training's final
 held-out evaluation (or by ``python -m zsad_jax.evaluate --store_threshold``); ``--threshold``
@@ -88,7 +99,11 @@ DEFAULT_CATEGORY = "object"
 # /2: PATH.json describes the weights (count, shape-and-dtype digest, file digest) for checking.
 EXPORT_FORMAT = "zsad_jax.export/2"
 PREDICTIONS_FILE = "predictions.jsonl"
+# Beside a predictions.jsonl that a stopped run (Ctrl-C, an error) left with fewer lines than
+# inputs: its one line says how many.
+INCOMPLETE_FILE = "INCOMPLETE"
 EXPORT_FILE_NAME = "model.stablehlo"  # what --export=DIR/ writes in DIR
+OVERLAY_SUFFIX = "_overlay.png"  # NAME_overlay.png beside NAME.npy
 # jax.export's platform names (its docs; it keeps no public list): any other lowers without a word
 # and the export fails only when loaded.
 EXPORT_PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
@@ -98,34 +113,47 @@ EXPORT_PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 # Inputs.
 
 
-def collect_images(paths: Iterable[str | os.PathLike]) -> list[tuple[str, str]]:
+def collect_images(
+    paths: Iterable[str | os.PathLike], *, out: str | os.PathLike | None = None
+) -> list[tuple[str, str]]:
     """``(file, output name)`` for every image file given or found (recursively) in a folder.
 
     Inside a folder, mask folders (``readers.is_mask_dir``: ``masks/``, ``ground_truth/``, any case)
     are passed over, as the dataset readers do, so a dataset folder can be scored as it is, and
-    linked folders are followed (``folder_images``). A file reached more than once (``a.jpg
-    ./a.jpg``, a folder and a file in it, a link to it) is kept once, at its first place, and a
-    note says how many were dropped and which files. Output names are unique per input (compared
-    case-insensitively, as macOS and Windows file systems do) and follow from the order of
-    ``paths`` alone (``unique_names``).
+    linked folders are followed (``folder_images``). So are the outputs of predict runs
+    (``_OutputSkipper``: the run's own ``out``, a folder holding a ``predictions.jsonl``, an
+    overlay beside its map), with one note giving their count and folders. A file reached more
+    than once (``a.jpg ./a.jpg``, a folder and a file in it, a link to it) is kept once, at its
+    first place, and a note says how many were dropped and which files. Output names are unique
+    per input (compared case-insensitively, as macOS and Windows file systems do) and follow from
+    the order of ``paths`` alone (``unique_names``).
 
     Raises:
       FileNotFoundError: a path does not exist, or a folder holds no image files.
     """
     found: list[tuple[Path, Path]] = []  # (file, its output name with the file's suffix)
+    skipper = _OutputSkipper(out)
     for given in paths:
         path = Path(given)
         if path.is_file():
             found.append((path, Path(path.name)))
         elif path.is_dir():
-            files = folder_images(path)
+            before = skipper.total()
+            files = folder_images(path, skip=skipper)
             if not files:
+                if skipper.total() > before:
+                    raise FileNotFoundError(
+                        f"{given}: the folder holds only the outputs of earlier predict runs "
+                        f"({skipper.where()}); give the folder of your own images"
+                    )
                 kinds = ", ".join(decode.IMAGE_EXTENSIONS)
                 raise FileNotFoundError(f"{given}: the folder holds no image files ({kinds})")
             base = Path(path.absolute().name or "images")
             found += [(p, base / p.relative_to(path)) for p in files]
         else:
             raise FileNotFoundError(f"{given}: no such image file or folder")
+    if skipper.total():
+        _note(skipper.note())
     found, repeated = _distinct_files(found)
     if repeated:
         _note(_duplicates_note(repeated))
@@ -133,8 +161,65 @@ def collect_images(paths: Iterable[str | os.PathLike]) -> list[tuple[str, str]]:
     return [(str(file), name) for (file, _), name in zip(found, names, strict=True)]
 
 
-def folder_images(folder: Path) -> list[Path]:
-    """The image files under ``folder``, sorted, mask folders (``readers.is_mask_dir``) passed over.
+class _OutputSkipper:
+    """Which parts of an input folder are predict outputs, not inputs, and how many image files
+    were passed over where.
+
+    A run that writes its ``--out`` inside an input folder would otherwise score its own overlays
+    the next time (and with ``--overwrite`` remove them after listing them as inputs). Passed over
+    are: a subfolder that is this run's ``out``, or that holds a ``predictions.jsonl`` (an earlier
+    run's ``--out``), and anywhere an overlay ``X_overlay.png`` beside its map ``X.npy`` (an
+    ``--out`` that is the input folder or above it).
+    """
+
+    def __init__(self, out: str | os.PathLike | None):
+        self.out = os.path.realpath(out) if out is not None else None
+        self.skipped: dict[str, int] = {}  # folder -> image files passed over in it
+
+    def skips_folder(self, folder: str) -> bool:
+        """Whether the walk passes over ``folder`` (a subfolder of an input folder); if so, its
+        image files are counted."""
+        is_out = self.out is not None and os.path.realpath(folder) == self.out
+        if not (is_out or os.path.isfile(os.path.join(folder, PREDICTIONS_FILE))):
+            return False
+        images = sum(
+            Path(name).suffix.lower() in decode.IMAGE_EXTENSIONS
+            for _, _, names in os.walk(folder) for name in names
+        )  # fmt: skip
+        self._count(folder, images)
+        return True
+
+    def skips_file(self, file: Path) -> bool:
+        """Whether ``file`` is an overlay written beside its map; if so, it is counted."""
+        stem = file.name.removesuffix(OVERLAY_SUFFIX)
+        if stem == file.name or not (file.parent / f"{stem}.npy").is_file():
+            return False
+        self._count(str(file.parent), 1)
+        return True
+
+    def _count(self, folder: str, images: int) -> None:
+        if images:
+            self.skipped[folder] = self.skipped.get(folder, 0) + images
+
+    def total(self) -> int:
+        return sum(self.skipped.values())
+
+    def where(self) -> str:
+        folders = list(self.skipped)
+        return ", ".join(folders[:3]) + (f" and {len(folders) - 3} more" if folders[3:] else "")
+
+    def note(self) -> str:
+        count = self.total()
+        return (
+            f"{count} image file{'s' if count != 1 else ''} in {self.where()} passed over: the "
+            "outputs of a predict run (its --out, a predictions.jsonl, overlays beside their "
+            ".npy maps), not inputs"
+        )
+
+
+def folder_images(folder: Path, skip: _OutputSkipper | None = None) -> list[Path]:
+    """The image files under ``folder``, sorted, mask folders (``readers.is_mask_dir``) and, with
+    ``skip``, predict outputs (``_OutputSkipper``) passed over.
 
     Linked folders are followed, as the dataset readers read them (``Path.rglob`` does not follow
     them). A linked folder whose real path lies inside ``folder`` is not: it is reached there by its
@@ -150,7 +235,7 @@ def folder_images(folder: Path) -> list[Path]:
         if real in walked or linked_inside:
             return False
         walked.add(real)
-        return True
+        return not (skip and skip.skips_folder(subfolder))
 
     files = []
     for top, subfolders, names in os.walk(folder, followlinks=True):
@@ -161,8 +246,10 @@ def folder_images(folder: Path) -> list[Path]:
         ]  # fmt: skip
         candidates = (Path(top, name) for name in names)
         files += [
-            p for p in candidates if p.suffix.lower() in decode.IMAGE_EXTENSIONS and p.is_file()
-        ]
+            p for p in candidates
+            if p.suffix.lower() in decode.IMAGE_EXTENSIONS and p.is_file()
+            and not (skip and skip.skips_file(p))
+        ]  # fmt: skip
     return sorted(files)
 
 
@@ -239,9 +326,12 @@ def check_out_dir(out_dir: str | os.PathLike, *, overwrite: bool) -> None:
     if not jsonl.exists():
         return
     if not overwrite:
+        held = "predictions of an earlier run"
+        if (Path(out_dir) / INCOMPLETE_FILE).exists():
+            held = f"partial predictions of a stopped run ({INCOMPLETE_FILE})"
         raise FileExistsError(
-            f"{jsonl}: --out already holds the predictions of an earlier run; pass --overwrite "
-            "to replace them, or choose another --out"
+            f"{jsonl}: --out already holds the {held}; pass --overwrite to replace them, or "
+            "choose another --out"
         )
     earlier_outputs(out_dir)
 
@@ -304,7 +394,8 @@ def _recorded_files(line: str, refuse: Callable[[str], Exception]) -> list[str]:
 
 def remove_earlier_outputs(out_dir: str | os.PathLike) -> int:
     """Removes the earlier run's recorded files (``earlier_outputs``), its ``predictions.jsonl``
-    and the folders that this leaves empty inside ``out_dir``; returns how many files went."""
+    (and ``INCOMPLETE``) and the folders that this leaves empty inside ``out_dir``; returns how
+    many files went."""
     out_dir = Path(out_dir)
     inside = out_dir.resolve()
     files = earlier_outputs(out_dir)
@@ -313,6 +404,7 @@ def remove_earlier_outputs(out_dir: str | os.PathLike) -> int:
         folders.update(p for p in path.resolve().parents if p.is_relative_to(inside))
         path.unlink(missing_ok=True)
     (out_dir / PREDICTIONS_FILE).unlink(missing_ok=True)
+    (out_dir / INCOMPLETE_FILE).unlink(missing_ok=True)
     for folder in sorted(folders, key=lambda p: len(p.parts), reverse=True):  # deepest first
         if folder != inside and folder.is_dir() and not any(folder.iterdir()):
             folder.rmdir()
@@ -497,15 +589,48 @@ def predict_files(
     """
     out_dir = Path(out_dir)
     check_out_dir(out_dir, overwrite=overwrite)
-    items = collect_images(paths)
+    # Before any removal, so that a bad input removes nothing; the run's own --out is passed over.
+    items = collect_images(paths, out=out_dir)
     if overwrite:
         _replace_earlier_run(out_dir)
+        # An input the removal took was an earlier output, not an image of the user's.
+        items = [item for item in items if Path(item[0]).is_file()]
+        if not items:
+            raise FileNotFoundError(
+                f"every input was an output of the earlier run in --out={out_dir}, removed by "
+                "--overwrite; give your own images"
+            )
+    made = not out_dir.exists()  # removed again if a stop leaves it empty
     out_dir.mkdir(parents=True, exist_ok=True)
+    # No predictions.jsonl here now (refused or removed above): a marker left is another's.
+    (out_dir / INCOMPLETE_FILE).unlink(missing_ok=True)
+    sink = _Records(out_dir / PREDICTIONS_FILE, emit)
+    unrecorded: list[Path] = []  # the outputs of the pass being written, until it is recorded
+    try:
+        _score_and_write(predictor, items, out_dir, sink, unrecorded, skip_corrupt=skip_corrupt,
+                         progress=progress)  # fmt: skip
+    except BaseException as error:
+        _stopped(out_dir, sink, unrecorded, len(items), error, made=made)
+        raise
+    return sink.records
+
+
+def _score_and_write(
+    predictor: Predictor,
+    items: Sequence[tuple[str, str]],
+    out_dir: Path,
+    sink: _Records,
+    unrecorded: list[Path],
+    *,
+    skip_corrupt: bool,
+    progress: bool,
+) -> None:
+    """``predict_files``' loop: each pass's outputs written, then its records (``sink``)."""
     steps = shard_items(items, predictor.batch_size)
     primary = jax.process_index() == 0
     bar = report.progress_bar(len(items), enabled=progress and primary, desc="predict",
                                 unit="image")  # fmt: skip
-    with _Records(out_dir / PREDICTIONS_FILE, emit) as sink:
+    with sink:
 
         def batches():
             for chunk in steps:
@@ -517,15 +642,55 @@ def predict_files(
         for step, (batch, out) in enumerate(predictor.infer.stream(batches(), local=True)):
             loaded, records = batch["loaded"], batch["records"]
             scored = iter(predictor.maps_and_scores([image for _, _, image in loaded], out))
+            unrecorded[:] = [f for _, (_, name), _ in loaded for f in _output_files(out_dir, name)]
             for position, (file, name), image in loaded:
                 amap, score = next(scored)
                 records[position] = _write_outputs(predictor, out_dir, file, name, image, amap,
                                                    score)  # fmt: skip
             sink.add(records)
+            unrecorded.clear()
             bar.update(min(len(items), (step + 1) * predictor.batch_size)
                        - min(len(items), step * predictor.batch_size))  # fmt: skip
     bar.close()
-    return sink.records
+
+
+class PredictionInterrupted(KeyboardInterrupt):
+    """Ctrl-C during ``predict_files``; its message (one line) says what ``--out`` holds."""
+
+
+def _stopped(out_dir: Path, sink: _Records, unrecorded: list[Path], total: int,
+             error: BaseException, *, made: bool) -> None:  # fmt: skip
+    """After a stop (Ctrl-C or an error) in the loop: the pass that was being written is removed
+    (no record names it, so --overwrite could not) with the folders it leaves empty (``out_dir``
+    too if the run ``made`` it), and a ``predictions.jsonl`` with fewer lines than inputs gets
+    ``INCOMPLETE`` beside it. Raises ``PredictionInterrupted`` for a Ctrl-C."""
+    for path in unrecorded:
+        path.unlink(missing_ok=True)
+    inside = out_dir.resolve()
+    folders = {p for f in unrecorded for p in f.resolve().parents if p.is_relative_to(inside)}
+    for folder in sorted(folders - {inside}, key=lambda p: len(p.parts), reverse=True):
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+    if made and out_dir.is_dir() and not any(out_dir.iterdir()):
+        out_dir.rmdir()
+    done = len(sink.records) if sink.single else 0  # several processes: no file yet (_Records)
+    jsonl = out_dir / PREDICTIONS_FILE
+    if done:
+        how = "interrupted" if isinstance(error, KeyboardInterrupt) else "stopped by an error"
+        summary = (
+            f"{how} after {done} of {total} images: {jsonl} holds those {done} (partial); rerun "
+            "with --overwrite to redo"
+        )
+        (out_dir / INCOMPLETE_FILE).write_text(summary + "\n")
+    else:
+        summary = f"interrupted before any image was scored: nothing written to {out_dir}"
+    if isinstance(error, KeyboardInterrupt) and not isinstance(error, PredictionInterrupted):
+        raise PredictionInterrupted(summary) from None
+
+
+def _output_files(out_dir: Path, name: str) -> tuple[Path, Path]:
+    """One image's ``(map, overlay)`` files in ``out_dir``."""
+    return out_dir / f"{name}.npy", out_dir / f"{name}{OVERLAY_SUFFIX}"
 
 
 def _replace_earlier_run(out_dir: Path) -> None:
@@ -588,8 +753,7 @@ def _write_outputs(
     amap: np.ndarray, score: float,
 ) -> dict[str, Any]:  # fmt: skip
     """One image's ``.npy`` map and overlay; returns its record."""
-    npy = out_dir / f"{name}.npy"
-    overlay = out_dir / f"{name}_overlay.png"
+    npy, overlay = _output_files(out_dir, name)
     npy.parent.mkdir(parents=True, exist_ok=True)
     np.save(npy, amap.astype(np.float32))
     visualize.save_png(overlay, visualize.heatmap_overlay(image, amap))
@@ -633,6 +797,9 @@ class _Records:
     def __exit__(self, kind, error, traceback) -> None:
         if self.single:
             self._file.close()
+            if kind is not None and not self.records:
+                # An empty file would look like an earlier run's and refuse the next one.
+                self.path.unlink(missing_ok=True)
         elif kind is None:
             self._write_gathered()
 
@@ -1038,8 +1205,7 @@ def _refuse_before_loading(
     export_platforms: Sequence[str] | None,
 ) -> None:
     """``run``'s refusals that need no model: nothing to do, a bad option value, a missing
-    input, an ``--out`` holding an earlier run's predictions (``check_out_dir``), an ``--export``
-    whose files exist (``check_export``)."""
+    input, and the output checks (``check_outputs``)."""
     if not images and not export:
         raise ValueError("give image files or folders to score (or --export=PATH)")
     check_options(threshold=threshold, batch_size=batch_size, export_batch=export_batch,
@@ -1047,10 +1213,58 @@ def _refuse_before_loading(
     for given in images:
         if not Path(given).exists():
             raise FileNotFoundError(f"{given}: no such image file or folder")
+    check_outputs(images, out=out, export=export, overwrite=overwrite)
+
+
+def check_outputs(
+    images: Sequence[str], *, out: str | os.PathLike, export: str | None, overwrite: bool
+) -> None:
+    """Refuses, before a model is loaded: an ``--out`` holding an earlier run's predictions
+    (``check_out_dir``), an input file that ``--overwrite`` would remove as one of them, an
+    ``--export`` whose files exist (``check_export``), and an ``--out`` or ``--export`` folder that
+    is a file or cannot be written (``check_writable_folder``)."""
     if images:
         check_out_dir(out, overwrite=overwrite)
+        if overwrite and (Path(out) / PREDICTIONS_FILE).exists():
+            _refuse_inputs_among_earlier_outputs(images, out)
+        check_writable_folder(out, "--out")
     if export:
         check_export(export, overwrite=overwrite)
+        folder = export_files(export)["stablehlo"].parent
+        check_writable_folder(folder, "--export", given=export)
+
+
+def _refuse_inputs_among_earlier_outputs(images: Sequence[str], out: str | os.PathLike) -> None:
+    earlier = {path.resolve() for path in earlier_outputs(out)}
+    for given in images:
+        if Path(given).is_file() and Path(given).resolve() in earlier:
+            raise ValueError(
+                f"{given}: an output of the earlier run in --out={out}, which --overwrite removes; "
+                "copy it elsewhere first, or choose another --out"
+            )
+
+
+def check_writable_folder(
+    folder: str | os.PathLike, flag: str, *, given: str | os.PathLike | None = None
+) -> None:
+    """Refuses a ``folder`` that is a file (or lies under one) or where no file can be written,
+    in one line naming ``flag=given`` (default: the folder). Creates nothing: the nearest folder
+    that exists is probed (``cli.ensure_writable``), as the missing ones would be made in it."""
+    folder = Path(folder)
+    given = folder if given is None else given
+    shown = f"{flag}={given}"  # as typed: an --export=DIR/ keeps its slash
+    existing = folder
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        where = "is a file" if existing == Path(given) else f"{existing} is a file"
+        raise ValueError(f"{shown}: {where}, not a folder; choose a folder (or a new name)")
+    try:
+        cli.ensure_writable(existing, flag)
+    except ValueError as e:
+        cause = e.__cause__
+        why = getattr(cause, "strerror", None) or cause or e
+        raise ValueError(f"{shown}: cannot write there ({why}); choose a writable folder") from None
 
 
 def _image_threshold(
@@ -1144,12 +1358,21 @@ def main(argv: Sequence[str], overrides: Sequence[tuple[str, str]]) -> None:
     check_options(threshold=f.threshold, batch_size=f.batch_size, export_batch=f.export_batch,
                   shots=f.shots, category=f.category,
                   export_platforms=f.export_platforms)  # fmt: skip
-    if argv[1:]:
-        check_out_dir(f.out, overwrite=f.overwrite)
-    if f.export:
-        check_export(f.export, overwrite=f.overwrite)
+    check_outputs(argv[1:], out=f.out, export=f.export, overwrite=f.overwrite)
+    # A Ctrl-C ends in cli.Command's one line: PredictionInterrupted's says what --out holds.
+    result = _run_from_flags(argv, overrides)
+    if result["predictions"]:
+        print(_summary(result["predictions"], result["threshold"], f.out), file=sys.stderr)
+    if result["export"]:
+        print(f"exported: {', '.join(result['export'].values())}", file=sys.stderr)
+
+
+def _run_from_flags(argv: Sequence[str], overrides: Sequence[tuple[str, str]]) -> dict[str, Any]:
+    from absl import flags
+
+    f = flags.FLAGS
     config = cli.config_from_flags(overrides)
-    result = run(
+    return run(
         list(argv[1:]),
         checkpoint=f.checkpoint,
         config=config,
@@ -1170,10 +1393,6 @@ def main(argv: Sequence[str], overrides: Sequence[tuple[str, str]]) -> None:
         allow_custom_code=f.allow_custom_code,
         overwrite=f.overwrite,
     )
-    if result["predictions"]:
-        print(_summary(result["predictions"], result["threshold"], f.out), file=sys.stderr)
-    if result["export"]:
-        print(f"exported: {', '.join(result['export'].values())}", file=sys.stderr)
 
 
 def _summary(records: Sequence[Mapping[str, Any]], threshold: float | None, out: str) -> str:

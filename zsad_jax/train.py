@@ -51,7 +51,7 @@ from zsad_jax.data.decode import DataError
 from zsad_jax.state import TrainSplit, mutable_arrays, split_for_training
 
 PREEMPTED_EXIT_CODE = 128 + signal.SIGTERM
-INTERRUPTED_EXIT_CODE = 128 + signal.SIGINT  # Ctrl-C, after the save
+INTERRUPTED_EXIT_CODE = cli.INTERRUPTED_EXIT_CODE  # Ctrl-C, after the save
 
 
 class TrainingDiverged(RuntimeError):
@@ -231,6 +231,12 @@ def _note_if_no_anomalies(records: Sequence[Any], data: Any) -> None:
         )
 
 
+def train_image_size(data: Any) -> int:
+    """The side of the training images: ``data.train_image_size``, or ``data.image_size`` when
+    that is 0 or absent (a config written before the key)."""
+    return int(data.get("train_image_size", 0) or data.image_size)
+
+
 def make_train_data(config: Any) -> TrainData:
     """The training split of ``config.data`` through the grain pipeline.
 
@@ -249,7 +255,7 @@ def make_train_data(config: Any) -> TrainData:
         seed=int(config.seed),
         transform=transforms.make_transform(
             d.train_transform,
-            int(d.image_size),
+            train_image_size(d),
             train=True,
             mask_resize=transforms.mask_resize_for(
                 str(d.get("train_mask_resize", "nearest")), d.train_set
@@ -726,6 +732,12 @@ class _TrainRun:
             # Finished already (a larger config.optim.steps/epochs, with allow_config_change,
             # continues from here).
             self.checkpointer.close()
+            if jax.process_index() == 0:
+                print(
+                    f"note: {self.workdir} finished at step {meta['step']} already: nothing to "
+                    "train; its final result follows (a new --workdir trains again)",
+                    file=sys.stderr,
+                )
             result = dict(meta.get("result", {}))
             result["resumed_finished_run"] = True
             return result

@@ -36,6 +36,7 @@ import dataclasses
 import hashlib
 import io
 import os
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -331,10 +332,13 @@ def _text(value: bytes | str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m zsad_jax.data.tfds_builder --dataset mvtec_ad --manual_dir D --data_dir T``."""
+    """``python -m zsad_jax.data.tfds_builder --dataset mvtec_ad --manual_dir D --data_dir T``; a
+    refusal (no ``manual_dir``, an unknown dataset) raises, ``run_command`` makes it one line."""
     import argparse
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m zsad_jax.data.tfds_builder", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--dataset", required=True, help="a protocol.read_dataset name")
     parser.add_argument("--manual_dir", required=True, help="the downloaded dataset's root")
     parser.add_argument("--data_dir", required=True, help="TFDS data directory to write")
@@ -354,4 +358,6 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from zsad_jax.cli import run_command  # here: zsad_jax.cli imports this module's package
+
+    sys.exit(run_command(main))
