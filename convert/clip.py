@@ -46,7 +46,6 @@ from convert.common import (
     strip_prefix,
     wrong_family_message,
 )
-from zsad_jax.cli import run_command
 from zsad_jax.encoders import checkpoint
 from zsad_jax.encoders.clip import (
     ACTIVATIONS,
@@ -57,6 +56,7 @@ from zsad_jax.encoders.clip import (
     ClipVisionConfig,
 )
 from zsad_jax.encoders.tokenizer import ClipTokenizer
+from zsad_jax.errors import run_command
 
 KIND = "clip"
 BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"

@@ -36,9 +36,9 @@ from convert.common import (
     strip_prefix,
     wrong_family_message,
 )
-from zsad_jax.cli import run_command
 from zsad_jax.encoders import checkpoint
 from zsad_jax.encoders.dinov3 import ACTIVATIONS, DinoV3, DinoV3Config
+from zsad_jax.errors import run_command
 
 KIND = "dinov3"
 

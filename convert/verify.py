@@ -14,8 +14,8 @@ import argparse
 import json
 import sys
 
-from zsad_jax.cli import run_command
 from zsad_jax.encoders import checkpoint
+from zsad_jax.errors import run_command
 
 
 def main(argv: list[str] | None = None) -> int:

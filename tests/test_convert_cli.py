@@ -22,7 +22,7 @@ from safetensors.numpy import save_file
 torch = pytest.importorskip("torch", reason=CONVERT_EXTRA)  # the convert package reads with torch
 
 from convert import dinov3 as convert_dinov3  # noqa: E402
-from zsad_jax import cli  # noqa: E402
+from zsad_jax import errors  # noqa: E402
 from zsad_jax.encoders import checkpoint  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -136,13 +136,13 @@ def test_a_bug_keeps_its_traceback_and_a_refusal_becomes_one_line(capsys):
         raise KeyError("a bug")
 
     with pytest.raises(KeyError):
-        cli.run_command(buggy, [])
+        errors.run_command(buggy, [])
 
     def refuses(argv):
         raise FileNotFoundError("x.pt: no such file")
 
     with pytest.raises(SystemExit) as stop:
-        cli.run_command(refuses, [])
+        errors.run_command(refuses, [])
     assert stop.value.code == 1 and capsys.readouterr().err == "error: x.pt: no such file\n"
 
 
@@ -151,7 +151,7 @@ def test_dinov3_out_holding_a_converted_checkpoint_needs_overwrite(user_folder, 
     _fake_converted(out, "clip")
     src = str(user_folder / "models" / "dinov3_hf_keys.safetensors")
     with pytest.raises(SystemExit):
-        cli.run_command(convert_dinov3.main, ["--src", src, "--out", str(out)])
+        errors.run_command(convert_dinov3.main, ["--src", src, "--out", str(out)])
     err = capsys.readouterr().err
     assert f"--out {out}: already holds a converted clip checkpoint" in err and "--overwrite" in err
     assert checkpoint.read_meta(out)["type"] == "clip"

@@ -25,11 +25,11 @@ from transformers import CLIPConfig, CLIPModel  # noqa: E402
 
 from convert import clip as convert_clip  # noqa: E402
 from convert import verify  # noqa: E402
-from zsad_jax.cli import run_command  # noqa: E402
 from zsad_jax.encoders import checkpoint  # noqa: E402
 from zsad_jax.encoders import tokenizer as tk  # noqa: E402
 from zsad_jax.encoders.clip import ClipConfig  # noqa: E402
 from zsad_jax.encoders.presets import clip_vit_l14_336  # noqa: E402
+from zsad_jax.errors import run_command  # noqa: E402
 
 TOL = 1e-5
 

@@ -41,6 +41,7 @@ import ml_collections
 from zsad_jax import checkpoint as ckpt_lib
 from zsad_jax import compile_cache, config_check, methods, report
 from zsad_jax.data import protocol, sources
+from zsad_jax.errors import EXPECTED_ERRORS, INTERRUPTED_EXIT_CODE, CommandLineError, fail
 
 CONFIG_PREFIX = "--config."
 # ``data.<side>_set`` -> the fields that describe that side's dataset and follow it when it changes.
@@ -48,14 +49,6 @@ DATASET_FIELDS = {
     "train_set": ("categories", "train_root"),
     "test_set": ("test_categories", "test_root"),
 }
-
-
-# Ctrl-C (128 + SIGINT), as shells report a process it stopped.
-INTERRUPTED_EXIT_CODE = 130
-
-
-class CommandLineError(ValueError):
-    """A flag or config override that cannot be used (exit status 2)."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -444,27 +437,6 @@ def initialize_from_flags() -> None:
 # Running a command.
 
 
-def fail(message: str, code: int = 1) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(code)
-
-
-def run_command(
-    main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None
-) -> int:
-    """``main(argv)`` of an argparse command (the converters, ``pretrain.backbone``,
-    ``data.tfds_builder``) as the absl commands end: a refusal (a missing file, a checkpoint of
-    the wrong kind, an output that is already there) is one line ``error: ...`` and exit status 1
-    (2 for a bad command line); anything else, a bug, keeps its traceback. ``main`` itself
-    raises, for callers and tests."""
-    try:
-        return main(argv) or 0
-    except CommandLineError as e:
-        fail(str(e), code=2)
-    except (*Command.EXPECTED_ERRORS, FileExistsError) as e:
-        fail(str(e))
-
-
 class Command:
     """An absl command whose ``--config.KEY=VALUE`` overrides are parsed here.
 
@@ -472,7 +444,7 @@ class Command:
     The expected failures of ``main`` (bad paths, data, configs, checkpoints) end with one line.
     """
 
-    EXPECTED_ERRORS = (FileNotFoundError, ValueError, PermissionError)
+    EXPECTED_ERRORS = EXPECTED_ERRORS
 
     def __init__(
         self,

@@ -358,6 +358,6 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    from zsad_jax.cli import run_command  # here: zsad_jax.cli imports this module's package
+    from zsad_jax.errors import run_command
 
     sys.exit(run_command(main))

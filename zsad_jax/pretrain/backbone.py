@@ -45,7 +45,6 @@ import optax
 from flax import nnx
 
 from zsad_jax import metrics
-from zsad_jax.cli import run_command
 from zsad_jax.data import (
     procedural,
     procedural_scenes,
@@ -58,6 +57,7 @@ from zsad_jax.data.synthetic_defects import _blob_sdf
 from zsad_jax.data.synthetic_scenes import coverage
 from zsad_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from zsad_jax.encoders import checkpoint, dinov3
+from zsad_jax.errors import run_command
 from zsad_jax.methods.ava_dino import standardize_tokens
 from zsad_jax.nn import TORCH_DEFAULT_KERNEL_INIT, l2_normalize
 
