@@ -309,23 +309,38 @@ def config_from_flags(overrides: Sequence[tuple[str, str]]) -> ml_collections.Co
 _CREATED: list[Path] = []
 
 
-def ensure_writable(folder: str | os.PathLike, flag: str) -> Path:
-    """Creates ``folder`` and checks a file can be written there, so that a read-only location
-    fails at once with one line instead of after the work."""
+def ensure_writable(
+    folder: str | os.PathLike,
+    flag: str,
+    *,
+    create: bool = True,
+    given: str | os.PathLike | None = None,
+) -> Path:
+    """Creates ``folder`` and checks a file can be written there, so that a read-only location or
+    a file in the way fails at once with one line naming ``flag=given`` (default: the folder)
+    instead of after the work. With ``create=False`` nothing is made: the nearest folder that
+    exists is probed, as the missing ones would be made in it."""
     folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise ValueError(f"{flag}={folder}: is a file, not a folder; choose a folder")
-    new = [p for p in (folder, *folder.absolute().parents) if not p.exists()]
+    named = folder if given is None else Path(given)
+    shown = f"{flag}={folder if given is None else given}"  # as typed: DIR/ keeps its slash
+    existing = folder  # the folder itself, or without create the nearest that exists
+    while not create and not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        where = "is a file" if existing == named else f"{existing} is a file"
+        raise ValueError(f"{shown}: {where}, not a folder; choose a folder (or a new name)")
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        if new:
-            _CREATED.append(new[-1])
-        probe = folder / f".write_test.{os.getpid()}"
+        if create:
+            new = [p for p in (folder, *folder.absolute().parents) if not p.exists()]
+            folder.mkdir(parents=True, exist_ok=True)
+            if new:
+                _CREATED.append(new[-1])
+        probe = existing / f".write_test.{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
         raise ValueError(
-            f"{flag}={folder}: cannot write there ({e.strerror or e}); choose a writable folder"
+            f"{shown}: cannot write there ({e.strerror or e}); choose a writable folder"
         ) from e
     return folder
 

@@ -1222,16 +1222,16 @@ def check_outputs(
     """Refuses, before a model is loaded: an ``--out`` holding an earlier run's predictions
     (``check_out_dir``), an input file that ``--overwrite`` would remove as one of them, an
     ``--export`` whose files exist (``check_export``), and an ``--out`` or ``--export`` folder that
-    is a file or cannot be written (``check_writable_folder``)."""
+    is a file or cannot be written (``cli.ensure_writable``, creating nothing)."""
     if images:
         check_out_dir(out, overwrite=overwrite)
         if overwrite and (Path(out) / PREDICTIONS_FILE).exists():
             _refuse_inputs_among_earlier_outputs(images, out)
-        check_writable_folder(out, "--out")
+        cli.ensure_writable(out, "--out", create=False)
     if export:
         check_export(export, overwrite=overwrite)
         folder = export_files(export)["stablehlo"].parent
-        check_writable_folder(folder, "--export", given=export)
+        cli.ensure_writable(folder, "--export", create=False, given=export)
 
 
 def _refuse_inputs_among_earlier_outputs(images: Sequence[str], out: str | os.PathLike) -> None:
@@ -1242,29 +1242,6 @@ def _refuse_inputs_among_earlier_outputs(images: Sequence[str], out: str | os.Pa
                 f"{given}: an output of the earlier run in --out={out}, which --overwrite removes; "
                 "copy it elsewhere first, or choose another --out"
             )
-
-
-def check_writable_folder(
-    folder: str | os.PathLike, flag: str, *, given: str | os.PathLike | None = None
-) -> None:
-    """Refuses a ``folder`` that is a file (or lies under one) or where no file can be written,
-    in one line naming ``flag=given`` (default: the folder). Creates nothing: the nearest folder
-    that exists is probed (``cli.ensure_writable``), as the missing ones would be made in it."""
-    folder = Path(folder)
-    given = folder if given is None else given
-    shown = f"{flag}={given}"  # as typed: an --export=DIR/ keeps its slash
-    existing = folder
-    while not existing.exists() and existing.parent != existing:
-        existing = existing.parent
-    if existing.exists() and not existing.is_dir():
-        where = "is a file" if existing == Path(given) else f"{existing} is a file"
-        raise ValueError(f"{shown}: {where}, not a folder; choose a folder (or a new name)")
-    try:
-        cli.ensure_writable(existing, flag)
-    except ValueError as e:
-        cause = e.__cause__
-        why = getattr(cause, "strerror", None) or cause or e
-        raise ValueError(f"{shown}: cannot write there ({why}); choose a writable folder") from None
 
 
 def _image_threshold(
