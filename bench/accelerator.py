@@ -168,14 +168,14 @@ def bench_peak(small: bool) -> dict[str, float]:
     return peaks
 
 
-def _clip_model(image_size: int, dtype: str, small: bool):
-    from flax import nnx
-
-    from zsad_jax.encoders.clip import ClipVision, ClipVisionConfig
+def _clip_config(dtype: str, small: bool):
+    """The CLIP vision tower's config (every image size runs the same tower: 518 resizes the
+    position grid)."""
+    from zsad_jax.encoders.clip import ClipVisionConfig
     from zsad_jax.encoders.presets import clip_vit_l14_336
 
     if small:
-        config = ClipVisionConfig(
+        return ClipVisionConfig(
             width=SMALL_WIDTH,
             layers=SMALL_LAYERS,
             heads=SMALL_HEADS,
@@ -184,17 +184,12 @@ def _clip_model(image_size: int, dtype: str, small: bool):
             output_dim=32,
             dtype=dtype,
         )
-    else:
-        config = clip_vit_l14_336(dtype=dtype).vision
-    return ClipVision(config, rngs=nnx.Rngs(0)), config
+    return clip_vit_l14_336(dtype=dtype).vision
 
 
-def _dinov3_model(image_size: int, dtype: str, small: bool):
+def _dinov3_config(dtype: str, small: bool):
     import dataclasses
 
-    from flax import nnx
-
-    from zsad_jax.encoders.dinov3 import DinoV3
     from zsad_jax.encoders.presets import dinov3_vitl16
 
     config = dataclasses.replace(dinov3_vitl16(), dtype=dtype)
@@ -206,7 +201,19 @@ def _dinov3_model(image_size: int, dtype: str, small: bool):
             num_heads=SMALL_HEADS,
             mlp_dim=4 * SMALL_WIDTH,
         )
-    return DinoV3(config, rngs=nnx.Rngs(0)), config
+    return config
+
+
+def _encoder_model(name: str, dtype: str, small: bool):
+    """Our encoder ``name`` (clip, dinov3) with random weights."""
+    from flax import nnx
+
+    from zsad_jax.encoders.clip import ClipVision
+    from zsad_jax.encoders.dinov3 import DinoV3
+
+    if name == "clip":
+        return ClipVision(_clip_config(dtype, small), rngs=nnx.Rngs(0))
+    return DinoV3(_dinov3_config(dtype, small), rngs=nnx.Rngs(0))
 
 
 def _encoder_forward(model):
@@ -242,7 +249,7 @@ def bench_encoder(
     from zsad_jax.encoders import attention
 
     batch = args.encoder_batch
-    model, _ = (_clip_model if name == "clip" else _dinov3_model)(image_size, dtype, args.small)
+    model = _encoder_model(name, dtype, args.small)
     forward, state = _encoder_forward(model)
     images = jax.random.normal(jax.random.key(0), (batch, image_size, image_size, 3), jnp.float32)
     with attention.use_implementation(implementation), attention.record_calls() as calls:
@@ -461,6 +468,7 @@ def _worker(args, worker: str, what: str, deadline: float, extra=()) -> list[dic
     """Runs ``--worker=<worker>`` of this script in a fresh process; its JSON lines, or None
     after emitting an error row for ``what``."""
     command = [sys.executable, __file__, f"--worker={worker}", f"--dtype={args.dtype}", *extra]
+    command += [f"--cache-min-compile-s={args.cache_min_compile_s}"]
     command += ["--small"] if args.small else []
     limit = max(deadline - time.monotonic(), 0.0) + 60.0
     try:
@@ -597,8 +605,9 @@ def _torch_model(name: str, image_size: int, small: bool):
 
     from convert.dinov3 import transformers_config_dict
 
+    # Our configs only (building our models here would only draw weights nobody reads).
     if name == "clip":
-        _, ours = _clip_model(image_size, "float32", small)
+        ours = _clip_config("float32", small)
         config = CLIPVisionConfig(
             hidden_size=ours.width,
             intermediate_size=ours.mlp_dim,
@@ -609,7 +618,7 @@ def _torch_model(name: str, image_size: int, small: bool):
             attn_implementation="sdpa",
         )
         return CLIPVisionModel(config), image_size != ours.image_size
-    _, ours = _dinov3_model(image_size, "float32", small)
+    ours = _dinov3_config("float32", small)
     config = DINOv3ViTConfig(**transformers_config_dict(ours), attn_implementation="sdpa")
     return DINOv3ViTModel(config), None
 
@@ -740,6 +749,8 @@ def table(rows: list[dict]) -> str:
 
 
 def _parse(argv):
+    from zsad_jax.compile_cache import MIN_COMPILE_SECONDS  # imports no jax
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--small", action="store_true", help="toy sizes (CPU tests)")
     parser.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated")
@@ -749,6 +760,14 @@ def _parse(argv):
     parser.add_argument("--iters", type=int, default=None, help="timed calls; default 10, 2")
     parser.add_argument("--eval-workers", type=int, default=None, help="default: cores, max 16")
     parser.add_argument("--budget-s", type=float, default=400.0, help="skip sections after this")
+    parser.add_argument(
+        "--cache-min-compile-s",
+        type=float,
+        default=MIN_COMPILE_SECONDS,
+        help="store programs that took at least this long to compile in the compilation cache "
+        f"(default {MIN_COMPILE_SECONDS:g}); 0 (the tests) lets this process load, not compile "
+        "again, the many small weight-init programs the train worker compiled for the same method",
+    )
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--peak-tflops", type=float, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -796,7 +815,7 @@ def main(argv: list[str] | None = None) -> None:
         os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.6")
     from zsad_jax.compile_cache import enable_compilation_cache
 
-    cache = enable_compilation_cache()
+    cache = enable_compilation_cache(min_compile_seconds=args.cache_min_compile_s)
     if args.worker:
         run_worker(args, cache)
         return

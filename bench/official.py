@@ -16,8 +16,9 @@ Steps, each in a fresh process, one after the other (never two full-size train s
 
 1. ``export``: builds our model (the config, ``random_init`` encoders, seed of the config),
    ``set_classes(bottle, screw)``, and writes the official modules holding the same weights with
-   ``torch.save`` to a scratch file (``--scratch``, removed at the end).
-2. ``infer``: loads both (ours from the same seed, the official from that file) in one process and
+   ``torch.save`` to a scratch file (``--scratch``, removed at the end). With inference on, this
+   runs first in the ``infer`` process, from the model that process times (one build, not two).
+2. ``infer``: loads both (ours as built, the official from that file) in one process and
    times them alternately, repeat after repeat (``--repeats``), on the same batch: ours is
    ``zsad_jax.inference.BatchedInference`` (what ``evaluate`` runs, the class text prepared by
    ``set_classes``); the official is ``test.py``'s loop body: text of every class encoded once
@@ -299,13 +300,17 @@ def _torch_batch(local: dict):
 
 
 def step_export(args) -> dict:
+    config = _config(args.variant, args.batch)
+    return _export(_our_model(config), config, args.scratch)
+
+
+def _export(model, config, scratch: str) -> dict:
+    """Writes the official modules holding ``model``'s weights to ``scratch``: the export row."""
     import torch
 
     sys.path.insert(0, str(ROOT / "tests"))
-    config = _config(args.variant, args.batch)
-    model = _our_model(config)
-    torch.save(_official_modules(model, int(config.data.image_size)), args.scratch)
-    return {"step": "export", "bytes": os.path.getsize(args.scratch)}
+    torch.save(_official_modules(model, int(config.data.image_size)), scratch)
+    return {"step": "export", "bytes": os.path.getsize(scratch)}
 
 
 def _timed(fn) -> float:
@@ -331,6 +336,9 @@ def step_infer(args) -> dict:
 
     config = _config(args.variant, args.batch)
     model = _our_model(config)
+    # The export step in this process, from the model built here: one build, not two (the
+    # official modules are then loaded from the file, as the train step loads them).
+    print(json.dumps(_export(model, config, args.scratch)), flush=True)
     local = _batch(config, args.batch)
     infer = inference.BatchedInference(model, shard_lib.make_mesh({"data": 1, "fsdp": 1}))
     inputs = {k: local[k] for k in inference.MODEL_INPUTS}
@@ -356,15 +364,16 @@ def step_infer(args) -> dict:
         for kind, index in (("wall", 0), ("cpu", 1)):
             ours, theirs = (stat(v[index] for v in times[s]) for s in ("ours", "official"))
             out[f"ours_over_official_{stat.__name__}_{kind}"] = round(ours / theirs, 3)
-    out.update(_roofline(model, inputs, times))
+    out.update(_roofline(model, inputs, times, args.sgemm_size))
     out["block_gemm_gflops"] = _block_gemms(config, args.batch)
     return out
 
 
-def _roofline(model, inputs: dict, times: dict) -> dict:
+def _roofline(model, inputs: dict, times: dict, n: int) -> dict:
     """What the 0.85x target asks of this CPU: the forward's FLOPs (XLA's count of our program;
     both sides do the same arithmetic, their outputs agree), each side's rate, and the rate of
-    the best float32 GEMM torch (oneDNN/MKL) reaches here, a practical ceiling for any forward."""
+    the best float32 GEMM torch (oneDNN/MKL) reaches here (n x n x n), a practical ceiling for
+    any forward."""
     import jax
     import torch
     from flax import nnx
@@ -372,7 +381,6 @@ def _roofline(model, inputs: dict, times: dict) -> dict:
     graphdef, state = nnx.split(model)
     forward = jax.jit(lambda s, b: nnx.merge(graphdef, s)(b, train=False)["pred_score"])
     flops = float(forward.lower(state, inputs).cost_analysis()["flops"])
-    n = 4096
     a, b = torch.randn(n, n), torch.randn(n, n)
     torch.mm(a, b)
     gemm = min(_timed(lambda: torch.mm(a, b)) for _ in range(5))
@@ -382,7 +390,7 @@ def _roofline(model, inputs: dict, times: dict) -> dict:
         "forward_gflop": _figure(flops / 1e9),
         "ours_gflops": _figure(flops / ours / 1e9),
         "official_gflops": _figure(flops / official / 1e9),
-        "torch_sgemm_4096_gflops": _figure(2 * n**3 / gemm / 1e9),
+        f"torch_sgemm_{n}_gflops": _figure(2 * n**3 / gemm / 1e9),
         "target_0.85x_gflops": _figure(flops / (0.85 * official) / 1e9),
     }
 
@@ -840,7 +848,9 @@ STEPS = {
 OUR_STEPS = ("infer", "train_ours")  # the steps that run our side as the commands do
 
 
-def _run(step: str, args) -> dict:
+def _run(step: str, args) -> list[dict]:
+    """Runs ``--step=<step>`` in a fresh process: the rows it printed (each printed here too),
+    then an error row for ``step`` if it failed."""
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     cmd = [sys.executable, __file__, f"--step={step}", f"--scratch={args.scratch}"]
@@ -848,13 +858,15 @@ def _run(step: str, args) -> dict:
     cmd += [f"--train-steps={args.train_steps}", f"--method={args.method}"]
     cmd += [] if args.release_compiler_memory else ["--keep-compiler-memory"]
     cmd += [] if args.schedule_for_memory else ["--concurrency-schedule"]
+    cmd += [f"--sgemm-size={args.sgemm_size}"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    for row in rows:
+        print(json.dumps(row), flush=True)
     if proc.returncode != 0:
         lines = proc.stderr.strip().splitlines()
-        return {"step": step, "error": lines[-1] if lines else f"exit {proc.returncode}"}
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    print(json.dumps(result), flush=True)
-    return result
+        rows.append({"step": step, "error": lines[-1] if lines else f"exit {proc.returncode}"})
+    return rows
 
 
 def _write_batch(args) -> None:
@@ -873,6 +885,13 @@ def main() -> None:
     parser.add_argument("--train-steps", type=int, default=2)
     parser.add_argument("--no-infer", dest="infer", action="store_false")
     parser.add_argument("--no-train", dest="train", action="store_false")
+    parser.add_argument(
+        "--sgemm-size",
+        type=int,
+        default=4096,
+        help="n of the n x n x n torch GEMM whose rate the inference roofline gives as a ceiling "
+        "(torch_sgemm_<n>_gflops); the tests take a smaller one to save time",
+    )
     parser.add_argument(
         "--method",
         default="acd_clip",
@@ -907,12 +926,11 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="zsad_official_") as tmp:
         args.scratch = os.path.join(tmp, "official.pt")
-        results = [_run("export", args)]
-        if args.infer:
-            results.append(_run("infer", args))
+        # The infer step exports first, from the model it builds (one build, not two).
+        results = _run("infer" if args.infer else "export", args)
         if args.train:
             _write_batch(args)
-            results += [_run("train_ours", args), _run("train_official", args)]
+            results += _run("train_ours", args) + _run("train_official", args)
     summary = {r["step"]: r for r in results}
     if "train_ours" in summary and "peak_rss_mib" in summary.get("train_official", {}):
         ours, theirs = summary["train_ours"], summary["train_official"]

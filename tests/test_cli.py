@@ -185,16 +185,43 @@ def test_every_command_schedules_for_memory_before_anything_compiles(monkeypatch
     ]
 
 
-def test_help_prints_the_docstrings_percent_signs_as_written():
-    """absl %-formats the module docstring for --help: "% std" must not become the path."""
+def test_help_prints_the_docstrings_percent_signs_as_written_and_exits_0():
+    """absl %-formats the module docstring for --help: "% std" must not become the path. Asking
+    for help succeeds (absl itself exits with 1)."""
     proc = subprocess.run(
         [sys.executable, "-m", "zsad_jax.reproduce", "--help"],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
-    assert proc.returncode == 1, proc.stderr  # absl's --help exits with 1
+    assert proc.returncode == 0, proc.stderr
     assert "{metric: % std over seeds}" in proc.stdout, proc.stdout[:3000]
     doc = proc.stdout.split("\nflags:\n")[0]  # absl's flag list (which names the file) follows
     assert "reproduce.py" not in doc
+
+
+@pytest.mark.parametrize(
+    ("args", "asks"),
+    [
+        (["--help"], True),
+        (["-?"], True),
+        (["--workdir=runs/x", "--helpfull"], True),
+        (["-helpshort"], True),
+        (["--helpxml=true"], True),
+        (["--workdir=help"], False),
+        (["help"], False),
+        (["--helper"], False),
+    ],
+)
+def test_only_absls_help_flags_count_as_asking_for_help(args, asks):
+    assert cli._asks_for_help(args) is asks
+
+
+def test_a_bad_flag_still_fails_after_help_exits_0(capsys):
+    """The help exit is 0, and an unknown flag is still the one-line refusal with exit 2."""
+    command = cli.Command(lambda: None, lambda argv, overrides: None)
+    with pytest.raises(SystemExit) as exit_:
+        command._parse(["prog", "--no_such_flag_here=1"])
+    assert exit_.value.code == 2
+    assert "no_such_flag_here" in capsys.readouterr().err
 
 
 def test_distributed_without_a_detected_cluster_names_the_flags_to_pass(monkeypatch):

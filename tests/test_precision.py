@@ -143,17 +143,21 @@ def test_tiny_maps_in_bfloat16_stay_within_the_measured_bound_of_float32(name, h
 
 
 @pytest.mark.slow
-def test_precision_bench_runs_at_its_smallest_size(tmp_path):
+def test_precision_bench_runs_at_its_smallest_size(heldout_records):
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags()}  # one device
     env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    # The benchmark the module's fixture generated (root/category/test/defect/image.png), not a
+    # second copy: the command finds it complete and generates nothing.
+    data_root = Path(heldout_records[0].path).parents[3]
     proc = subprocess.run(
         [
             sys.executable, "bench/precision.py", "--configs=af_clip:tiny", "--per-label=1",
-            f"--data-root={tmp_path / 'synthetic'}",
+            f"--data-root={data_root}",
         ],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "generating" not in proc.stderr  # the fixture's benchmark was found
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     figures = {r["figure"]: r for r in rows}
     assert set(figures) == {

@@ -452,6 +452,15 @@ def initialize_from_flags() -> None:
 # Running a command.
 
 
+# absl's flags that print a help text and exit (``-?`` is --help's short name).
+HELP_FLAGS = frozenset({"help", "?", "helpshort", "helpfull", "helpxml"})
+
+
+def _asks_for_help(args: Sequence[str]) -> bool:
+    """Whether ``args`` (the command line after the program) holds one of absl's help flags."""
+    return any(a.startswith("-") and a.lstrip("-").split("=")[0] in HELP_FLAGS for a in args)
+
+
 class Command:
     """An absl command whose ``--config.KEY=VALUE`` overrides are parsed here.
 
@@ -480,6 +489,12 @@ class Command:
             return flags.FLAGS([argv[0], *rest])
         except (flags.Error, CommandLineError) as e:
             fail(str(e), code=2)
+        except SystemExit as e:
+            # absl exits with 1 after printing the help asked for; asking is not a failure
+            # (scripts and `make` read 1 as one), as for every argparse command of the project.
+            if e.code == 1 and _asks_for_help(argv[1:]):
+                raise SystemExit(0) from None
+            raise
 
     def _run(self, argv: list[str]) -> None:
         from absl import flags
