@@ -10,15 +10,13 @@ import json
 import math
 import os
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.ndimage
 from flax import nnx
+from toys import run_module
 
 from configs import demo
 from zsad_jax import train as train_lib
@@ -276,14 +274,7 @@ def test_pretraining_refusal_is_one_line_on_the_command_line(tmp_path):
     """``python -m zsad_jax.pretrain.backbone`` with an --out that holds files: one line, exit 1."""
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("mine")
-    proc = subprocess.run(
-        [sys.executable, "-m", "zsad_jax.pretrain.backbone", "--out", "mine", "--steps", "3200"],
-        cwd=tmp_path,
-        env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(Path(__file__).parents[1])},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = run_module("zsad_jax.pretrain.backbone", ["--out", "mine", "--steps", "3200"], tmp_path)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: --out mine: a folder of other files")

@@ -5,15 +5,14 @@ from __future__ import annotations
 import importlib.util
 import os
 import pickle
-import subprocess
 import sys
-from pathlib import Path
 
 import ml_collections
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
+from toys import run_module
 
 from zsad_jax.data import pipeline, protocol, sources, tfds_builder
 from zsad_jax.data.decode import load_record
@@ -168,14 +167,7 @@ def test_command_line_builds_and_prints_the_name(built, capsys):
 def test_command_line_refusal_is_one_line(tmp_path):
     """The README's command with no download at --manual_dir: one line ``error: ...``, exit 1."""
     argv = ["--dataset", "mvtec_ad", "--manual_dir", str(tmp_path / "absent")]
-    proc = subprocess.run(
-        [sys.executable, "-m", "zsad_jax.data.tfds_builder", *argv, "--data_dir", "gs://BUCKET"],
-        cwd=tmp_path,
-        env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(Path(__file__).parents[1])},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = run_module("zsad_jax.data.tfds_builder", [*argv, "--data_dir", "gs://BUCKET"], tmp_path)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert proc.stderr.strip().splitlines() == [
         f"error: manual_dir {tmp_path / 'absent'} is not a directory: download mvtec_ad there first"

@@ -13,7 +13,11 @@ This file is also a config file for those commands (``get_config``):
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +37,18 @@ from zsad_jax.nn import Buffer, Trainable, resolve_compute_dtype, trainable
 
 IMAGE_SIZE = 16
 CATEGORIES = ("wood", "pill")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_module(module: str, args: list[str], cwd) -> subprocess.CompletedProcess:
+    """``python -m <module> <args>`` typed in ``cwd`` (the repository importable, on the CPU), as
+    a user runs a command; its exit code and output."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+
 
 # ----------------------------------------------------------------------------------------------
 # The placeholder detector (evaluate, predict, pods).
