@@ -880,9 +880,12 @@ def test_command_says_in_one_line_how_far_a_ctrl_c_got_and_exits_130(toy_run, tm
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)])}
     for i in range(12):
         _save(tmp_path / "data" / f"{i:02d}.png", 16, 18, value=10 * i)
-    # A real SIGINT at the tenth overlay (the second pass of 8).
+    # A real SIGINT at the tenth overlay (the second pass of 8). Ctrl-C's handler as in a
+    # terminal: a job a shell starts in the background inherits SIGINT ignored, and Python keeps
+    # it ignored (the signal would then be lost and the run finish).
     script = (
         "import os, runpy, signal, sys\n"
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         "from zsad_jax import visualize\n"
         "save, calls = visualize.save_png, []\n"
         "def interrupting(*args, **kwargs):\n"
