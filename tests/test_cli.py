@@ -5,11 +5,9 @@ and root along, and the one-line refusals. In-process; tests/test_user_path.py t
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import ml_collections
 import pytest
+from toys import run_module
 
 from zsad_jax import checkpoint as ckpt_lib
 from zsad_jax import cli, compile_cache, config_check, report
@@ -185,13 +183,10 @@ def test_every_command_schedules_for_memory_before_anything_compiles(monkeypatch
     ]
 
 
-def test_help_prints_the_docstrings_percent_signs_as_written_and_exits_0():
+def test_help_prints_the_docstrings_percent_signs_as_written_and_exits_0(tmp_path):
     """absl %-formats the module docstring for --help: "% std" must not become the path. Asking
     for help succeeds (absl itself exits with 1)."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "zsad_jax.reproduce", "--help"],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    proc = run_module("zsad_jax.reproduce", ["--help"], tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "{metric: % std over seeds}" in proc.stdout, proc.stdout[:3000]
     doc = proc.stdout.split("\nflags:\n")[0]  # absl's flag list (which names the file) follows
