@@ -1,5 +1,5 @@
-"""bench/accelerator.py and bench/pipeline.py run at reduced size and print their table; the
-persistent compilation cache follows ZSAD_JAX_CACHE_DIR."""
+"""bench/accelerator.py, bench/pipeline.py and bench/startup.py run at reduced size and print
+their table; the persistent compilation cache follows ZSAD_JAX_CACHE_DIR."""
 
 import json
 import math
@@ -78,6 +78,21 @@ def test_accelerator_small_runs_every_section(tmp_path):
     parity = {r["dtype"]: r for r in rows if r["figure"] == "attention_parity"}
     assert parity["float32"]["out_diff_vs_fp32"] < 1e-5
     assert parity["bfloat16"]["out_diff_vs_fp32"] < 2e-2
+
+
+def test_startup_times_each_command_against_import_jax_and_lists_the_slowest_imports(tmp_path):
+    # The bench itself checks each command's exit status (--help 0, the typo 2) and stops if not.
+    out, rows = _run(["bench/startup.py", "--small"], tmp_path)
+    commands = [r for r in rows if "command" in r]
+    assert [r["command"] for r in commands] == [
+        "import jax", "train --help", "train: config key typo",
+    ]  # fmt: skip
+    assert commands[0]["wall_vs_import_jax"] == commands[0]["cpu_vs_import_jax"] == 1.0
+    assert all(r["wall_s"] > 0 and r["cpu_vs_import_jax"] > 0 for r in commands)
+    imports = [r["import"] for r in rows if "import" in r]
+    assert imports[0] == "zsad_jax.train" and "jax" in imports
+    assert imports[-1].startswith("ml_dtypes 0.")
+    assert "| command | wall s | CPU s | wall / import jax |" in out
 
 
 @pytest.mark.parametrize("small", [False, True])
