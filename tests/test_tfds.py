@@ -152,6 +152,10 @@ def test_config_errors_are_explained(built, tmp_path):
         tfds_builder.build("mvtec_ad", manual_dir, data_dir, image_size=8, name="visa")
     with pytest.raises(FileNotFoundError, match="not a directory"):
         tfds_builder.build("mvtec_ad", str(tmp_path / "absent"), data_dir)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="empty: download mvtec_ad there first"):
+        tfds_builder.build("mvtec_ad", str(tmp_path / "empty"), str(tmp_path / "tfds_empty"))
+    assert not (tmp_path / "tfds_empty").exists()  # refused before TFDS made any folder
 
 
 def test_command_line_builds_and_prints_the_name(built, capsys):
@@ -172,6 +176,19 @@ def test_command_line_refusal_is_one_line(tmp_path):
     assert proc.stderr.strip().splitlines() == [
         f"error: manual_dir {tmp_path / 'absent'} is not a directory: download mvtec_ad there first"
     ]
+
+
+def test_unknown_dataset_is_refused_in_one_line_before_any_folder_is_made(tmp_path):
+    (tmp_path / "download").mkdir()
+    (tmp_path / "download" / "file.png").touch()
+    argv = ["--dataset", "mvtec", "--manual_dir", "download", "--data_dir", "tfds"]
+    proc = run_module("zsad_jax.data.tfds_builder", argv, tmp_path)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    known = sorted(protocol.READERS)
+    assert proc.stderr.strip().splitlines() == [
+        f"error: unknown dataset 'mvtec'; known datasets: {known}"
+    ]
+    assert not (tmp_path / "tfds").exists()
 
 
 def test_config_reads_the_same_split_from_tfds_as_from_files(built):

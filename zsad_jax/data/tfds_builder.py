@@ -85,6 +85,8 @@ def make_config(
     name: str | None = None,
 ) -> AnomalyConfig:
     """A builder config; the default ``name`` spells out the choices (``mvtec_ad_518_bicubic``)."""
+    if dataset not in protocol.READERS:
+        raise ValueError(f"unknown dataset {dataset!r}; known datasets: {sorted(protocol.READERS)}")
     if resample not in RESAMPLE_FILTERS:
         raise ValueError(f"unknown resample {resample!r}; known: {sorted(RESAMPLE_FILTERS)}")
     if image_size is not None and int(image_size) <= 0:
@@ -225,10 +227,8 @@ def build(
       the name to read it back with: ``tfds.data_source(name, data_dir=data_dir)`` or
       ``TfdsSource(name, data_dir, split)``.
     """
-    if not os.path.isdir(manual_dir):
-        raise FileNotFoundError(
-            f"manual_dir {manual_dir} is not a directory: download {dataset} there first"
-        )
+    # Every refusal before the builder runs: TFDS creates data_dir's folders first and refuses an
+    # empty manual_dir with an AssertionError (a traceback) after that.
     config = make_config(
         dataset,
         image_size=image_size,
@@ -237,6 +237,12 @@ def build(
         splits=splits,
         name=name,
     )
+    if not os.path.isdir(manual_dir):
+        raise FileNotFoundError(
+            f"manual_dir {manual_dir} is not a directory: download {dataset} there first"
+        )
+    if not os.listdir(manual_dir):
+        raise FileNotFoundError(f"manual_dir {manual_dir} is empty: download {dataset} there first")
     builder = ZsadAnomaly(
         config=_registered_or_custom(config), data_dir=data_dir, file_format="array_record"
     )
