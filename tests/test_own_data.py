@@ -509,6 +509,26 @@ def test_gif_images_are_read_by_the_folder_reader(tmp_path):
     assert ".gif" in decode.IMAGE_EXTENSIONS and readers.IMAGE_EXTENSIONS is decode.IMAGE_EXTENSIONS
 
 
+def test_files_in_formats_not_decoded_get_a_note_other_files_do_not(tmp_path, capsys):
+    root = tmp_path / "scans"
+    _img(root / "good/n1.png")
+    _img(root / "lesion/l1.png")
+    for name in ("good/n2.dcm", "lesion/l2.DCM", "good/n3.nii.gz", "good/notes.txt"):
+        (root / name).touch()
+    records = read_dataset("folder", str(root), require_masks=False)
+    assert [os.path.basename(r.path) for r in records] == ["n1.png", "l1.png"]
+    assert capsys.readouterr().err.splitlines() == [
+        f"note: folder dataset {root}: 3 files in a format not decoded here (2 .dcm, 1 .nii.gz) "
+        "were not read; convert to PNG or TIFF to include them (read: "
+        + ", ".join(decode.IMAGE_EXTENSIONS) + ")"
+    ]  # fmt: skip
+    for name in ("good/n2.dcm", "lesion/l2.DCM", "good/n3.nii.gz"):
+        os.remove(root / name)
+    read_dataset("folder", str(root), require_masks=False)
+    assert capsys.readouterr().err == ""  # a notes.txt is no image
+    assert set(decode.UNREAD_IMAGE_EXTENSIONS).isdisjoint(decode.IMAGE_EXTENSIONS)
+
+
 def test_twelve_bit_camera_data_in_16_bit_files_gets_a_note_and_an_option(tmp_path, capsys):
     """Mono12 in a 16-bit PNG (values 0..4095): read as 16-bit it is nearly black, which is said
     once; ``data.image_bit_depth=12`` scales it as the camera meant, through the data source (as

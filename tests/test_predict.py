@@ -345,6 +345,29 @@ def _save(path: Path, height: int, width: int, value: int = 0) -> Path:
     return path
 
 
+def test_files_in_formats_not_decoded_get_a_note_and_a_folder_of_only_those_names_them(
+    tmp_path, capsys
+):
+    _save(tmp_path / "scans" / "a.png", 4, 4)
+    for name in ("b.dcm", "deep/c.dcm", "d.heic", "e.txt"):
+        (tmp_path / "scans" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "scans" / name).touch()
+    assert [Path(f).name for f, _ in predict_lib.collect_images([tmp_path / "scans"])] == ["a.png"]
+    assert capsys.readouterr().err.splitlines() == [
+        "note: 3 files in a format not decoded here (2 .dcm, 1 .heic) were not read; convert to "
+        "PNG or TIFF to include them (read: .png, .jpg, .jpeg, .bmp, .tif, .tiff, .webp, .gif)"
+    ]
+    (tmp_path / "dicom").mkdir()
+    (tmp_path / "dicom" / "x.dcm").touch()
+    with pytest.raises(FileNotFoundError) as err:
+        predict_lib.collect_images([tmp_path / "dicom"])
+    assert str(err.value) == (
+        f"{tmp_path / 'dicom'}: the folder holds no image files that are read here; 1 file in a "
+        "format not decoded here (1 .dcm) was not read; convert to PNG or TIFF to include it "
+        "(read: .png, .jpg, .jpeg, .bmp, .tif, .tiff, .webp, .gif)"
+    )
+
+
 def test_output_names_are_unique_case_insensitively_and_follow_the_input_order(tmp_path):
     folder = tmp_path / "f"
     for name in ("a.png", "a.jpg", "a_1.png", "A.png", "a_png.png", "b.png"):

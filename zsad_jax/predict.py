@@ -133,27 +133,34 @@ def collect_images(
     """
     found: list[tuple[Path, Path]] = []  # (file, its output name with the file's suffix)
     skipper = _OutputSkipper(out)
+    unread: list[str] = []  # names of the folders' files that are not images read here
     for given in paths:
         path = Path(given)
         if path.is_file():
             found.append((path, Path(path.name)))
         elif path.is_dir():
-            before = skipper.total()
-            files = folder_images(path, skip=skipper)
+            before, unread_before = skipper.total(), len(unread)
+            files = folder_images(path, skip=skipper, unread=unread)
             if not files:
                 if skipper.total() > before:
                     raise FileNotFoundError(
                         f"{given}: the folder holds only the outputs of earlier predict runs "
                         f"({skipper.where()}); give the folder of your own images"
                     )
+                formats = decode.unread_images_note(unread[unread_before:])
                 kinds = ", ".join(decode.IMAGE_EXTENSIONS)
-                raise FileNotFoundError(f"{given}: the folder holds no image files ({kinds})")
+                raise FileNotFoundError(
+                    f"{given}: the folder holds no image files "
+                    + (f"that are read here; {formats}" if formats else f"({kinds})")
+                )
             base = Path(path.absolute().name or "images")
             found += [(p, base / p.relative_to(path)) for p in files]
         else:
             raise FileNotFoundError(f"{given}: no such image file or folder")
     if skipper.total():
         _note(skipper.note())
+    if formats := decode.unread_images_note(unread):
+        _note(formats)
     found, repeated = _distinct_files(found)
     if repeated:
         _note(_duplicates_note(repeated))
@@ -217,9 +224,12 @@ class _OutputSkipper:
         )
 
 
-def folder_images(folder: Path, skip: _OutputSkipper | None = None) -> list[Path]:
+def folder_images(
+    folder: Path, skip: _OutputSkipper | None = None, unread: list[str] | None = None
+) -> list[Path]:
     """The image files under ``folder``, sorted, mask folders (``readers.is_mask_dir``) and, with
-    ``skip``, predict outputs (``_OutputSkipper``) passed over.
+    ``skip``, predict outputs (``_OutputSkipper``) passed over; the names of the other files are
+    appended to ``unread`` (for ``decode.unread_images_note``).
 
     Linked folders are followed, as the dataset readers read them (``Path.rglob`` does not follow
     them). A linked folder whose real path lies inside ``folder`` is not: it is reached there by its
@@ -244,12 +254,11 @@ def folder_images(folder: Path, skip: _OutputSkipper | None = None) -> list[Path
             d for d in sorted(subfolders)
             if not readers.is_mask_dir(d) and follow(os.path.join(top, d))
         ]  # fmt: skip
-        candidates = (Path(top, name) for name in names)
-        files += [
-            p for p in candidates
-            if p.suffix.lower() in decode.IMAGE_EXTENSIONS and p.is_file()
-            and not (skip and skip.skips_file(p))
-        ]  # fmt: skip
+        images = [n for n in names if Path(n).suffix.lower() in decode.IMAGE_EXTENSIONS]
+        if unread is not None:
+            unread += sorted(set(names) - set(images))
+        candidates = (Path(top, name) for name in images)
+        files += [p for p in candidates if p.is_file() and not (skip and skip.skips_file(p))]
     return sorted(files)
 
 

@@ -35,10 +35,12 @@ defect region); their union is the mask.
 
 from __future__ import annotations
 
+import collections
 import os
 import sys
 import threading
 import warnings
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -49,6 +51,32 @@ from zsad_jax.data.records import Record
 # The one list of image file extensions: the dataset readers, ``predict``'s folder search and mask
 # directories all use it, so a file one of them accepts is never silently skipped by another.
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif")
+# Formats of inspection, camera and medical images that this decoder does not read (DICOM, NIfTI,
+# NRRD, MetaImage, HEIF, camera raw, whole-slide, OpenEXR). A folder's files of these kinds are
+# counted in a note (``unread_images_note``), not passed over without a word as other files are.
+UNREAD_IMAGE_EXTENSIONS = (
+    ".dcm", ".dicom", ".nii", ".nii.gz", ".nrrd", ".mha", ".mhd", ".heic", ".heif", ".dng",
+    ".cr2", ".nef", ".arw", ".svs", ".ndpi", ".exr",
+)  # fmt: skip
+
+
+def unread_images_note(names: Iterable[str]) -> str | None:
+    """What a note says of the ``UNREAD_IMAGE_EXTENSIONS`` files among ``names`` (``3 .dcm``),
+    or None where there are none."""
+    counts = collections.Counter(
+        next((kind for kind in UNREAD_IMAGE_EXTENSIONS if name.lower().endswith(kind)), None)
+        for name in names
+    )
+    counts.pop(None, None)
+    if not counts:
+        return None
+    total, kinds = sum(counts.values()), ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
+    return (
+        f"{total} file{'s' if total != 1 else ''} in a format not decoded here ({kinds}) "
+        f"{'were' if total != 1 else 'was'} not read; convert to PNG or TIFF to include "
+        f"{'them' if total != 1 else 'it'} (read: {', '.join(IMAGE_EXTENSIONS)})"
+    )
+
 
 # The largest image Pillow itself agrees to open (2 x its ``MAX_IMAGE_PIXELS`` default of
 # 89,478,485; above that ``Image.open`` raises ``DecompressionBombError``): 178,956,970 px, about

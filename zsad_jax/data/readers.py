@@ -43,7 +43,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 
-from zsad_jax.data.decode import IMAGE_EXTENSIONS, DataError
+from zsad_jax.data.decode import IMAGE_EXTENSIONS, DataError, unread_images_note
 from zsad_jax.data.records import Record
 
 GROUND_TRUTH_DIR = "ground_truth"
@@ -594,7 +594,9 @@ def _read_folder_category(
     listing: dict[str, list[str]] = {}
     claimed: dict[str, str] = {}
     records: list[Record] = []
-    for defect in sorted([normal_dir, *_defect_dirs(folder, normal_dir, mask_roots, root)]):
+    defects = sorted([normal_dir, *_defect_dirs(folder, normal_dir, mask_roots, root)])
+    _note_unread_images(folder, [os.path.join(folder, d) for d in defects])
+    for defect in defects:
         is_normal = defect == normal_dir
         # Per mask folder: the defect's own subfolder first, then masks lying flat in it.
         search = [d for r in mask_roots for d in (os.path.join(r, defect), r)]
@@ -622,6 +624,14 @@ def _read_folder_category(
     own_roots = [r for r in mask_roots if not (mask_dir and os.path.samefile(r, mask_dir))]
     _note_unused_masks(own_roots, set(claimed), listing, normal_dir)
     return finalize_category(records)
+
+
+def _note_unread_images(folder: str, image_folders: Sequence[str]) -> None:
+    """A note for the files of a category's image folders in a format not decoded here (DICOM,
+    NIfTI, ...): they are not read, and nothing else would say so."""
+    names = [n for d in image_folders if os.path.isdir(d) for n in os.listdir(d)]
+    if note := unread_images_note(names):
+        print(f"note: folder dataset {folder}: {note}", file=sys.stderr)
 
 
 def _note_unused_masks(
