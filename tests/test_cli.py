@@ -5,9 +5,11 @@ and root along, and the one-line refusals. In-process; tests/test_user_path.py t
 
 from __future__ import annotations
 
+import json
+
 import ml_collections
 import pytest
-from toys import run_module
+from toys import REPO, run_module
 
 from zsad_jax import checkpoint as ckpt_lib
 from zsad_jax import cli, compile_cache, config_check, report
@@ -264,3 +266,20 @@ def test_ctrl_c_in_a_command_is_one_line_and_exit_status_130(monkeypatch, capsys
     assert exited.value.code == 130
     assert capsys.readouterr().err == "error: interrupted (Ctrl-C)\n"
     assert not (tmp_path / "eval").exists()  # the empty --workdir it made is gone
+
+
+def test_summary_prints_the_table_and_json_and_refuses_a_typo_in_one_line():
+    """The README's ``python -m zsad_jax.summary`` reads its config as the other commands do."""
+    proc = run_module("zsad_jax.summary", ["--config=configs/demo.py:tiny"], REPO)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "ava_dino: parameters by module" and lines[-2].startswith("total ")
+    counts = json.loads(lines[-1])
+    assert counts["total_params"] == counts["trainable_params"] + counts["frozen_params"] > 0
+    typo = run_module(
+        "zsad_jax.summary", ["--config=configs/demo.py", "--config.optim.stepz=3"], REPO
+    )
+    assert typo.returncode == 2 and typo.stdout == ""
+    assert typo.stderr.splitlines() == [
+        "error: --config.optim.stepz: no such config key; did you mean --config.optim.steps?"
+    ]

@@ -1,8 +1,11 @@
 """Prints a method's parameter table without weights or FLOPs (the model is built abstractly).
 
-    python -m zsad_jax.summary --config=configs/af_clip.py [--depth=2]
+    python -m zsad_jax.summary --config=configs/af_clip.py[:variant,...] [--depth=2]
+        [--config.KEY=VALUE ...]
 
-The last line is JSON: ``{"total_params", "frozen_params", "trainable_params"}``.
+The last line is JSON: ``{"total_params", "frozen_params", "trainable_params"}``. The config is
+read, overridden and validated as the other commands do (``zsad_jax.cli``), and a mistake ends
+with one line ``error: ...``.
 """
 
 from __future__ import annotations
@@ -10,16 +13,13 @@ from __future__ import annotations
 import json
 import math
 from collections import defaultdict
+from collections.abc import Sequence
 
-from absl import app, flags
+from absl import flags
 from flax import nnx
-from ml_collections import config_flags
 
-from zsad_jax import methods
+from zsad_jax import cli, methods
 from zsad_jax.nn import Trainable
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "method config file", lock_config=True)
-_DEPTH = flags.DEFINE_integer("depth", 2, "aggregate parameters by this many leading path parts")
 
 
 def parameter_table(model: nnx.Module, depth: int = 2) -> list[tuple[str, int, int]]:
@@ -47,11 +47,20 @@ def abstract_model(config) -> nnx.Module:
     return nnx.eval_shape(lambda: methods.build(config, rngs=nnx.Rngs(0), load_weights=False))
 
 
-def main(argv):
-    del argv
-    config = _CONFIG.value
+def _define_flags() -> None:
+    flags.DEFINE_string(
+        "config", None, "method config file[:variant,...]; change keys with --config.KEY=VALUE"
+    )
+    flags.DEFINE_integer("depth", 2, "aggregate parameters by this many leading path parts")
+    flags.mark_flag_as_required("config")
+
+
+def main(argv: Sequence[str], overrides: Sequence[tuple[str, str]]) -> None:
+    if len(argv) > 1:
+        raise cli.CommandLineError(f"unexpected arguments {list(argv[1:])}")
+    config = cli.build_config(config_file=flags.FLAGS.config, overrides=overrides)
     model = abstract_model(config)
-    rows = parameter_table(model, _DEPTH.value)
+    rows = parameter_table(model, flags.FLAGS.depth)
     width = max([len("module")] + [len(r[0]) for r in rows])
     print(f"{config.method}: parameters by module")
     print(f"{'module':<{width}}  {'trainable':>12}  {'frozen':>12}")
@@ -63,5 +72,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    flags.mark_flag_as_required("config")
-    app.run(main)
+    cli.Command(_define_flags, main).run()
