@@ -283,3 +283,23 @@ def test_summary_prints_the_table_and_json_and_refuses_a_typo_in_one_line():
     assert typo.stderr.splitlines() == [
         "error: --config.optim.stepz: no such config key; did you mean --config.optim.steps?"
     ]
+
+
+def test_the_package_lists_its_commands_and_says_how_to_type_one():
+    listing = run_module("zsad_jax", [], REPO)
+    assert listing.returncode == 0 and listing.stderr == ""
+    commands = [line.split()[0] for line in listing.stdout.splitlines() if line.startswith("  ")]
+    assert commands == ["train", "evaluate", "predict", "reproduce", "summary",
+                        "pretrain.backbone", "data.tfds_builder", "data.synthetic",
+                        "data.procedural"]  # fmt: skip
+    for command in commands:  # each one runs as a module: a __main__ block that does the work
+        source = (REPO / "zsad_jax" / (command.replace(".", "/") + ".py")).read_text()
+        assert 'if __name__ == "__main__":' in source, command
+    assert "  train              Trains a method's heads on a frozen backbone\n" in listing.stdout
+    typed = run_module("zsad_jax", ["train", "--config=configs/demo.py"], REPO)
+    assert typed.returncode == 2 and typed.stderr.splitlines() == [
+        "error: a command is a module of its own: type python -m zsad_jax.train "
+        "--config=configs/demo.py"
+    ]
+    unknown = run_module("zsad_jax", ["fit"], REPO)
+    assert unknown.returncode == 2 and unknown.stderr.startswith("error: no command 'fit'; ")
