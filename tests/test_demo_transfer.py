@@ -10,6 +10,7 @@ import json
 import math
 import os
 import shutil
+from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
@@ -233,6 +234,12 @@ def test_shipped_backbone_loads_through_the_converted_checkpoint_path():
     record = json.load(open(os.path.join(demo.PRETRAINED, "pretrain.json")))
     assert record["command"].startswith("python -m zsad_jax.pretrain.backbone")
     assert "reduced" in record and "val" in record
+    # The README and --help give the command that made the shipped backbone: this record's.
+    readme = " ".join((Path(demo.PRETRAINED).parents[1] / "README.md").read_text().split())
+    assert f"`{record['command']}`" in readme
+    from zsad_jax.pretrain import backbone
+
+    assert record["command"].split(" ", 3)[3] in " ".join(backbone.EPILOG.split())
 
 
 @pytest.mark.slow
@@ -274,7 +281,7 @@ def test_pretraining_refusal_is_one_line_on_the_command_line(tmp_path):
     """``python -m zsad_jax.pretrain.backbone`` with an --out that holds files: one line, exit 1."""
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("mine")
-    proc = run_module("zsad_jax.pretrain.backbone", ["--out", "mine", "--steps", "3200"], tmp_path)
+    proc = run_module("zsad_jax.pretrain.backbone", ["--out", "mine", "--steps", "6400"], tmp_path)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: --out mine: a folder of other files")

@@ -526,12 +526,12 @@ EPILOG = f"""\
 Every run is followed by a reference run of the same options at the reduced scale
 {", ".join(f"{k}={v}" for k, v in REDUCED.items())},
 recorded in pretrain.json as "reduced" and re-run by tests/test_demo_transfer.py.
-It adds about half a minute on 2 CPU cores (34 s when it was last recorded).
+It adds about half a minute on 2 CPU cores (12 s when it was last recorded).
 --no_reduced skips it: pretrain.json then records "reduced": null, and that test
 has nothing to compare with.
 
-The shipped backbone: --out pretrained/dinov3-small-procedural --steps 3200
-(29 minutes on 2 CPU cores, then the reduced run)."""
+The shipped backbone: --out pretrained/dinov3-small-procedural --steps 6400
+(25 minutes on 2 CPU cores, then the reduced run)."""
 
 
 def _parser() -> argparse.ArgumentParser:
