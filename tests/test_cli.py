@@ -283,6 +283,11 @@ def test_summary_prints_the_table_and_json_and_refuses_a_typo_in_one_line():
     assert typo.stderr.splitlines() == [
         "error: --config.optim.stepz: no such config key; did you mean --config.optim.steps?"
     ]
+    # A stray argument is refused while the flags are read, before any config file is opened.
+    stray = run_module("zsad_jax.summary", ["--config=configs/nosuch.py", "extra"], REPO)
+    assert stray.returncode == 2 and stray.stderr.splitlines() == [
+        "error: unexpected arguments ['extra']"
+    ]
 
 
 def test_the_package_lists_its_commands_and_says_how_to_type_one():

@@ -465,7 +465,9 @@ class Command:
     """An absl command whose ``--config.KEY=VALUE`` overrides are parsed here.
 
     ``define_flags()`` defines the command's own flags; ``main(argv, overrides)`` does the work.
-    The expected failures of ``main`` (bad paths, data, configs, checkpoints) end with one line.
+    Arguments that are not flags are refused before it unless the command ``takes_paths`` (they
+    reach ``main`` as ``argv[1:]``). The expected failures of ``main`` (bad paths, data, configs,
+    checkpoints) end with one line.
     """
 
     EXPECTED_ERRORS = EXPECTED_ERRORS
@@ -476,8 +478,10 @@ class Command:
         main: Callable[[list[str], list[tuple[str, str]]], None],
         *,
         expected_errors: tuple[type[BaseException], ...] = (),
+        takes_paths: bool = False,
     ):
         self._define_flags, self._main = define_flags, main
+        self._takes_paths = takes_paths
         self._expected = self.EXPECTED_ERRORS + tuple(expected_errors)
         self.overrides: list[tuple[str, str]] = []
 
@@ -486,7 +490,10 @@ class Command:
 
         try:
             rest, self.overrides = split_overrides(argv[1:])
-            return flags.FLAGS([argv[0], *rest])
+            remaining = flags.FLAGS([argv[0], *rest])
+            if len(remaining) > 1 and not self._takes_paths:
+                raise CommandLineError(f"unexpected arguments {remaining[1:]}")
+            return remaining
         except (flags.Error, CommandLineError) as e:
             fail(str(e), code=2)
         except SystemExit as e:

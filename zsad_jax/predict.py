@@ -1405,4 +1405,4 @@ def _summary(records: Sequence[Mapping[str, Any]], threshold: float | None, out:
 if __name__ == "__main__":
     # FileExistsError: an --out holding an earlier run's predictions (check_out_dir), an existing
     # --export (check_export).
-    cli.Command(_define_flags, main, expected_errors=(FileExistsError,)).run()
+    cli.Command(_define_flags, main, expected_errors=(FileExistsError,), takes_paths=True).run()

@@ -1000,8 +1000,6 @@ def _define_flags() -> None:
 
 
 def main(argv: Sequence[str], overrides: Sequence[tuple[str, str]]) -> None:
-    if len(argv) > 1:
-        raise cli.CommandLineError(f"unexpected arguments {list(argv[1:])}")
     f = flags.FLAGS
     try:
         few_shot = [int(k) for k in f.few_shot]

@@ -56,8 +56,6 @@ def _define_flags() -> None:
 
 
 def main(argv: Sequence[str], overrides: Sequence[tuple[str, str]]) -> None:
-    if len(argv) > 1:
-        raise cli.CommandLineError(f"unexpected arguments {list(argv[1:])}")
     config = cli.build_config(config_file=flags.FLAGS.config, overrides=overrides)
     model = abstract_model(config)
     rows = parameter_table(model, flags.FLAGS.depth)

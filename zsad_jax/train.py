@@ -952,8 +952,6 @@ def _define_flags() -> None:
 def main(argv: Sequence[str], overrides: Sequence[tuple[str, str]]) -> None:
     from absl import flags
 
-    if len(argv) > 1:
-        raise cli.CommandLineError(f"unexpected arguments {list(argv[1:])}")
     f = flags.FLAGS
     config = cli.config_from_flags(overrides)
     result = train(
