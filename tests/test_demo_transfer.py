@@ -168,11 +168,9 @@ def _jitted_call(model, images):
     return nnx.jit(lambda m, x: m({"image": x}))(model, images)
 
 
-def test_training_reports_transfer_on_every_held_out_set_beside_the_baselines(
-    tmp_path, monkeypatch
-):
-    """The demo's last JSON line: ``train.default_evaluator`` adds ``zsad_jax.transfer``'s report.
-    The model here *is* the colour baseline, so both routes must give the same numbers."""
+def _small_held_out_sets(tmp_path, monkeypatch):
+    """A config whose test side is one small generated category (``pill``) and whose one extra
+    held-out set (``mpdd``, read from its patched default root) is another (``wood``)."""
     main_root = synthetic.generate(
         str(tmp_path / "a"), image_size=48, categories=("pill",), **SMALL_TEST
     )
@@ -184,6 +182,15 @@ def test_training_reports_transfer_on_every_held_out_set_beside_the_baselines(
     config.data.update(test_set="mvtec_ad", test_root=main_root, test_categories=("pill",))
     config.data.transform = "plain"
     config.eval.update(extra_test_sets="mpdd", baselines="colour_median", num_vis=0)
+    return config
+
+
+def test_training_reports_transfer_on_every_held_out_set_beside_the_baselines(
+    tmp_path, monkeypatch
+):
+    """The demo's last JSON line: ``train.default_evaluator`` adds ``zsad_jax.transfer``'s report.
+    The model here *is* the colour baseline, so both routes must give the same numbers."""
+    config = _small_held_out_sets(tmp_path, monkeypatch)
     result = train_lib.default_evaluator(config)(baselines.ColourMedianDistance(), 0)
     report = result["transfer"]
     assert sorted(report) == ["mpdd", "mvtec_ad"]
@@ -196,6 +203,69 @@ def test_training_reports_transfer_on_every_held_out_set_beside_the_baselines(
     assert "transfer" not in train_lib.default_evaluator(config)(
         baselines.ColourMedianDistance(), 0
     )
+
+
+def test_kind_report_scores_each_defect_kind_against_all_normal_images(tmp_path, monkeypatch):
+    """``transfer.kind_report`` (the README's per-kind figures, ``tools/demo_transfer.py
+    --by_kind``) against scikit-learn on one full evaluation's kept outputs, split by kind."""
+    from sklearn.metrics import roc_auc_score
+
+    from zsad_jax import evaluate as evaluate_lib
+    from zsad_jax import transfer
+
+    config = _small_held_out_sets(tmp_path, monkeypatch)
+    model = baselines.ColourMedianDistance()
+    report = transfer.kind_report(model, config)
+    assert sorted(report) == ["mpdd", "mvtec_ad"]
+    for set_name, c in transfer.heldout_configs(config).items():
+        kept = evaluate_lib.evaluate(model, c, num_vis=0, keep_outputs=True)["outputs"]
+        kinds = {r.path: r.defect_type for r in read_dataset("mvtec_ad", c.data.test_root)}
+        kind_of = np.array([kinds[str(p)] for p in kept["path"]])
+        assert sorted(report[set_name]) == sorted(set(kind_of) - {"good"})
+        for kind, row in report[set_name].items():
+            assert set(row) == {"model", "colour_median"}
+            assert row["model"] == row["colour_median"]
+            rows = (kind_of == "good") | (kind_of == kind)
+            image = roc_auc_score(kept["gt_label"][rows], kept["pred_score"][rows])
+            pixel = roc_auc_score(kept["gt_mask"][rows].ravel(), kept["anomaly_map"][rows].ravel())
+            assert row["model"]["image_AUROC"] == pytest.approx(image, abs=1e-6)
+            assert row["model"]["pixel_AUROC"] == pytest.approx(pixel, abs=1e-5)
+
+
+def test_demo_transfer_tool_prints_the_per_kind_report(tmp_path, monkeypatch, capsys):
+    """``tools/demo_transfer.py --by_kind`` as typed (baselines only, the small sets above)."""
+    import importlib.util
+
+    config = _small_held_out_sets(tmp_path, monkeypatch)
+    spec = importlib.util.spec_from_file_location(
+        "demo_transfer", Path(__file__).resolve().parent.parent / "tools" / "demo_transfer.py"
+    )
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    tool.main(
+        [
+            "--config=configs/demo.py:tiny",
+            "--baselines_only",
+            "--by_kind",
+            "--baselines=colour_median",
+            "--extra=mpdd",
+            "--set=data.test_set=mvtec_ad",
+            f"--set=data.test_root={config.data.test_root}",
+            "--set=data.transform=plain",
+            "--set=eval.num_vis=0",
+        ]
+    )
+    out, err = capsys.readouterr()
+    result = json.loads(out.strip().splitlines()[-1])
+    for set_name, root in [
+        ("mvtec_ad", config.data.test_root),
+        ("mpdd", protocol.default_root("")),
+    ]:
+        kinds = {r.defect_type for r in read_dataset("mvtec_ad", root) if r.gt_label}
+        assert sorted(result["by_kind"][set_name]) == sorted(kinds)
+        for kind, row in result["by_kind"][set_name].items():
+            assert set(row) == {"colour_median"} and 0 <= row["colour_median"]["pixel_AUROC"] <= 1
+            assert f"{set_name} {kind} " in err
 
 
 # ----------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@ r"""Train a config (or load a checkpoint) and report zero-shot transfer on every
 
     python tools/demo_transfer.py --config=configs/demo.py --workdir=runs/demo_transfer
     python tools/demo_transfer.py --checkpoint=runs/demo              # a trained workdir
+    python tools/demo_transfer.py --checkpoint=runs/demo --by_kind    # and per defect kind
     python tools/demo_transfer.py --config=configs/demo.py --baselines_only
     python tools/demo_transfer.py --config=configs/demo.py --workdir=runs/x --set optim.steps=300
 
@@ -9,7 +10,9 @@ What ``zsad_jax.train`` does, with the evaluation at the end replaced by
 ``zsad_jax.transfer.transfer_report``: the model and the training-free baselines on
 ``config.data.test_set`` and on each of ``--extra`` (default: the config's
 ``eval.extra_test_sets``, else ``synthetic_novel``). The last line printed is JSON: ``steps``,
-``seconds``, ``train_seconds`` and ``report`` ({set: {"model"|baseline: {metric: value}}}).
+``seconds``, ``train_seconds`` and ``report`` ({set: {"model"|baseline: {metric: value}}});
+with ``--by_kind`` also ``by_kind`` ({set: {defect kind: {"model"|baseline: {metric: value}}}},
+``zsad_jax.transfer.kind_report``: each kind scored with all of its set's normal images).
 ``zsad_jax.train`` itself reports the same under ``transfer`` when the config names
 ``eval.extra_test_sets`` or ``eval.baselines`` (configs/demo.py does).
 """
@@ -35,11 +38,13 @@ def main(argv=None) -> None:
     parser.add_argument("--baselines", default="colour_median,random_token_median")
     parser.add_argument("--baselines_only", action="store_true")
     parser.add_argument("--no_baselines", action="store_true")
+    parser.add_argument(
+        "--by_kind",
+        action="store_true",
+        help="also report each held-out set per defect kind (each kind with all normal images)",
+    )
     args = parser.parse_args(argv)
 
-    import jax
-
-    from zsad_jax import checkpoint as ckpt_lib
     from zsad_jax import cli, inference, transfer
     from zsad_jax import train as train_lib
 
@@ -75,12 +80,21 @@ def main(argv=None) -> None:
         if model is None:  # a finished run resumed: rebuild from its checkpoint
             model = inference.load_model(args.workdir, config)[0]
     report = transfer.transfer_report(model, config, baselines=names)
-    result.update(report=report, seconds=round(time.time() - start, 1))
-    del ckpt_lib, jax
-    for set_name, row in report.items():
+    result["report"] = report
+    lines = [((set_name,), row) for set_name, row in report.items()]
+    if args.by_kind:
+        result["by_kind"] = transfer.kind_report(model, config, baselines=names)
+        lines += [
+            ((set_name, kind), row)
+            for set_name, kinds in result["by_kind"].items()
+            for kind, row in kinds.items()
+        ]
+    result["seconds"] = round(time.time() - start, 1)
+    for where, row in lines:
         for who, m in row.items():
             print(
-                f"{set_name:16s} {who:24s} pixel_AUROC {m.get('pixel_AUROC', float('nan')):.3f} "
+                f"{' '.join(where):28s} {who:24s} "
+                f"pixel_AUROC {m.get('pixel_AUROC', float('nan')):.3f} "
                 f"image_AUROC {m.get('image_AUROC', float('nan')):.3f}",
                 file=sys.stderr,
             )
