@@ -11,6 +11,7 @@ computes only the missing classes, once.
 
 from __future__ import annotations
 
+import sys
 import warnings
 
 import jax.numpy as jnp
@@ -104,6 +105,33 @@ def test_encode_in_batches_pads_the_last_batch_and_shows_progress(capsys):
     assert out.dtype == np.float32
     captured = capsys.readouterr()
     assert "probe" in captured.err and captured.out == ""
+
+
+def test_progress_bars_redraw_rarely_when_stderr_is_a_log_file(monkeypatch):
+    """Off a terminal (a log file, a pod's log) every redraw is appended to the log: the bars of
+    ``report.progress_bar`` (train, evaluate, predict and this module's) redraw every
+    ``LOG_REFRESH_SECONDS`` there, where tqdm's own 0.1 s gave a redraw per few steps."""
+    import io
+    import time
+
+    from zsad_jax import report
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    redraws = {}
+    for name, stream in [("log", io.StringIO()), ("terminal", Terminal())]:
+        monkeypatch.setattr(sys, "stderr", stream)
+        bar = report.progress_bar(40, enabled=True, desc="probe", unit="step")
+        for _ in range(40):
+            time.sleep(0.02)
+            bar.update(1)
+        bar.close()
+        redraws[name] = stream.getvalue().count("probe")
+    assert report.LOG_REFRESH_SECONDS >= 30
+    assert redraws["log"] <= 2  # the first draw and the final one
+    assert redraws["terminal"] >= 4
 
 
 def test_cached_per_class_computes_only_what_is_missing(tmp_path):

@@ -27,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import sys
 import tempfile
 import warnings
 import weakref
@@ -38,6 +37,8 @@ from typing import Any
 import jax
 import numpy as np
 from flax import nnx
+
+from zsad_jax import report
 
 ENV_VAR = "ZSAD_TEXT_CACHE"
 SUBDIR = "text_cache"
@@ -175,13 +176,13 @@ def encode_in_batches(
 ) -> np.ndarray:
     """Runs ``encode`` (ids (batch, T) -> (batch, ...)) over the rows of ``ids`` in fixed-size
     batches (the last one padded with copies of row 0, so one compilation serves all), with a
-    tqdm bar on stderr; blocks until every row is on the host. Returns (S, ...) float32."""
-    from tqdm.auto import tqdm
-
+    progress bar on stderr (process 0's); blocks until every row is on the host. Returns (S, ...)
+    float32."""
     n = ids.shape[0]
     batch = max(1, min(batch, n))
     out = []
-    with tqdm(total=n, desc=desc, unit="prompt", file=sys.stderr, dynamic_ncols=True) as bar:
+    bar = report.progress_bar(n, enabled=jax.process_index() == 0, desc=desc, unit="prompt")
+    try:
         for start in range(0, n, batch):
             chunk = ids[start : start + batch]
             rows = chunk.shape[0]
@@ -189,6 +190,8 @@ def encode_in_batches(
                 chunk = np.concatenate([chunk, np.repeat(chunk[:1], batch - rows, axis=0)])
             out.append(np.asarray(jax.device_get(encode(chunk)), np.float32)[:rows])
             bar.update(rows)
+    finally:
+        bar.close()
     return np.concatenate(out)
 
 

@@ -7,9 +7,10 @@ r"""Trains a method's heads on a frozen backbone: ``python -m zsad_jax.train``.
 Re-running the same command resumes from the latest checkpoint in ``WORKDIR/checkpoints`` and
 continues exactly (bitwise on CPU: weights, optimiser state, RNG streams, step and data position
 are restored); SIGTERM saves the current step and exits with status 143, a first Ctrl-C the same
-with status 130 (a second one stops at once). Metrics go to a tqdm bar,
-``WORKDIR/metrics.jsonl`` and TensorBoard files; the last printed line is JSON with the final
-metrics (held-out evaluation unless ``config.eval.enabled`` is False).
+with status 130 (a second one stops at once). Metrics go to a tqdm bar (redrawn every 30 s when
+stderr is a log file, not a terminal), ``WORKDIR/metrics.jsonl`` and TensorBoard files; the last
+printed line is JSON with the final metrics (held-out evaluation unless ``config.eval.enabled`` is
+False).
 
 One ``jax.jit`` step (``make_train_step``) over the trained weights, the RNG streams and the frozen
 rest (``zsad_jax.state.split_for_training``), batches split over ``config.mesh``; a step with a
