@@ -402,3 +402,22 @@ def test_pretraining_announces_the_reduced_run_and_no_reduced_skips_it(
     assert [c["steps"] for c in calls] == [5]
     assert saved["reduced"] is None and saved["command"].endswith("--steps 5 --no_reduced")
     assert "reduced scale" not in capsys.readouterr().err
+
+
+def test_demo_transfer_tool_refuses_a_missing_checkpoint_in_one_line():
+    """Typed from the repository root with a relative path that is not there."""
+    import subprocess
+    import sys
+
+    from toys import REPO
+
+    done = subprocess.run(
+        [sys.executable, "tools/demo_transfer.py", "--checkpoint=runs/nosuch", "--by_kind"],
+        cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        "error: runs/nosuch: no such checkpoint directory; pass a training workdir (with "
+        "checkpoints/), its checkpoints/ folder or one step folder"
+    ]

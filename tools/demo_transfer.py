@@ -104,4 +104,6 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from zsad_jax.errors import run_command
+
+    sys.exit(run_command(main))
