@@ -1,5 +1,8 @@
 """Backbone building: converted checkpoints, presets, the missing-weights message, one part only."""
 
+import os
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -144,3 +147,51 @@ def test_saving_into_a_folder_of_other_files_is_refused_and_deletes_nothing(tmp_
         _convert_tiny_dinov3(tmp_path / "models", seed=0)
     _convert_tiny_dinov3(tmp_path / "converted", seed=0)
     _convert_tiny_dinov3(tmp_path / "converted", seed=1)  # a converted checkpoint is replaced
+
+
+def _modes(folder) -> dict:
+    return {p.name: p.stat().st_mode & 0o777 for p in (folder, *folder.iterdir())}
+
+
+def test_a_converted_checkpoint_is_readable_by_others_as_the_umask_allows(tmp_path):
+    """mkdtemp made the folder 0700 and safetensors the weights 0600: a checkpoint converted on
+    a shared filesystem could be read by its converter only."""
+    umask = os.umask(0o022)  # the usual one, whatever this machine's is
+    try:
+        _convert_tiny_dinov3(tmp_path / "dinov3-tiny", seed=3)
+    finally:
+        os.umask(umask)
+    folder = tmp_path / "dinov3-tiny"
+    files = {"config.json": 0o644, "weights.safetensors": 0o644}
+    assert _modes(folder) == {folder.name: 0o755, **files}
+    umask = os.umask(0o077)  # a private umask is kept private
+    try:
+        _convert_tiny_dinov3(folder, seed=3)
+    finally:
+        os.umask(umask)
+    assert set(_modes(folder).values()) <= {0o700, 0o600}
+
+
+def test_a_replacement_that_fails_keeps_the_old_checkpoint_whole(tmp_path, monkeypatch):
+    """The old folder used to be deleted before the new one was renamed into place: a failure
+    (or a kill) in between lost the checkpoint that was there."""
+    folder = tmp_path / "dinov3-tiny"
+    _convert_tiny_dinov3(folder, seed=3)
+    digest = checkpoint.weights_digest(folder)
+    real_rename = os.rename
+
+    def failing_rename(src, dst):
+        if Path(src).name.startswith(f".{folder.name}.") and Path(dst) == folder:
+            raise OSError("disk full")  # the new folder's rename into place
+        real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", failing_rename)
+    monkeypatch.setattr(os, "replace", failing_rename)
+    with pytest.raises(OSError, match="disk full"):
+        _convert_tiny_dinov3(folder, seed=4)
+    monkeypatch.undo()
+    assert checkpoint.weights_digest(folder) == digest
+    assert [p.name for p in tmp_path.iterdir()] == [folder.name]  # no staging folder left behind
+    _convert_tiny_dinov3(folder, seed=4)  # a replacement that succeeds replaces it
+    assert checkpoint.weights_digest(folder) != digest
+    assert [p.name for p in tmp_path.iterdir()] == [folder.name]

@@ -2,14 +2,17 @@
 
 Every JSON file and line of zsad_jax (metrics, predictions, run records, tables) goes through
 ``json_ready``, so NaN is always ``null`` and NumPy/JAX values are plain numbers; result files are
-written with ``write_atomic``.
+written with ``write_atomic`` and folders (converted checkpoints, generated datasets) put in place
+with ``replace_folder``.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import shutil
 import sys
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -48,6 +51,43 @@ def write_atomic(path: str | os.PathLike, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(temporary, path)
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def replace_folder(staging: str | os.PathLike, dest: str | os.PathLike) -> None:
+    """Puts the finished folder ``staging`` (made with ``tempfile.mkdtemp`` beside ``dest``) at
+    ``dest``, readable by others as a folder made with ``os.makedirs`` would be.
+
+    mkdtemp makes its folder private (0700) and safetensors its files (0600), so the modes are
+    set from the umask, as ``os.makedirs`` and ``open`` would have. An existing ``dest`` is renamed
+    aside first and deleted only once the new folder is in place (put back if that fails), so a
+    process killed or failing midway leaves the old or the new folder whole on disk, never half
+    deleted. A ``dest`` that is a file or a link is not touched: the rename fails (``OSError``),
+    as it does when another process put a ``dest`` there first.
+    """
+    staging, dest = Path(staging), Path(dest)
+    umask = _umask()
+    for path in (staging, *staging.rglob("*")):
+        if not path.is_symlink():
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+    aside = None
+    if dest.is_dir() and not dest.is_symlink():  # anything else makes the rename below fail
+        aside = Path(tempfile.mkdtemp(prefix=f".{dest.name}-old-", dir=dest.parent))
+        os.rename(dest, aside / "old")
+    try:
+        os.rename(staging, dest)
+    except BaseException:
+        if aside is not None and not os.path.lexists(dest):
+            os.rename(aside / "old", dest)
+        raise
+    finally:
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
 
 
 def config_json(config: Any) -> str:

@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from PIL import Image
 
+from zsad_jax import report
 from zsad_jax.data import readers
 
 # (category, split, defect or None, index) -> (image (S, S, 3) uint8, mask (S, S) bool)
@@ -108,14 +109,6 @@ def write_dataset(
     return root
 
 
-def _permissions_of_a_new_folder(path: str) -> None:
-    """mkdtemp makes its folder private (0700); the dataset's folder gets what ``os.makedirs``
-    would give it (0777 less the umask), like every folder inside it, so others can read it."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o777 & ~umask)
-
-
 def ensure_generated(
     root: str, *, manifest: str, wanted: dict, generate: Callable[[str], object], what: str
 ) -> str:
@@ -140,15 +133,10 @@ def ensure_generated(
     staging = tempfile.mkdtemp(prefix=f"{prefix}-", dir=parent)
     try:
         generate(staging)
-        _permissions_of_a_new_folder(staging)
-        if os.path.isdir(root):
-            if read_manifest(root, manifest) == wanted:  # another process finished first
-                return root
-            stale = tempfile.mkdtemp(prefix=f"{prefix}-stale-", dir=parent)
-            os.rename(root, os.path.join(stale, "old"))
-            shutil.rmtree(stale, ignore_errors=True)
+        if read_manifest(root, manifest) == wanted:  # another process finished first
+            return root
         try:
-            os.rename(staging, root)
+            report.replace_folder(staging, root)
         except OSError:
             if read_manifest(root, manifest) != wanted:
                 raise

@@ -32,6 +32,7 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
+from zsad_jax import report
 from zsad_jax.encoders import clip, dinov3
 
 FORMAT = "zsad_jax.encoder/1"
@@ -118,9 +119,7 @@ def save(
         save_file({k: np.array(v, order="C") for k, v in arrays.items()}, tmp / WEIGHTS_FILE)
         for f in extra_files:
             shutil.copy2(f, tmp / Path(f).name)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        report.replace_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
