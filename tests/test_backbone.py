@@ -186,7 +186,7 @@ def test_a_replacement_that_fails_keeps_the_old_checkpoint_whole(tmp_path, monke
         real_rename(src, dst)
 
     monkeypatch.setattr(os, "rename", failing_rename)
-    monkeypatch.setattr(os, "replace", failing_rename)
+    monkeypatch.setattr(os, "replace", failing_rename)  # the call save used before
     with pytest.raises(OSError, match="disk full"):
         _convert_tiny_dinov3(folder, seed=4)
     monkeypatch.undo()

@@ -76,10 +76,10 @@ def replace_folder(staging: str | os.PathLike, dest: str | os.PathLike) -> None:
         if not path.is_symlink():
             os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
     aside = None
-    if dest.is_dir() and not dest.is_symlink():  # anything else makes the rename below fail
-        aside = Path(tempfile.mkdtemp(prefix=f".{dest.name}-old-", dir=dest.parent))
-        os.rename(dest, aside / "old")
     try:
+        if dest.is_dir() and not dest.is_symlink():  # anything else makes the rename below fail
+            aside = Path(tempfile.mkdtemp(prefix=f".{dest.name}-old-", dir=dest.parent))
+            os.rename(dest, aside / "old")
         os.rename(staging, dest)
     except BaseException:
         if aside is not None and not os.path.lexists(dest):
