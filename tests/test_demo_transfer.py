@@ -32,6 +32,7 @@ from zsad_jax.data import (
     synthetic_scenes,
 )
 from zsad_jax.data.protocol import read_dataset
+from zsad_jax.encoders import checkpoint
 from zsad_jax.methods import baselines
 
 SMALL = {"image_size": 64, "n_train_good": 1, "n_test_good": 1}
@@ -290,7 +291,6 @@ def test_demo_uses_the_shipped_backbone_and_the_auxiliary_family():
 
 
 def test_shipped_backbone_loads_through_the_converted_checkpoint_path():
-    from zsad_jax.encoders import checkpoint
     from zsad_jax.methods.backbone import build_backbone
 
     meta = checkpoint.read_meta(demo.PRETRAINED)
@@ -345,6 +345,25 @@ def test_pretraining_refuses_an_existing_out_before_it_trains(tmp_path, monkeypa
     (tmp_path / "mine" / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="a folder of other files"):
         backbone.main(["--out", str(tmp_path / "mine")])
+
+
+def test_pretraining_refuses_a_linked_out_before_it_trains(tmp_path, monkeypatch):
+    """A link ``--out`` (to a converted checkpoint, even with ``--overwrite``, or dangling) is
+    refused up front with the folder to pass instead: the finished checkpoint is renamed onto
+    ``--out``, which fails on a link, so it used to fail with a bare OSError after the training."""
+    from zsad_jax.pretrain import backbone
+
+    monkeypatch.setattr(backbone, "pretrain", lambda *a, **k: pytest.fail("trained first"))
+    shutil.copytree(demo.PRETRAINED, tmp_path / "shipped")
+    (tmp_path / "link").symlink_to(tmp_path / "shipped")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    for link, target in (("link", "shipped"), ("dangling", "nowhere")):
+        want = f"--out {tmp_path / link}: is a symbolic link .* --out {tmp_path / target}$"
+        with pytest.raises(FileExistsError, match=want):
+            backbone.main(["--out", str(tmp_path / link), "--overwrite"])
+    assert checkpoint.weights_digest(tmp_path / "shipped") == checkpoint.weights_digest(
+        demo.PRETRAINED
+    )
 
 
 def test_pretraining_refusal_is_one_line_on_the_command_line(tmp_path):

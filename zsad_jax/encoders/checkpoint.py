@@ -143,9 +143,17 @@ def converted_kind(folder: str | os.PathLike) -> str | None:
 def check_out_dir(out: str | os.PathLike, *, overwrite: bool) -> None:
     """Refuses, before any work, an ``--out`` that writing a converted checkpoint (``save``, which
     replaces the whole folder) would replace: a converted checkpoint unless ``overwrite``, and
-    always a file or a folder of other files. The converters and ``zsad_jax.pretrain.backbone``
-    call it first, so that a refusal never comes after a long conversion or pretraining."""
+    always a file, a folder of other files or a symbolic link. The converters and
+    ``zsad_jax.pretrain.backbone`` call it first, so that a refusal never comes after a long
+    conversion or pretraining."""
     out = Path(out)
+    if out.is_symlink():
+        # ``save`` renames its finished folder onto ``out``, which fails on a link (also a
+        # dangling one); the folder it points to can be written instead.
+        raise FileExistsError(
+            f"--out {out}: is a symbolic link (to {os.readlink(out)}); writing replaces the "
+            f"whole folder, so pass the folder itself: --out {out.resolve()}"
+        )
     if not out.exists():
         return
     if not out.is_dir():
