@@ -530,8 +530,8 @@ It adds about half a minute on 2 CPU cores (12 s when it was last recorded).
 --no_reduced skips it: pretrain.json then records "reduced": null, and that test
 has nothing to compare with.
 
-The shipped backbone: --out pretrained/dinov3-small-procedural --steps 12800
-(55 minutes on 2 CPU cores, then the reduced run)."""
+The shipped backbone: --out pretrained/dinov3-small-procedural --steps 19200
+(85 minutes on 2 CPU cores, then the reduced run)."""
 
 
 def _parser() -> argparse.ArgumentParser:
