@@ -440,3 +440,73 @@ def test_demo_transfer_tool_refuses_a_missing_checkpoint_in_one_line():
         "error: runs/nosuch: no such checkpoint directory; pass a training workdir (with "
         "checkpoints/), its checkpoints/ folder or one step folder"
     ]
+
+
+def test_pretraining_hold_out_never_renders_the_held_out_families(monkeypatch):
+    """``--hold_out`` keeps families out of the pretraining images (a backbone can then be judged
+    on them, ``configs/demo.py:select``); without it every family is drawn."""
+    from zsad_jax.pretrain import backbone
+
+    drawn = []
+
+    def recording(family, render):
+        return lambda *a, **k: drawn.append(family) or render(*a, **k)
+
+    families = {
+        name: (style, recording(name, render))
+        for name, (style, render) in procedural_scenes.AUX_FAMILIES.items()
+    }
+    monkeypatch.setattr(procedural_scenes, "AUX_FAMILIES", families)
+    backbone.normal_pool(60, 32, 0, hold_out=("cloud", "sand"))
+    assert drawn and not {"cloud", "sand"} & set(drawn)
+    drawn.clear()
+    backbone.normal_pool(60, 32, 0)
+    assert {"cloud", "sand"} & set(drawn)
+
+
+def test_pretraining_refuses_a_bad_hold_out_before_it_trains(monkeypatch):
+    from zsad_jax.pretrain import backbone
+
+    monkeypatch.setattr(backbone, "pretrain", lambda *a, **k: pytest.fail("trained first"))
+    with pytest.raises(ValueError, match=r"^--hold_out cloud,sandd: unknown auxiliary 'sandd'; "):
+        backbone.main(["--out", "unused", "--hold_out", "cloud,sandd"])
+    every = ",".join(procedural_scenes.AUX_FAMILIES)
+    with pytest.raises(ValueError, match="holds out every auxiliary family"):
+        backbone.main(["--out", "unused", "--hold_out", every])
+    assert backbone.hold_out_families("") == ()
+    assert backbone.hold_out_families(" cloud, sand ") == ("cloud", "sand")
+
+
+def test_select_splits_synthetic_aux_by_family():
+    """``configs/demo.py:select`` trains on synthetic_aux without ``SELECT_FAMILIES`` and tests on
+    exactly their categories; it refuses the variants that change the data or the backbone."""
+    config = demo.get_config("select")
+    train, test = set(config.data.categories), set(config.data.test_categories)
+    assert not train & test
+    assert train | test == set(procedural.aux_categories(procedural.AUX.defaults))
+    assert {name.rpartition("_")[0] for name in test} == set(demo.SELECT_FAMILIES)
+    assert config.data.test_set == config.data.train_set == "synthetic_aux"
+    assert config.eval.extra_test_sets == ""
+    for other in ("tiny", "benchmark", "random"):
+        with pytest.raises(ValueError, match="select .* does not combine"):
+            demo.get_config(f"select,{other}")
+
+
+def test_config_check_refuses_a_backbone_that_was_pretrained_on_the_test_families(tmp_path):
+    """The shipped backbone saw every auxiliary family, so ``select`` on it would not be zero-shot:
+    one line naming the families and the command; a ``--hold_out`` backbone passes."""
+    from zsad_jax import config_check
+
+    config = demo.get_config("select")
+    found = config_check.problems(config)
+    assert len(found) == 1 and "rendered the test families cloud,knurl,pebble,sand" in found[0]
+    assert "--hold_out cloud,knurl,pebble,sand" in found[0]
+    candidate = tmp_path / "candidate"
+    shutil.copytree(demo.PRETRAINED, candidate)
+    record = json.loads((candidate / "pretrain.json").read_text())
+    for held, problems in (("cloud,sand", 1), ("cloud,knurl,pebble,sand", 0)):
+        record["options"]["hold_out"] = held
+        (candidate / "pretrain.json").write_text(json.dumps(record))
+        config.model.backbone.checkpoint = str(candidate)
+        assert len(config_check.problems(config)) == problems, held
+    assert config_check.problems(demo.get_config("")) == []

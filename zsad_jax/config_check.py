@@ -8,8 +8,9 @@ Each line names the full key and what is allowed, e.g.
 ``config.optim.lr=-1.0: must be a finite number > 0``. Only keys that exist are checked, so a
 config built by a test (a toy method, no ``model.backbone``, missing sections) is judged on what it
 has. The checks are static: nothing is read but a converted encoder's ``config.json`` (for its
-patch size), and nothing that needs the devices (the mesh shape against the device count, the
-batch against the devices) is decided here; ``zsad_jax.train`` still checks those.
+patch size) and a self-pretrained one's ``pretrain.json``, and nothing that needs the devices
+(the mesh shape against the device count, the batch against the devices) is decided here;
+``zsad_jax.train`` still checks those.
 
 What is checked (when present):
 
@@ -43,7 +44,9 @@ What is checked (when present):
   ``zsad_jax.encoders.presets.PRESETS``; the fractions ``image_score_weight``,
   ``image_blend_init``, ``text_blend_init`` in [0, 1]; ``temperature``, ``routing_temperature``
   > 0; ``few_shot.alpha`` >= 0; the test-time smoothing ``smoothing_sigma`` / ``sigma`` >= 0
-  (0 = off).
+  (0 = off). A backbone pretrained by ``zsad_jax.pretrain.backbone`` (a ``pretrain.json`` beside
+  its weights) tested on ``synthetic_aux`` must have held the test categories' families out of
+  its pretraining (``--hold_out``), or the test is not zero-shot for it.
 
 Integers must be integers (``True`` is not 1); a float where an integer is wanted is a problem.
 """
@@ -58,7 +61,7 @@ from pathlib import Path
 from typing import Any
 
 from zsad_jax import optim as optim_lib
-from zsad_jax.data import transforms
+from zsad_jax.data import procedural, transforms
 from zsad_jax.encoders.presets import PRESETS
 from zsad_jax.methods import METHODS
 from zsad_jax.names import did_you_mean, known_datasets
@@ -390,6 +393,37 @@ def _check_model(config: Any, out: list[str]) -> None:
     if few_shot is not None:
         _Checker(few_shot, "config.model.few_shot", out).number(
             "alpha", _non_negative, NON_NEGATIVE
+        )
+    _check_pretraining_saw_test(config, out)
+
+
+def _check_pretraining_saw_test(config: Any, out: list[str]) -> None:
+    """A self-pretrained backbone whose pretraining rendered the families of the ``synthetic_aux``
+    categories it is tested on (``configs/demo.py:select`` without a ``--hold_out`` backbone)."""
+    data = _section(config, "data")
+    backbone = _section(_section(config, "model"), "backbone")
+    checkpoint = _value(backbone, "checkpoint")
+    if (
+        str(_value(data, "test_set")).lower() != "synthetic_aux"
+        or not isinstance(checkpoint, str)
+        or not checkpoint
+        or _value(backbone, "random_init") is True
+        or not (Path(checkpoint) / "pretrain.json").is_file()
+    ):
+        return
+    categories = _value(data, "test_categories")
+    if categories is _MISSING or not categories:
+        categories = procedural.aux_categories(procedural.AUX.defaults)
+    families = sorted({c.rpartition("_")[0] for c in categories if c.rpartition("_")[0]})
+    record = json.loads((Path(checkpoint) / "pretrain.json").read_text())
+    held = str(record.get("options", {}).get("hold_out", ""))
+    seen = [f for f in families if f not in held.split(",")]
+    if seen:
+        out.append(
+            f"config.model.backbone.checkpoint={checkpoint}: its pretraining rendered the test "
+            f"families {','.join(seen)} (pretrain.json hold_out={held!r}); pretrain a candidate "
+            f"with python -m zsad_jax.pretrain.backbone --out DIR --hold_out {','.join(families)} "
+            "and pass --config.model.backbone.checkpoint=DIR"
         )
 
 

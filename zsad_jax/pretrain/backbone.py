@@ -85,6 +85,7 @@ DEFAULTS = {
     "recon_weight": 0.5,
     "image_weight": 0.5,
     "log_every": 50,
+    "hold_out": "",
 }
 # The reduced-scale run recorded beside a full one (``pretrain.json`` ``reduced``) and re-run by
 # tests/test_demo_transfer.py: the same options at a smaller scale. Its time is mostly compiling
@@ -104,26 +105,46 @@ PROBE_SCALE = 20.0
 # --- data ---------------------------------------------------------------------------------------
 
 
-def render_normal(rng: np.random.Generator, size: int, seed: int) -> np.ndarray:
+def hold_out_families(value: str) -> tuple[str, ...]:
+    """``--hold_out``'s auxiliary family names, checked: "" is none."""
+    names = tuple(name.strip() for name in str(value).split(",") if name.strip())
+    known = tuple(procedural_scenes.AUX_FAMILIES)
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise ValueError(
+            f"--hold_out {value}: unknown auxiliary {', '.join(map(repr, unknown))}; the "
+            f"families are {','.join(known)}"
+        )
+    if set(known) <= set(names):
+        raise ValueError(f"--hold_out {value}: holds out every auxiliary family; keep one or more")
+    return names
+
+
+def render_normal(
+    rng: np.random.Generator, size: int, seed: int, hold_out: Sequence[str] = ()
+) -> np.ndarray:
     """One normal training-side image (S, S, 3) uint8: a benchmark training category, or a fresh
-    style of an auxiliary family."""
+    style of an auxiliary family not in ``hold_out``."""
     if rng.random() < P_BENCHMARK:
         names = synthetic.SYNTHETIC_TRAIN_CATEGORIES
         scene = synthetic_scenes.RENDERERS[names[int(rng.integers(len(names)))]](rng, size)
     else:
-        families = list(procedural_scenes.AUX_FAMILIES)
+        # Without hold_out the same list, so the same draws as before the option existed.
+        families = [f for f in procedural_scenes.AUX_FAMILIES if f not in hold_out]
         family = families[int(rng.integers(len(families)))]
         style = procedural.aux_style(family, int(rng.integers(1_000_000)), seed)
         scene = procedural_scenes.AUX_FAMILIES[family][1](style, rng, size)
     return synthetic_defects.finish(rng, scene.image)
 
 
-def normal_pool(n: int, size: int, seed: int, stream: int = 0) -> np.ndarray:
+def normal_pool(
+    n: int, size: int, seed: int, stream: int = 0, hold_out: Sequence[str] = ()
+) -> np.ndarray:
     """(n, S, S, 3) uint8 normal images; image i from ``SeedSequence((seed, stream, i))``."""
     out = np.empty((n, size, size, 3), np.uint8)
     for i in range(n):
         rng = np.random.default_rng(np.random.SeedSequence((int(seed), int(stream), i)))
-        out[i] = render_normal(rng, size, seed)
+        out[i] = render_normal(rng, size, seed, hold_out)
     return out
 
 
@@ -353,8 +374,9 @@ def pretrain(opts: dict, *, log=print) -> tuple[object, dict]:
     start = time.time()
     opts = {**DEFAULTS, **opts}
     size, seed = int(opts["image_size"]), int(opts["seed"])
-    pool = normal_pool(int(opts["pool"]), size, seed, stream=0)
-    pool_val = normal_pool(int(opts["val"]), size, seed, stream=1)
+    hold_out = hold_out_families(opts["hold_out"])
+    pool = normal_pool(int(opts["pool"]), size, seed, stream=0, hold_out=hold_out)
+    pool_val = normal_pool(int(opts["val"]), size, seed, stream=1, hold_out=hold_out)
     val = validation_set(opts, pool_val)
     log(f"pool {pool.shape} + val {pool_val.shape} rendered in {time.time() - start:.1f} s")
     backbone, probes = build(opts)
@@ -504,6 +526,8 @@ OPTION_HELP = {
     "recon_weight": "weight of the clean-patch reconstruction loss",
     "image_weight": "weight of the image-level (CLS probe) loss",
     "log_every": "print the mean losses every this many steps",
+    "hold_out": "auxiliary families (comma-separated) never rendered, so that a backbone can be "
+    "judged on them (configs/demo.py:select)",
 }
 
 DESCRIPTION = """\
@@ -564,6 +588,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     line."""
     args = _parser().parse_args(argv)
     checkpoint.check_out_dir(args.out, overwrite=args.overwrite)  # not after the training
+    hold_out_families(args.hold_out)
     opts = {k: getattr(args, k) for k in DEFAULTS}
     command = "python -m zsad_jax.pretrain.backbone " + " ".join(
         [f"--out {args.out}"]
