@@ -58,7 +58,7 @@ SELECT_FAMILIES = ("cloud", "sand", "knurl", "pebble")
 def select_split() -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(training categories, test categories) of ``synthetic_aux`` for ``select``."""
     names = procedural.aux_categories(procedural.AUX.defaults)
-    held = tuple(n for n in names if n.rpartition("_")[0] in SELECT_FAMILIES)
+    held = tuple(n for n in names if procedural.aux_family(n) in SELECT_FAMILIES)
     return tuple(n for n in names if n not in held), held
 
 

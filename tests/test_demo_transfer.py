@@ -504,7 +504,11 @@ def test_config_check_refuses_a_backbone_that_was_pretrained_on_the_test_familie
     candidate = tmp_path / "candidate"
     shutil.copytree(demo.PRETRAINED, candidate)
     record = json.loads((candidate / "pretrain.json").read_text())
-    for held, problems in (("cloud,sand", 1), ("cloud,knurl,pebble,sand", 0)):
+    for held, problems in (
+        ("cloud,sand", 1),
+        ("cloud,knurl,pebble,sand", 0),
+        (" sand, cloud, knurl, pebble", 0),
+    ):
         record["options"]["hold_out"] = held
         (candidate / "pretrain.json").write_text(json.dumps(record))
         config.model.backbone.checkpoint = str(candidate)

@@ -119,6 +119,7 @@ def problems(config: Any) -> list[str]:
     _check_mesh(config, out)
     _check_top(config, out)
     _check_model(config, out)
+    _check_pretraining_saw_test(config, out)
     return out
 
 
@@ -394,7 +395,6 @@ def _check_model(config: Any, out: list[str]) -> None:
         _Checker(few_shot, "config.model.few_shot", out).number(
             "alpha", _non_negative, NON_NEGATIVE
         )
-    _check_pretraining_saw_test(config, out)
 
 
 def _check_pretraining_saw_test(config: Any, out: list[str]) -> None:
@@ -408,16 +408,18 @@ def _check_pretraining_saw_test(config: Any, out: list[str]) -> None:
         or not isinstance(checkpoint, str)
         or not checkpoint
         or _value(backbone, "random_init") is True
-        or not (Path(checkpoint) / "pretrain.json").is_file()
     ):
+        return
+    record_file = Path(checkpoint) / "pretrain.json"
+    if not record_file.is_file():
         return
     categories = _value(data, "test_categories")
     if categories is _MISSING or not categories:
         categories = procedural.aux_categories(procedural.AUX.defaults)
-    families = sorted({c.rpartition("_")[0] for c in categories if c.rpartition("_")[0]})
-    record = json.loads((Path(checkpoint) / "pretrain.json").read_text())
-    held = str(record.get("options", {}).get("hold_out", ""))
-    seen = [f for f in families if f not in held.split(",")]
+    families = sorted({procedural.aux_family(c) for c in categories} - {None})
+    held = str(json.loads(record_file.read_text()).get("options", {}).get("hold_out", ""))
+    held_out = procedural.aux_families(held)  # as --hold_out reads it: "cloud, sand" too
+    seen = [f for f in families if f not in held_out]
     if seen:
         out.append(
             f"config.model.backbone.checkpoint={checkpoint}: its pretraining rendered the test "

@@ -71,6 +71,26 @@ def aux_categories(params: dict) -> tuple[str, ...]:
     return tuple(synthetic.SYNTHETIC_TRAIN_CATEGORIES) + tuple(styles)
 
 
+def aux_family(category: str) -> str | None:
+    """The auxiliary family of a ``synthetic_aux`` category ``{family}_{index}``; None for the
+    benchmark's training categories (and any other name)."""
+    family, _, index = category.rpartition("_")
+    return family if family in procedural_scenes.AUX_FAMILIES and index.isdigit() else None
+
+
+def aux_families(value: str) -> tuple[str, ...]:
+    """Comma-separated auxiliary family names (``pretrain.backbone --hold_out``, as its
+    ``pretrain.json`` records it), checked; "" is none."""
+    names = tuple(name.strip() for name in str(value).split(",") if name.strip())
+    unknown = [name for name in names if name not in procedural_scenes.AUX_FAMILIES]
+    if unknown:
+        raise ValueError(
+            f"unknown auxiliary {', '.join(map(repr, unknown))}; the families are "
+            f"{','.join(procedural_scenes.AUX_FAMILIES)}"
+        )
+    return names
+
+
 def aux_style(family: str, index: int, seed: int) -> dict:
     """The fixed style of category ``{family}_{index}``."""
     rng = np.random.default_rng(np.random.SeedSequence((int(seed), _code(family), int(index), 7)))

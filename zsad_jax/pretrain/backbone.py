@@ -107,15 +107,11 @@ PROBE_SCALE = 20.0
 
 def hold_out_families(value: str) -> tuple[str, ...]:
     """``--hold_out``'s auxiliary family names, checked: "" is none."""
-    names = tuple(name.strip() for name in str(value).split(",") if name.strip())
-    known = tuple(procedural_scenes.AUX_FAMILIES)
-    unknown = [name for name in names if name not in known]
-    if unknown:
-        raise ValueError(
-            f"--hold_out {value}: unknown auxiliary {', '.join(map(repr, unknown))}; the "
-            f"families are {','.join(known)}"
-        )
-    if set(known) <= set(names):
+    try:
+        names = procedural.aux_families(value)
+    except ValueError as e:
+        raise ValueError(f"--hold_out {value}: {e}") from None
+    if set(procedural_scenes.AUX_FAMILIES) <= set(names):
         raise ValueError(f"--hold_out {value}: holds out every auxiliary family; keep one or more")
     return names
 
