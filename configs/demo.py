@@ -26,8 +26,9 @@ the training-free baselines.
 
 Variants (besides ``configs/ava_dino.py``'s): ``random`` (the previous demo's random frozen
 DINOv3), ``benchmark`` (train on the benchmark's six training categories only), ``select`` (the
-training-side selection split for a backbone candidate: trains on ``synthetic_aux`` without the
-families ``SELECT_FAMILIES`` and tests on their categories; the backbone, given by
+training-side selection split for a backbone candidate: of ``synthetic_aux_select``, which is
+``synthetic_aux`` with no foreign material from the families ``SELECT_FAMILIES``, it trains on the
+other families' categories and tests on theirs; the backbone, given by
 ``--config.model.backbone.checkpoint=DIR``, must have been pretrained with ``--hold_out`` those
 families, which ``zsad_jax.config_check`` checks in its ``pretrain.json``). ``tiny`` keeps the tiny
 random encoders and the benchmark (tests and smoke runs).
@@ -52,12 +53,12 @@ VARIANTS = {**ava_dino.VARIANTS, "random": FLAG, "benchmark": FLAG, "select": FL
 _DEMO_ONLY = ("random", "benchmark", "select")
 # The auxiliary families that ``select`` holds out (the split that chose the heads' test size and
 # smoothing in issue 13; for a backbone choice they must be held out of pretraining as well).
-SELECT_FAMILIES = ("cloud", "sand", "knurl", "pebble")
+SELECT_FAMILIES = procedural.SELECT_FAMILIES
 
 
 def select_split() -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(training categories, test categories) of ``synthetic_aux`` for ``select``."""
-    names = procedural.aux_categories(procedural.AUX.defaults)
+    """(training categories, test categories) of ``synthetic_aux_select`` for ``select``."""
+    names = procedural.aux_categories(procedural.AUX_SELECT.defaults)
     held = tuple(n for n in names if procedural.aux_family(n) in SELECT_FAMILIES)
     return tuple(n for n in names if n not in held), held
 
@@ -75,8 +76,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     tiny = bool(variant.get("tiny"))
     if variant.get("select") and (tiny or variant.get("benchmark") or variant.get("random")):
         raise ValueError(
-            "configs/demo.py: select trains and tests on synthetic_aux with a pretrained backbone; "
-            "it does not combine with tiny, benchmark or random"
+            "configs/demo.py: select trains and tests on synthetic_aux_select with a pretrained "
+            "backbone; it does not combine with tiny, benchmark or random"
         )
     if not tiny and not variant.get("random"):
         c.model.backbone.checkpoint = PRETRAINED
@@ -104,8 +105,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.data.train_root = DATA_ROOTS.get("synthetic_aux", "data/synthetic_aux")
         c.data.categories = ()
     if variant.get("select"):
+        # synthetic_aux_select: synthetic_aux whose foreign material is never a test family's.
+        c.data.train_set = c.data.test_set = procedural.AUX_SELECT.name
+        c.data.train_root = c.data.test_root = DATA_ROOTS.get(
+            procedural.AUX_SELECT.name, f"data/{procedural.AUX_SELECT.name}"
+        )
         c.data.categories, c.data.test_categories = select_split()
-        c.data.test_set, c.data.test_root = c.data.train_set, c.data.train_root
     c.optim.steps = 600
     c.optim.lr = 1e-3
     c.ckpt.every_steps = 200

@@ -478,18 +478,46 @@ def test_pretraining_refuses_a_bad_hold_out_before_it_trains(monkeypatch):
 
 
 def test_select_splits_synthetic_aux_by_family():
-    """``configs/demo.py:select`` trains on synthetic_aux without ``SELECT_FAMILIES`` and tests on
-    exactly their categories; it refuses the variants that change the data or the backbone."""
+    """``configs/demo.py:select`` trains on synthetic_aux_select without ``SELECT_FAMILIES`` and
+    tests on exactly their categories; it refuses the variants that change the data or the
+    backbone."""
     config = demo.get_config("select")
     train, test = set(config.data.categories), set(config.data.test_categories)
     assert not train & test
     assert train | test == set(procedural.aux_categories(procedural.AUX.defaults))
     assert {name.rpartition("_")[0] for name in test} == set(demo.SELECT_FAMILIES)
-    assert config.data.test_set == config.data.train_set == "synthetic_aux"
+    assert config.data.test_set == config.data.train_set == "synthetic_aux_select"
+    assert config.data.test_root == config.data.train_root == "data/synthetic_aux_select"
     assert config.eval.extra_test_sets == ""
     for other in ("tiny", "benchmark", "random"):
         with pytest.raises(ValueError, match="select .* does not combine"):
             demo.get_config(f"select,{other}")
+
+
+def test_select_training_images_carry_no_test_family_material(monkeypatch):
+    """The ``foreign`` defect pastes another auxiliary texture: in ``synthetic_aux_select`` never
+    one of ``SELECT_FAMILIES`` (select's training images would show its test families' material),
+    in ``synthetic_aux`` any."""
+    drawn = []
+
+    def recording(family, render):
+        return lambda *a, **k: drawn.append(family) or render(*a, **k)
+
+    textures = {
+        name: (style, recording(name, render))
+        for name, (style, render) in procedural_scenes.AUX_TEXTURES.items()
+    }
+    monkeypatch.setattr(procedural_scenes, "AUX_TEXTURES", textures)
+    train, _ = demo.select_split()
+    for family in (procedural.AUX_SELECT, procedural.AUX):
+        drawn.clear()
+        params = procedural._full_params(family, {"image_size": 32})
+        for category in train[::3]:
+            for index in range(3):
+                procedural.render_image(family, category, params, "test", "foreign", index)
+        assert len(drawn) >= 3 * len(train[::3])  # one per image, more where redrawn
+        held = set(drawn) & set(procedural.SELECT_FAMILIES)
+        assert bool(held) == (family is procedural.AUX), (family.name, sorted(set(drawn)))
 
 
 def test_config_check_refuses_a_backbone_that_was_pretrained_on_the_test_families(tmp_path):

@@ -45,8 +45,8 @@ What is checked (when present):
   ``image_blend_init``, ``text_blend_init`` in [0, 1]; ``temperature``, ``routing_temperature``
   > 0; ``few_shot.alpha`` >= 0; the test-time smoothing ``smoothing_sigma`` / ``sigma`` >= 0
   (0 = off). A backbone pretrained by ``zsad_jax.pretrain.backbone`` (a ``pretrain.json`` beside
-  its weights) tested on ``synthetic_aux`` must have held the test categories' families out of
-  its pretraining (``--hold_out``), or the test is not zero-shot for it.
+  its weights) tested on ``synthetic_aux`` or ``synthetic_aux_select`` must have held the test
+  categories' families out of its pretraining (``--hold_out``), or the test is not zero-shot.
 
 Integers must be integers (``True`` is not 1); a float where an integer is wanted is a problem.
 """
@@ -399,12 +399,14 @@ def _check_model(config: Any, out: list[str]) -> None:
 
 def _check_pretraining_saw_test(config: Any, out: list[str]) -> None:
     """A self-pretrained backbone whose pretraining rendered the families of the ``synthetic_aux``
-    categories it is tested on (``configs/demo.py:select`` without a ``--hold_out`` backbone)."""
+    (or ``synthetic_aux_select``) categories it is tested on (``configs/demo.py:select`` without a
+    ``--hold_out`` backbone)."""
     data = _section(config, "data")
     backbone = _section(_section(config, "model"), "backbone")
     checkpoint = _value(backbone, "checkpoint")
     if (
-        str(_value(data, "test_set")).lower() != "synthetic_aux"
+        str(_value(data, "test_set")).lower()
+        not in {procedural.AUX.name, procedural.AUX_SELECT.name}
         or not isinstance(checkpoint, str)
         or not checkpoint
         or _value(backbone, "random_init") is True

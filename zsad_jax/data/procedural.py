@@ -5,7 +5,9 @@ categories are the synthetic benchmark's six training categories plus ``n_styles
 family in ``procedural_scenes`` (``plaid_0``, ``plaid_1``, ..., ``tag_2``); its defects are the
 benchmark's five kinds plus five more (``procedural_defects``). It shares no generator with either
 held-out family, so a model trained on it meets the held-out categories and (for the second
-family) defect kinds for the first time at test time.
+family) defect kinds for the first time at test time. ``synthetic_aux_select`` is the same with the
+``foreign`` defect's material never drawn from ``SELECT_FAMILIES`` (the training-side selection
+split of ``configs/demo.py:select``).
 
 ``synthetic_novel``: the second *held-out* family (``novel_scenes``): six new categories and five
 new defect kinds. Nothing on the training side reads it.
@@ -108,18 +110,27 @@ def render_aux_scene(category: str, rng: np.random.Generator, size: int, params:
     return procedural_scenes.AUX_FAMILIES[family][1](style, rng, size)
 
 
-def foreign_texture(rng: np.random.Generator, size: int, seed: int = 0) -> np.ndarray:
-    """A random auxiliary texture (random family and style): the ``foreign`` defect's material."""
-    names = list(procedural_scenes.AUX_TEXTURES)
+def foreign_texture(
+    rng: np.random.Generator, size: int, hold_out: Sequence[str] = ()
+) -> np.ndarray:
+    """A random auxiliary texture (random family not in ``hold_out``, random style): the
+    ``foreign`` defect's material."""
+    names = [name for name in procedural_scenes.AUX_TEXTURES if name not in hold_out]
     family = names[int(rng.integers(len(names)))]
     style = procedural_scenes.AUX_TEXTURES[family][0](rng)
     return procedural_scenes.AUX_TEXTURES[family][1](style, rng, size).image
 
 
-def _aux_defect(rng, scene, kind, params):
-    return procedural_defects.add_defect(
-        rng, scene, kind, other=lambda r, s: foreign_texture(r, s, params["seed"])
-    )
+def _aux_defects(hold_out: Sequence[str] = ()):
+    """``Family.add_defect`` of ``synthetic_aux``, its foreign material never from ``hold_out``."""
+
+    def add_defect(rng, scene, kind, params):
+        del params
+        return procedural_defects.add_defect(
+            rng, scene, kind, other=lambda r, s: foreign_texture(r, s, hold_out)
+        )
+
+    return add_defect
 
 
 AUX = Family(
@@ -135,7 +146,17 @@ AUX = Family(
     },
     categories=aux_categories,
     render=render_aux_scene,
-    add_defect=_aux_defect,
+    add_defect=_aux_defects(),
+)
+
+# The auxiliary families of the training-side selection split (``configs/demo.py:select``): it
+# trains on the others' categories and tests on these. Its dataset, ``synthetic_aux_select``, is
+# ``synthetic_aux`` whose ``foreign`` defect never pastes these families' textures, so that no
+# training image shows the test families' material; a backbone judged on it is pretrained with
+# ``--hold_out`` them.
+SELECT_FAMILIES = ("cloud", "sand", "knurl", "pebble")
+AUX_SELECT = dataclasses.replace(
+    AUX, name="synthetic_aux_select", add_defect=_aux_defects(SELECT_FAMILIES)
 )
 
 
@@ -167,7 +188,7 @@ NOVEL = Family(
     add_defect=lambda rng, scene, kind, params: novel_scenes.add_defect(rng, scene, kind),
 )
 
-FAMILIES = {AUX.name: AUX, NOVEL.name: NOVEL}
+FAMILIES = {family.name: family for family in (AUX, AUX_SELECT, NOVEL)}
 
 
 # --- writing and reading ------------------------------------------------------------------------

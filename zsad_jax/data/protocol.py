@@ -98,14 +98,10 @@ def _procedural_reader(name: str):
 
 
 # Built-in procedural families (zsad_jax.data.procedural): many auxiliary training categories and
-# defect kinds, and a second held-out family of new categories and defect kinds.
+# defect kinds (and their selection-split twin), and a second held-out family of new categories
+# and defect kinds.
 _PROCEDURAL_OPTIONS = {
-    "synthetic_aux": frozenset(
-        {"seed", "image_size", "n_styles", "n_train_good", "n_test_good", "n_test_defect"}
-    ),
-    "synthetic_novel": frozenset(
-        {"seed", "image_size", "n_train_good", "n_test_good", "n_test_defect"}
-    ),
+    name: frozenset(family.defaults) for name, family in procedural.FAMILIES.items()
 }
 
 
