@@ -195,3 +195,18 @@ def test_a_replacement_that_fails_keeps_the_old_checkpoint_whole(tmp_path, monke
     _convert_tiny_dinov3(folder, seed=4)  # a replacement that succeeds replaces it
     assert checkpoint.weights_digest(folder) != digest
     assert [p.name for p in tmp_path.iterdir()] == [folder.name]
+
+
+def test_an_out_that_is_a_link_is_written_where_it_points(tmp_path):
+    """A folder cannot be renamed onto a link: an ``--out`` linked to another disk ended in a raw
+    ``OSError`` (Not a directory) instead of the checkpoint."""
+    target = tmp_path / "big_disk" / "dinov3-tiny"
+    target.mkdir(parents=True)
+    link = tmp_path / "dinov3-tiny"
+    link.symlink_to(target, target_is_directory=True)
+    _convert_tiny_dinov3(link, seed=3)  # into the empty folder it points to
+    digest = checkpoint.weights_digest(target)
+    _convert_tiny_dinov3(link, seed=4)  # and a converted checkpoint there is replaced
+    assert link.is_symlink() and link.resolve() == target.resolve()
+    assert checkpoint.weights_digest(link) == checkpoint.weights_digest(target) != digest
+    assert sorted(p.name for p in target.parent.iterdir()) == [target.name]  # nothing staged left
