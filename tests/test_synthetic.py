@@ -90,6 +90,21 @@ def test_normal_images_vary(tmp_path):
     assert np.ptp(np.array(means), axis=0).max() > 1.0
 
 
+def test_a_data_root_that_is_a_link_is_generated_where_it_points(tmp_path, monkeypatch):
+    """A folder cannot be renamed onto a link: ``data/synthetic`` linked to another disk ended
+    in a raw ``NotADirectoryError`` after the whole generation, and nothing was kept."""
+    monkeypatch.chdir(tmp_path)
+    target = tmp_path / "scratch" / "bench"
+    target.mkdir(parents=True)
+    os.symlink(target, "bench", target_is_directory=True)
+    params = {"image_size": 48, "n_train_good": 1, "n_test_good": 1, "n_test_defect": 1}
+    for seed in (0, 1):  # generated into the empty folder, then regenerated there
+        records = read_dataset("synthetic", "bench", "test", ["disc"], seed=seed, **params)
+        assert len(records) == 2 and os.path.islink("bench")
+        assert generated.read_manifest(str(target), synthetic.MANIFEST)["seed"] == seed
+    assert os.listdir(target.parent) == ["bench"]  # nothing staged left beside it
+
+
 def test_read_synthetic_generates_once_then_reuses(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     root = "bench"  # relative: read from the folder the command runs in, which the note names

@@ -59,6 +59,14 @@ def _umask() -> int:
     return umask
 
 
+def link_target(path: str | os.PathLike) -> Path:
+    """``path``, or where it points if it is a symbolic link (say to a larger disk): the folder
+    to stage beside and ``replace_folder``, since a folder cannot be renamed onto a link or
+    across disks, and replacing the link would lose where it points."""
+    path = Path(path)
+    return path.resolve() if path.is_symlink() else path
+
+
 def replace_folder(staging: str | os.PathLike, dest: str | os.PathLike) -> None:
     """Puts the finished folder ``staging`` (made with ``tempfile.mkdtemp`` beside ``dest``) at
     ``dest``, readable by others as a folder made with ``os.makedirs`` would be.
@@ -68,7 +76,7 @@ def replace_folder(staging: str | os.PathLike, dest: str | os.PathLike) -> None:
     aside first and deleted only once the new folder is in place (put back if that fails), so a
     process killed or failing midway leaves the old or the new folder whole on disk, never half
     deleted. A ``dest`` that is a file or a link is not touched: the rename fails (``OSError``),
-    as it does when another process put a ``dest`` there first.
+    as it does when another process put a ``dest`` there first (callers pass ``link_target``).
     """
     staging, dest = Path(staging), Path(dest)
     umask = _umask()

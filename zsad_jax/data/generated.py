@@ -124,7 +124,8 @@ def ensure_generated(
             f"{root} exists, is not empty and holds no {manifest}: it is not {what}. Point the "
             "dataset at a new folder (or None for the cache)"
         )
-    parent = os.path.dirname(os.path.abspath(root))
+    target = report.link_target(root)  # a root linked to another disk is generated there
+    parent = os.path.dirname(os.path.abspath(target))
     # Said because a relative root is read from the folder the command runs in: a command run
     # from another folder generates its own copy there.
     print(f"note: generating {what} in {os.path.abspath(root)} (once)", file=sys.stderr)
@@ -136,7 +137,7 @@ def ensure_generated(
         if read_manifest(root, manifest) == wanted:  # another process finished first
             return root
         try:
-            report.replace_folder(staging, root)
+            report.replace_folder(staging, target)
         except OSError:
             if read_manifest(root, manifest) != wanted:
                 raise

@@ -106,8 +106,7 @@ def save(
     ``out_dir`` that holds anything but a converted checkpoint is refused, never deleted. An
     ``out_dir`` that is a symbolic link (say to a larger disk) is written where it points, and
     the link is kept."""
-    # A folder cannot be renamed onto a link, and replacing the link would lose where it points.
-    out = Path(out_dir).resolve() if Path(out_dir).is_symlink() else Path(out_dir)
+    out = report.link_target(out_dir)
     if out.exists() and converted_kind(out) is None and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(
             f"{out}: holds other files than a converted checkpoint, which writing one there "
